@@ -1,0 +1,173 @@
+//! The message contract (DESIGN.md) in AMQP terms: what a request's properties mean,
+//! and the properties of a reply.
+
+use lapin::BasicProperties;
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+
+/// Header names. `x-txq-*` is reserved for txq.
+pub mod headers {
+    /// Reply: `ok`, `rejected` or `failed`.
+    pub const STATUS: &str = "x-txq-status";
+    /// Reply: the request's message_id.
+    pub const REQUEST_ID: &str = "x-txq-request-id";
+    /// Reply: attempts the job took.
+    pub const ATTEMPTS: &str = "x-txq-attempts";
+    /// W3C trace context, propagated from request to reply.
+    pub const TRACEPARENT: &str = "traceparent";
+}
+
+/// What a request's AMQP properties say, per the message contract.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Envelope {
+    /// The `type` property, or the queue's default type.
+    pub job_type: Option<String>,
+    /// The idempotency key.
+    pub message_id: Option<String>,
+    /// The `correlation_id`, falling back to `message_id`; echoed in the reply.
+    pub correlation_id: Option<String>,
+    /// Where the reply goes (a queue name or `amq.rabbitmq.reply-to…`).
+    pub reply_to: Option<String>,
+    /// W3C `traceparent` header.
+    pub traceparent: Option<String>,
+    /// The `content_type` property.
+    pub content_type: Option<String>,
+}
+
+impl Envelope {
+    /// Reads a request's properties. Empty strings count as absent: several clients
+    /// send `""` for "not set".
+    pub fn from_properties(props: &BasicProperties, default_type: Option<&str>) -> Self {
+        let text = |v: &Option<ShortString>| {
+            v.as_ref()
+                .map(ShortString::as_str)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+        };
+        let message_id = text(props.message_id());
+        let traceparent = props
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get(headers::TRACEPARENT))
+            .and_then(header_text);
+        Self {
+            job_type: text(props.kind()).or_else(|| default_type.map(str::to_owned)),
+            correlation_id: text(props.correlation_id()).or_else(|| message_id.clone()),
+            message_id,
+            reply_to: text(props.reply_to()),
+            traceparent,
+            content_type: text(props.content_type()),
+        }
+    }
+}
+
+/// A header's value as text, for the string-ish AMQP types.
+pub fn header_text(value: &AMQPValue) -> Option<String> {
+    match value {
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok().map(str::to_owned),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    }
+}
+
+/// The `x-txq-*` facts a reply carries.
+#[derive(Debug, Clone, Copy)]
+pub struct ReplyHeaders<'a> {
+    /// `ok`, `rejected` or `failed`.
+    pub status: &'a str,
+    /// Attempts the job took.
+    pub attempts: u32,
+}
+
+/// Properties of a reply to `request`: its correlation_id, JSON content type, a fresh
+/// message_id, the `x-txq-*` headers and the trace context.
+pub fn reply_properties(request: &Envelope, reply: ReplyHeaders<'_>) -> BasicProperties {
+    let mut table = FieldTable::default();
+    table.insert(headers::STATUS.into(), long_string(reply.status));
+    if let Some(id) = &request.message_id {
+        table.insert(headers::REQUEST_ID.into(), long_string(id));
+    }
+    table.insert(
+        headers::ATTEMPTS.into(),
+        AMQPValue::LongLongInt(i64::from(reply.attempts)),
+    );
+    if let Some(tp) = &request.traceparent {
+        table.insert(headers::TRACEPARENT.into(), long_string(tp));
+    }
+    let mut props = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_message_id(uuid::Uuid::new_v4().to_string().into())
+        // Persistent, so replies parked in a durable queue for a batch survive a
+        // broker restart; direct reply-to ignores it.
+        .with_delivery_mode(2)
+        .with_headers(table);
+    if let Some(cid) = &request.correlation_id {
+        // Came from a ShortString, so it fits one.
+        if let Ok(cid) = ShortString::try_new(cid.as_str()) {
+            props = props.with_correlation_id(cid);
+        }
+    }
+    if let Some(job_type) = &request.job_type {
+        if let Ok(t) = ShortString::try_new(job_type.as_str()) {
+            props = props.with_type(t);
+        }
+    }
+    props
+}
+
+fn long_string(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn correlation_id_falls_back_to_message_id_and_empty_means_absent() {
+        let props = BasicProperties::default()
+            .with_message_id("m-1".into())
+            .with_correlation_id("".into())
+            .with_reply_to("".into());
+        let env = Envelope::from_properties(&props, Some("noop"));
+        assert_eq!(env.correlation_id.as_deref(), Some("m-1"));
+        assert_eq!(env.reply_to, None);
+        assert_eq!(env.job_type.as_deref(), Some("noop"));
+
+        let typed = BasicProperties::default().with_type("transfer".into());
+        let env = Envelope::from_properties(&typed, Some("noop"));
+        assert_eq!(env.job_type.as_deref(), Some("transfer"));
+        assert_eq!(env.correlation_id, None);
+    }
+
+    #[test]
+    fn reply_carries_the_contract_headers() {
+        let request = Envelope {
+            message_id: Some("m-1".into()),
+            correlation_id: Some("c-1".into()),
+            traceparent: Some("00-abc-def-01".into()),
+            ..Envelope::default()
+        };
+        let props = reply_properties(
+            &request,
+            ReplyHeaders {
+                status: "ok",
+                attempts: 2,
+            },
+        );
+        assert_eq!(
+            props.correlation_id().as_ref().map(|c| c.as_str()),
+            Some("c-1")
+        );
+        let h = props.headers().as_ref().expect("headers");
+        assert_eq!(
+            header_text(&h.inner()[headers::STATUS]).as_deref(),
+            Some("ok")
+        );
+        assert_eq!(
+            header_text(&h.inner()[headers::REQUEST_ID]).as_deref(),
+            Some("m-1")
+        );
+        assert_eq!(h.inner()[headers::ATTEMPTS], AMQPValue::LongLongInt(2));
+        assert!(props.message_id().is_some());
+    }
+}

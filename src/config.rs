@@ -1,0 +1,412 @@
+//! One `Config` for the worker and every tool: TOML file, then `TXQ_*` environment
+//! variables, then command-line flags, each layer overriding the one before.
+//!
+//! Everything is validated here, at load time, so the worker never meets a bad value
+//! deep inside a job.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+use crate::db::{Backend, Isolation};
+
+/// Everything the worker needs to run. Field defaults are the documented ones.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// RabbitMQ URL. Default `amqp://guest:guest@127.0.0.1:5672/%2f`.
+    pub amqp_url: SecretUrl,
+    /// Database URL; the scheme picks the backend (`mysql:`, `mariadb:`, `postgres:`,
+    /// `sqlite:`). Default `sqlite://txq.db`, the embedded backend.
+    pub database_url: SecretUrl,
+    /// The request queue. Default `txq.requests`.
+    pub queue: String,
+    /// `classic` or `quorum` (the type the request queue is declared with). Default
+    /// `classic`; quorum is what a RabbitMQ cluster should use.
+    pub queue_type: QueueType,
+    /// Job type for requests that carry no AMQP `type` property. Default: none, such
+    /// requests are bad input.
+    pub default_type: Option<String>,
+    /// Where replies go when a request has no `reply_to`. Default `txq.replies`;
+    /// an empty string means "no reply" for such requests.
+    pub reply_queue: String,
+    /// Jobs in flight at once, at most. Default 16. Also the AMQP prefetch unless
+    /// `prefetch` is set, so the backlog stays in RabbitMQ, not in memory.
+    pub concurrency: usize,
+    /// AMQP `basic.qos` prefetch count. Default: `concurrency`. 0 (unlimited) is refused
+    /// because it lets memory grow with the queue depth.
+    pub prefetch: Option<u16>,
+    /// Maximum database connections. Default: `concurrency`. Smaller than
+    /// `concurrency` makes jobs wait for a connection (a warning at start-up).
+    pub db_pool_size: Option<u32>,
+    /// How long a job waits for a database connection before the attempt counts as
+    /// a transient failure. Default 30s.
+    #[serde(with = "humantime_serde")]
+    pub db_acquire_timeout: Duration,
+    /// SQLite only: how long a writer waits for the database lock. Default 30s.
+    #[serde(with = "humantime_serde")]
+    pub sqlite_busy_timeout: Duration,
+    /// In-process retries of transient database errors (deadlock, serialization
+    /// failure, lock wait timeout, busy).
+    pub retry: RetryConfig,
+    /// Per job type settings, keyed by job type.
+    pub jobs: BTreeMap<String, JobConfig>,
+    /// `text` or `json` log lines. Default `text`.
+    pub log_format: LogFormat,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            amqp_url: SecretUrl::new("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            database_url: SecretUrl::new("sqlite://txq.db"),
+            queue: "txq.requests".into(),
+            queue_type: QueueType::Classic,
+            default_type: None,
+            reply_queue: "txq.replies".into(),
+            concurrency: 16,
+            prefetch: None,
+            db_pool_size: None,
+            db_acquire_timeout: Duration::from_secs(30),
+            sqlite_busy_timeout: Duration::from_secs(30),
+            retry: RetryConfig::default(),
+            jobs: BTreeMap::new(),
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+/// In-process retry of transient database errors: each attempt runs in a fresh
+/// transaction after a jittered, exponentially growing pause.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Attempts in all (the first one included). Default 5; at least 1.
+    pub attempts: u32,
+    /// Pause before the second attempt; doubled for each further one, with full
+    /// jitter. Default 10ms.
+    #[serde(with = "humantime_serde")]
+    pub base_delay: Duration,
+    /// Cap on one pause. Default 500ms.
+    #[serde(with = "humantime_serde")]
+    pub max_delay: Duration,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            attempts: 5,
+            base_delay: Duration::from_millis(10),
+            max_delay: Duration::from_millis(500),
+        }
+    }
+}
+
+/// Settings of one job type.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JobConfig {
+    /// Isolation level of the job's transaction. Default: the database's own
+    /// (REPEATABLE READ on MySQL/MariaDB, READ COMMITTED on PostgreSQL; SQLite is
+    /// always serializable).
+    pub isolation: Option<Isolation>,
+}
+
+/// How the request queue is declared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    /// A classic durable queue: fine on one node.
+    Classic,
+    /// A replicated quorum queue: what a cluster should use.
+    Quorum,
+}
+
+impl QueueType {
+    /// The value of the `x-queue-type` argument.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Classic => "classic",
+            Self::Quorum => "quorum",
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object a line.
+    Json,
+}
+
+/// Overrides from the command line; `None` leaves the lower layers alone.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Overrides {
+    /// `--amqp-url`
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub amqp_url: Option<String>,
+    /// `--database-url`
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database_url: Option<String>,
+    /// `--queue`
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue: Option<String>,
+    /// `--concurrency`
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<usize>,
+    /// `--log-format`
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_format: Option<LogFormat>,
+}
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file or an environment variable does not parse, or has the wrong type.
+    #[error("configuration: {0}")]
+    Parse(#[from] Box<figment::Error>),
+    /// A value parses but is not allowed.
+    #[error("configuration: `{key}` {problem}")]
+    Invalid {
+        /// The offending key.
+        key: &'static str,
+        /// What is wrong with it.
+        problem: String,
+    },
+}
+
+impl Config {
+    /// Loads defaults, then `file` (when given), then `TXQ_*` environment variables
+    /// (`TXQ_RETRY__ATTEMPTS` reaches `retry.attempts`), then `overrides`, and
+    /// validates the result.
+    pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Self, ConfigError> {
+        let mut figment = Figment::new();
+        if let Some(file) = file {
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        let config: Config = figment
+            // TXQ_TEST_* belong to the test suite and TXQ_CONFIG names the file itself.
+            .merge(Env::prefixed("TXQ_").split("__").filter(|key| {
+                let key = key.as_str().to_ascii_lowercase();
+                key != "config" && !key.starts_with("test_")
+            }))
+            .merge(Serialized::defaults(overrides))
+            .extract()
+            .map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the values that parse but make no sense.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, problem: &str| ConfigError::Invalid {
+            key,
+            problem: problem.to_owned(),
+        };
+        if self.concurrency == 0 || self.concurrency > usize::from(u16::MAX) {
+            return Err(invalid("concurrency", "must be between 1 and 65535"));
+        }
+        if self.prefetch == Some(0) {
+            return Err(invalid(
+                "prefetch",
+                "must be at least 1 (0 means unlimited and lets memory grow with the queue)",
+            ));
+        }
+        if self.db_pool_size == Some(0) {
+            return Err(invalid("db_pool_size", "must be at least 1"));
+        }
+        if self.queue.is_empty() || self.queue.len() > 255 {
+            return Err(invalid("queue", "must be 1 to 255 bytes long"));
+        }
+        if self.queue.starts_with("amq.") {
+            return Err(invalid("queue", "must not start with `amq.` (reserved)"));
+        }
+        if self.reply_queue.len() > 255 {
+            return Err(invalid("reply_queue", "must be at most 255 bytes long"));
+        }
+        if self.retry.attempts == 0 {
+            return Err(invalid("retry.attempts", "must be at least 1"));
+        }
+        if self.retry.base_delay > self.retry.max_delay {
+            return Err(invalid(
+                "retry.base_delay",
+                "must not exceed retry.max_delay",
+            ));
+        }
+        if let Err(e) = url::Url::parse(self.amqp_url.expose()) {
+            return Err(invalid("amqp_url", &format!("is not a URL: {e}")));
+        }
+        if let Err(e) = Backend::from_url(self.database_url.expose()) {
+            return Err(invalid("database_url", &e.to_string()));
+        }
+        Ok(())
+    }
+
+    /// The AMQP prefetch count: `prefetch`, or `concurrency`.
+    pub fn prefetch(&self) -> u16 {
+        // `validate` keeps concurrency within u16.
+        self.prefetch
+            .unwrap_or_else(|| u16::try_from(self.concurrency).unwrap_or(u16::MAX))
+    }
+
+    /// Maximum database connections: `db_pool_size`, or `concurrency`.
+    pub fn db_pool_size(&self) -> u32 {
+        self.db_pool_size
+            .unwrap_or_else(|| u32::try_from(self.concurrency).unwrap_or(u32::MAX))
+    }
+
+    /// Settings of `job_type` (defaults where it has no section).
+    pub fn job(&self, job_type: &str) -> JobConfig {
+        self.jobs.get(job_type).cloned().unwrap_or_default()
+    }
+}
+
+/// A connection URL whose password never reaches a log line: `Debug` and `Display`
+/// print `***` in its place.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct SecretUrl(String);
+
+impl SecretUrl {
+    /// Wraps a URL.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self(url.into())
+    }
+
+    /// The URL with its password, for connecting only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&redact_url(&self.0))
+    }
+}
+
+impl fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "\"{self}\"")
+    }
+}
+
+/// `scheme://user:***@host/…`; a string that is not a URL is hidden whole, since
+/// it may be a secret that failed to parse.
+pub fn redact_url(raw: &str) -> String {
+    match url::Url::parse(raw) {
+        Ok(mut url) => {
+            if url.password().is_some() {
+                // Only fails for cannot-be-a-base URLs, which have no password.
+                let _ = url.set_password(Some("***"));
+            }
+            let sensitive = ["password", "pass", "pwd", "secret", "token"];
+            if url
+                .query_pairs()
+                .any(|(k, _)| sensitive.contains(&k.as_ref()))
+            {
+                let pairs: Vec<(String, String)> = url
+                    .query_pairs()
+                    .map(|(k, v)| {
+                        let v = if sensitive.contains(&k.as_ref()) {
+                            "***".to_owned()
+                        } else {
+                            v.into_owned()
+                        };
+                        (k.into_owned(), v)
+                    })
+                    .collect();
+                url.query_pairs_mut().clear().extend_pairs(pairs);
+            }
+            url.to_string()
+        }
+        Err(_) => "***".to_owned(),
+    }
+}
+
+#[cfg(test)]
+// figment's Jail returns its own large error type.
+#[allow(clippy::result_large_err)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_redacted_in_debug_and_display() {
+        let url = SecretUrl::new("amqp://guest:hunter2@127.0.0.1:5672/%2f");
+        assert_eq!(url.to_string(), "amqp://guest:***@127.0.0.1:5672/%2f");
+        assert!(!format!("{url:?}").contains("hunter2"));
+        let pg = redact_url("postgres://u@h/db?sslmode=require&password=hunter2");
+        assert!(!pg.contains("hunter2"), "{pg}");
+        assert!(pg.contains("sslmode=require"), "{pg}");
+        assert_eq!(redact_url("not a url hunter2"), "***");
+    }
+
+    #[test]
+    fn invalid_values_name_their_key() {
+        let config = Config {
+            concurrency: 0,
+            ..Config::default()
+        };
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("`concurrency`"), "{err}");
+
+        let config = Config {
+            database_url: SecretUrl::new("oracle://x"),
+            ..Config::default()
+        };
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("`database_url`"), "{err}");
+    }
+
+    #[test]
+    fn file_then_env_then_flags() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "txq.toml",
+                "concurrency = 4\nqueue = \"from.file\"\n[jobs.transfer]\nisolation = \"serializable\"\n",
+            )?;
+            jail.set_env("TXQ_QUEUE", "from.env");
+            jail.set_env("TXQ_RETRY__ATTEMPTS", "7");
+            jail.set_env("TXQ_TEST_AMQP_URL", "ignored");
+            let flags = Overrides {
+                concurrency: Some(8),
+                ..Overrides::default()
+            };
+            let config =
+                Config::load(Some(Path::new("txq.toml")), &flags).map_err(|e| e.to_string())?;
+            assert_eq!(config.concurrency, 8);
+            assert_eq!(config.queue, "from.env");
+            assert_eq!(config.retry.attempts, 7);
+            assert_eq!(
+                config.job("transfer").isolation,
+                Some(Isolation::Serializable)
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_types_are_errors() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("a.toml", "concurency = 4\n")?;
+            let err = Config::load(Some(Path::new("a.toml")), &Overrides::default())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("concurency"), "{err}");
+            jail.create_file("b.toml", "concurrency = \"many\"\n")?;
+            let err = Config::load(Some(Path::new("b.toml")), &Overrides::default())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("concurrency"), "{err}");
+            Ok(())
+        });
+    }
+}

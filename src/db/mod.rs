@@ -1,0 +1,249 @@
+//! The database side: one sqlx pool per backend, chosen by the URL's scheme at run
+//! time, and the per-job transaction handed to handlers.
+//!
+//! **Invariant:** a job's connection and transaction live in exactly one [`Tx`],
+//! owned by that job; nothing else can reach them.
+
+mod dialect;
+mod tx;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+
+pub use dialect::ErrorClass;
+pub use tx::{Conn, Tx};
+
+/// Which database a URL points at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// MySQL or MariaDB (`mysql://`, `mariadb://`).
+    MySql,
+    /// PostgreSQL (`postgres://`, `postgresql://`).
+    Postgres,
+    /// SQLite, the embedded default (`sqlite:`).
+    Sqlite,
+}
+
+impl Backend {
+    /// The backend a URL's scheme names.
+    pub fn from_url(url: &str) -> Result<Self, DbError> {
+        let scheme = url.split_once(':').map(|(s, _)| s).unwrap_or_default();
+        match scheme {
+            "mysql" | "mariadb" => Ok(Self::MySql),
+            "postgres" | "postgresql" => Ok(Self::Postgres),
+            "sqlite" => Ok(Self::Sqlite),
+            _ => Err(DbError::UnknownScheme(scheme.to_owned())),
+        }
+    }
+
+    /// A short name for logs: `mysql`, `postgres`, `sqlite`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::MySql => "mysql",
+            Self::Postgres => "postgres",
+            Self::Sqlite => "sqlite",
+        }
+    }
+}
+
+/// Transaction isolation level of a job type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Isolation {
+    /// READ UNCOMMITTED
+    ReadUncommitted,
+    /// READ COMMITTED
+    ReadCommitted,
+    /// REPEATABLE READ
+    RepeatableRead,
+    /// SERIALIZABLE
+    Serializable,
+}
+
+/// Errors from setting up the database.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// The URL names no backend txq knows.
+    #[error("unknown database URL scheme `{0}` (use mysql:, mariadb:, postgres: or sqlite:)")]
+    UnknownScheme(String),
+    /// sqlx refused the URL or could not connect.
+    #[error("database: {0}")]
+    Sqlx(#[from] sqlx::Error),
+}
+
+/// Pool settings.
+#[derive(Debug, Clone)]
+pub struct PoolOptions {
+    /// Maximum connections.
+    pub max_connections: u32,
+    /// How long `begin` waits for a free connection.
+    pub acquire_timeout: Duration,
+    /// SQLite only: how long a writer waits for the database lock.
+    pub sqlite_busy_timeout: Duration,
+}
+
+impl Default for PoolOptions {
+    fn default() -> Self {
+        Self {
+            max_connections: 16,
+            acquire_timeout: Duration::from_secs(30),
+            sqlite_busy_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A pool of connections to one database. Cheap to clone.
+#[derive(Debug, Clone)]
+pub enum Db {
+    /// MySQL or MariaDB.
+    MySql(MySqlPool),
+    /// PostgreSQL.
+    Postgres(PgPool),
+    /// SQLite.
+    Sqlite(SqlitePool),
+}
+
+impl Db {
+    /// Connects to `url`; the scheme picks the backend. SQLite databases are created
+    /// when missing and run in WAL mode with a busy timeout, so concurrent jobs queue
+    /// for the write lock instead of failing.
+    pub async fn connect(url: &str, options: &PoolOptions) -> Result<Self, DbError> {
+        let backend = Backend::from_url(url)?;
+        let db = match backend {
+            Backend::MySql => {
+                // sqlx only knows the `mysql` scheme.
+                let url = url
+                    .strip_prefix("mariadb")
+                    .map_or_else(|| url.to_owned(), |rest| format!("mysql{rest}"));
+                let connect = MySqlConnectOptions::from_str(&url)?;
+                let pool = MySqlPoolOptions::new()
+                    .max_connections(options.max_connections)
+                    .acquire_timeout(options.acquire_timeout)
+                    .connect_with(connect)
+                    .await?;
+                Self::MySql(pool)
+            }
+            Backend::Postgres => {
+                let connect = PgConnectOptions::from_str(url)?;
+                let pool = PgPoolOptions::new()
+                    .max_connections(options.max_connections)
+                    .acquire_timeout(options.acquire_timeout)
+                    .connect_with(connect)
+                    .await?;
+                Self::Postgres(pool)
+            }
+            Backend::Sqlite => {
+                let connect = SqliteConnectOptions::from_str(url)?
+                    .create_if_missing(true)
+                    .journal_mode(SqliteJournalMode::Wal)
+                    // NORMAL is durable in WAL mode up to the last checkpoint-free
+                    // commit on power loss, the usual trade-off for WAL.
+                    .synchronous(SqliteSynchronous::Normal)
+                    .busy_timeout(options.sqlite_busy_timeout)
+                    .foreign_keys(true);
+                let pool = SqlitePoolOptions::new()
+                    .max_connections(options.max_connections)
+                    .acquire_timeout(options.acquire_timeout)
+                    .connect_with(connect)
+                    .await?;
+                Self::Sqlite(pool)
+            }
+        };
+        Ok(db)
+    }
+
+    /// Which backend this is.
+    pub fn backend(&self) -> Backend {
+        match self {
+            Self::MySql(_) => Backend::MySql,
+            Self::Postgres(_) => Backend::Postgres,
+            Self::Sqlite(_) => Backend::Sqlite,
+        }
+    }
+
+    /// Takes a connection of its own from the pool and begins a transaction on it.
+    pub async fn begin(&self, isolation: Option<Isolation>) -> Result<Tx, sqlx::Error> {
+        let statement = dialect::begin_statement(self.backend(), isolation);
+        Ok(match self {
+            Self::MySql(pool) => Tx::from(match statement {
+                Some(s) => pool.begin_with(s).await?,
+                None => pool.begin().await?,
+            }),
+            Self::Postgres(pool) => Tx::from(match statement {
+                Some(s) => pool.begin_with(s).await?,
+                None => pool.begin().await?,
+            }),
+            Self::Sqlite(pool) => Tx::from(match statement {
+                Some(s) => pool.begin_with(s).await?,
+                None => pool.begin().await?,
+            }),
+        })
+    }
+
+    /// Runs statements outside any job, for schema set-up. Each string is one
+    /// statement, run in order on one connection.
+    pub async fn execute_script(&self, statements: &[&'static str]) -> Result<(), sqlx::Error> {
+        use sqlx::Executor as _;
+        match self {
+            Self::MySql(pool) => {
+                let mut conn = pool.acquire().await?;
+                for s in statements {
+                    conn.execute(*s).await?;
+                }
+            }
+            Self::Postgres(pool) => {
+                let mut conn = pool.acquire().await?;
+                for s in statements {
+                    conn.execute(*s).await?;
+                }
+            }
+            Self::Sqlite(pool) => {
+                let mut conn = pool.acquire().await?;
+                for s in statements {
+                    conn.execute(*s).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The pool's current size and idle connections, for start-up checks and metrics.
+    pub fn pool_state(&self) -> (u32, usize) {
+        match self {
+            Self::MySql(p) => (p.size(), p.num_idle()),
+            Self::Postgres(p) => (p.size(), p.num_idle()),
+            Self::Sqlite(p) => (p.size(), p.num_idle()),
+        }
+    }
+
+    /// The configured maximum number of connections.
+    pub fn max_connections(&self) -> u32 {
+        match self {
+            Self::MySql(p) => p.options().get_max_connections(),
+            Self::Postgres(p) => p.options().get_max_connections(),
+            Self::Sqlite(p) => p.options().get_max_connections(),
+        }
+    }
+
+    /// Closes every connection, waiting for those in use to come back.
+    pub async fn close(&self) {
+        match self {
+            Self::MySql(p) => p.close().await,
+            Self::Postgres(p) => p.close().await,
+            Self::Sqlite(p) => p.close().await,
+        }
+    }
+
+    /// How an error from this backend should be handled.
+    pub fn classify(&self, error: &sqlx::Error) -> ErrorClass {
+        dialect::classify(self.backend(), error)
+    }
+}

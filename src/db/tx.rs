@@ -1,0 +1,117 @@
+//! The transaction a job's handler works in.
+
+use sqlx::{MySql, MySqlConnection, PgConnection, Postgres, Sqlite, SqliteConnection, Transaction};
+
+use super::Backend;
+
+/// A job's own transaction on its own pooled connection.
+///
+/// Handlers get `&mut Tx` and reach the connection through [`Tx::conn`] (or the
+/// [`with_conn!`](crate::with_conn) macro). Holding only a borrow, they cannot commit,
+/// roll back or keep it: the worker commits when the handler succeeds and rolls back
+/// otherwise. Dropping a `Tx` rolls it back.
+#[derive(Debug)]
+pub struct Tx {
+    inner: Inner,
+}
+
+#[derive(Debug)]
+enum Inner {
+    MySql(Transaction<'static, MySql>),
+    Postgres(Transaction<'static, Postgres>),
+    Sqlite(Transaction<'static, Sqlite>),
+}
+
+/// The connection of a [`Tx`], by backend: run sqlx queries against it.
+#[derive(Debug)]
+pub enum Conn<'a> {
+    /// MySQL or MariaDB.
+    MySql(&'a mut MySqlConnection),
+    /// PostgreSQL.
+    Postgres(&'a mut PgConnection),
+    /// SQLite.
+    Sqlite(&'a mut SqliteConnection),
+}
+
+impl Tx {
+    /// Which backend the transaction runs on.
+    pub fn backend(&self) -> Backend {
+        match self.inner {
+            Inner::MySql(_) => Backend::MySql,
+            Inner::Postgres(_) => Backend::Postgres,
+            Inner::Sqlite(_) => Backend::Sqlite,
+        }
+    }
+
+    /// The connection, to run queries inside this transaction.
+    pub fn conn(&mut self) -> Conn<'_> {
+        match &mut self.inner {
+            Inner::MySql(tx) => Conn::MySql(tx),
+            Inner::Postgres(tx) => Conn::Postgres(tx),
+            Inner::Sqlite(tx) => Conn::Sqlite(tx),
+        }
+    }
+
+    /// Commits. Handlers never need this: they only get `&mut Tx`, and the worker
+    /// commits for them. It is for transactions begun with [`Db::begin`](crate::Db::begin)
+    /// outside a job.
+    pub async fn commit(self) -> Result<(), sqlx::Error> {
+        match self.inner {
+            Inner::MySql(tx) => tx.commit().await,
+            Inner::Postgres(tx) => tx.commit().await,
+            Inner::Sqlite(tx) => tx.commit().await,
+        }
+    }
+
+    /// Rolls back (dropping a `Tx` does too, lazily).
+    pub async fn rollback(self) -> Result<(), sqlx::Error> {
+        match self.inner {
+            Inner::MySql(tx) => tx.rollback().await,
+            Inner::Postgres(tx) => tx.rollback().await,
+            Inner::Sqlite(tx) => tx.rollback().await,
+        }
+    }
+}
+
+impl From<Transaction<'static, MySql>> for Tx {
+    fn from(tx: Transaction<'static, MySql>) -> Self {
+        Self {
+            inner: Inner::MySql(tx),
+        }
+    }
+}
+
+impl From<Transaction<'static, Postgres>> for Tx {
+    fn from(tx: Transaction<'static, Postgres>) -> Self {
+        Self {
+            inner: Inner::Postgres(tx),
+        }
+    }
+}
+
+impl From<Transaction<'static, Sqlite>> for Tx {
+    fn from(tx: Transaction<'static, Sqlite>) -> Self {
+        Self {
+            inner: Inner::Sqlite(tx),
+        }
+    }
+}
+
+/// Runs the same code on whichever connection a [`Tx`] holds. The body is compiled
+/// once per backend, so sqlx's generic query API type-checks against each:
+///
+/// ```ignore
+/// let n: i64 = txq::with_conn!(tx, conn => {
+///     sqlx::query_scalar("SELECT COUNT(*) FROM accounts").fetch_one(conn).await?
+/// });
+/// ```
+#[macro_export]
+macro_rules! with_conn {
+    ($tx:expr, $conn:ident => $body:expr) => {
+        match $tx.conn() {
+            $crate::Conn::MySql($conn) => $body,
+            $crate::Conn::Postgres($conn) => $body,
+            $crate::Conn::Sqlite($conn) => $body,
+        }
+    };
+}
