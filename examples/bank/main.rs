@@ -1,0 +1,164 @@
+//! The bank: DESIGN.md's `transfer` and `noop` workloads as a txq worker.
+//!
+//! ```text
+//! cargo run --example bank -- --database-url mysql://root@127.0.0.1:3306/test --setup
+//! cargo run --example bank -- --database-url mysql://root@127.0.0.1:3306/test --load 1000
+//! ```
+//! `--setup` (re)creates the tables with `--accounts` accounts; `--load N` publishes
+//! N random transfers (confirmed, persistent) before the worker starts.
+
+mod handlers;
+
+use anyhow::Context as _;
+use clap::Parser;
+use lapin::BasicProperties;
+use lapin::options::BasicPublishOptions;
+use rand::Rng as _;
+use tokio_util::sync::CancellationToken;
+use txq::config::{Overrides, SecretUrl};
+use txq::{Config, Worker};
+
+#[derive(Parser)]
+struct Args {
+    /// RabbitMQ URL (default: config / TXQ_AMQP_URL)
+    #[arg(long)]
+    amqp_url: Option<String>,
+    /// Database URL (default: config / TXQ_DATABASE_URL, else sqlite://txq.db)
+    #[arg(long)]
+    database_url: Option<String>,
+    /// Request queue
+    #[arg(long)]
+    queue: Option<String>,
+    /// Jobs in flight at most
+    #[arg(long)]
+    concurrency: Option<usize>,
+    /// (Re)create the tables before running
+    #[arg(long)]
+    setup: bool,
+    /// Accounts created by --setup
+    #[arg(long, default_value_t = 1000)]
+    accounts: i64,
+    /// Publish this many random transfers before starting the worker
+    #[arg(long, default_value_t = 0)]
+    load: u64,
+    /// Exit after --setup/--load instead of running the worker
+    #[arg(long)]
+    no_run: bool,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let config = Config::load(
+        None,
+        &Overrides {
+            amqp_url: args.amqp_url,
+            database_url: args.database_url,
+            queue: args.queue,
+            concurrency: args.concurrency,
+            log_format: None,
+        },
+    )?;
+    txq::telemetry::init(config.log_format);
+    let db = txq::Db::connect(
+        config.database_url.expose(),
+        &txq::db::PoolOptions {
+            max_connections: config.db_pool_size(),
+            ..Default::default()
+        },
+    )
+    .await
+    .with_context(|| format!("connecting to {}", config.database_url))?;
+    if args.setup {
+        handlers::setup(&db, args.accounts)
+            .await
+            .context("creating the bank tables")?;
+        println!(
+            "created {} accounts on {}",
+            args.accounts,
+            db.backend().name()
+        );
+    }
+    if args.load > 0 {
+        load(&config.amqp_url, &config.queue, args.load, args.accounts).await?;
+        println!("published {} transfers to {}", args.load, config.queue);
+    }
+    if args.no_run {
+        return Ok(());
+    }
+    let worker = Worker::builder(config)
+        .handler("transfer", handlers::Transfer)
+        .handler("noop", handlers::Noop)
+        .database(db.clone())
+        .build()
+        .await?;
+    let shutdown = CancellationToken::new();
+    let token = shutdown.clone();
+    tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        token.cancel();
+    });
+    worker.run(shutdown).await?;
+    let totals = handlers::totals(&db).await?;
+    println!(
+        "balance sum {} ({} expected), {} transfers, {} noop jobs",
+        totals.balance_sum,
+        args.accounts * handlers::INITIAL_BALANCE,
+        totals.transfers,
+        totals.jobs_logged
+    );
+    Ok(())
+}
+
+async fn load(amqp_url: &SecretUrl, queue: &str, n: u64, accounts: i64) -> anyhow::Result<()> {
+    let conn = txq::broker::connect(amqp_url.expose(), "txq bank loader").await?;
+    let channel = conn.create_channel().await?;
+    channel.confirm_select(Default::default()).await?;
+    let topology = txq::broker::Topology {
+        request_queue: queue.to_owned(),
+        queue_type: txq::config::QueueType::Classic,
+        reply_queue: None,
+    };
+    txq::broker::declare(&channel, &topology).await?;
+    let mut rng = rand::rng();
+    let mut confirms = Vec::new();
+    for i in 0..n {
+        let from = rng.random_range(1..=accounts);
+        let to = loop {
+            let to = rng.random_range(1..=accounts);
+            if to != from {
+                break to;
+            }
+        };
+        let body = serde_json::to_vec(&handlers::TransferRequest {
+            from,
+            to,
+            amount: rng.random_range(1..=100),
+        })?;
+        let props = BasicProperties::default()
+            .with_type("transfer".into())
+            .with_message_id(format!("bank-{}-{i}", uuid::Uuid::new_v4()).into())
+            .with_delivery_mode(2);
+        let confirm = channel
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                &body,
+                props,
+            )
+            .await?;
+        confirms.push(confirm);
+        // A bounded window of unconfirmed publishes.
+        if confirms.len() >= 1000 {
+            for c in confirms.drain(..) {
+                anyhow::ensure!(c.await?.is_ack(), "the broker nacked a request");
+            }
+        }
+    }
+    for c in confirms {
+        anyhow::ensure!(c.await?.is_ack(), "the broker nacked a request");
+    }
+    conn.close(200, "done".into()).await?;
+    Ok(())
+}
