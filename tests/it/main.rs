@@ -1,0 +1,12 @@
+//! Integration tests against real RabbitMQ, MariaDB, PostgreSQL and SQLite.
+//! One test binary (faster to build), a module per topic.
+#![allow(unreachable_pub)]
+
+mod support;
+
+#[path = "../../examples/bank/handlers.rs"]
+mod bank;
+
+mod contract;
+mod roundtrip;
+mod transfers;

@@ -1,0 +1,477 @@
+//! Test harness: real RabbitMQ and databases, unique names per test, and cleanup
+//! that runs even when a test fails.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt as _;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions,
+    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use txq::config::SecretUrl;
+use txq::db::PoolOptions;
+use txq::{Backend, Config, Db, WorkerBuilder, WorkerError};
+
+/// How long a test waits for replies before it fails: a guard against a hang, not
+/// a measurement.
+pub const REPLY_DEADLINE: Duration = Duration::from_secs(120);
+
+fn env_or(var: &str, default: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| default.to_owned())
+}
+
+pub fn amqp_url() -> String {
+    env_or("TXQ_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f")
+}
+
+pub fn mysql_url() -> String {
+    env_or("TXQ_TEST_MYSQL_URL", "mysql://root@127.0.0.1:3306/test")
+}
+
+pub fn pg_url() -> String {
+    env_or("TXQ_TEST_PG_URL", "postgres://postgres@127.0.0.1:5432/test")
+}
+
+fn service_down(service: &str, var: &str, url: &str, error: impl std::fmt::Display) -> ! {
+    panic!(
+        "{service} is not reachable at {} ({error}). Start it with `bash ../shared/services.sh` \
+         (or `docker compose up -d`), or point {var} at a running one.",
+        txq::config::redact_url(url)
+    )
+}
+
+/// A short random suffix for names.
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "txq-test-{prefix}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    )
+}
+
+pub async fn broker() -> Connection {
+    let url = amqp_url();
+    match Connection::connect(&url, ConnectionProperties::default()).await {
+        Ok(c) => c,
+        Err(e) => service_down("RabbitMQ", "TXQ_TEST_AMQP_URL", &url, e),
+    }
+}
+
+/// A database of its own for one test: a fresh database on MariaDB/PostgreSQL, a
+/// temporary file on SQLite. Dropped with the test, pass or fail.
+pub struct TestDb {
+    pub db: Db,
+    pub url: String,
+    cleanup: Option<Cleanup>,
+}
+
+enum Cleanup {
+    Server { admin_url: String, name: String },
+    File(std::path::PathBuf),
+}
+
+impl TestDb {
+    pub async fn new(backend: Backend) -> TestDb {
+        Self::with_pool(backend, 32).await
+    }
+
+    pub async fn with_pool(backend: Backend, max_connections: u32) -> TestDb {
+        let name = unique("db").replace('-', "_");
+        let (url, cleanup) = match backend {
+            Backend::Sqlite => {
+                let path = std::env::temp_dir().join(format!("{name}.db"));
+                (format!("sqlite://{}", path.display()), Cleanup::File(path))
+            }
+            Backend::MySql | Backend::Postgres => {
+                let (admin_url, service, var) = match backend {
+                    Backend::MySql => (mysql_url(), "MariaDB", "TXQ_TEST_MYSQL_URL"),
+                    _ => (pg_url(), "PostgreSQL", "TXQ_TEST_PG_URL"),
+                };
+                let admin = Db::connect(&admin_url, &small_pool())
+                    .await
+                    .unwrap_or_else(|e| service_down(service, var, &admin_url, e));
+                exec(&admin, &format!("CREATE DATABASE {name}")).await;
+                admin.close().await;
+                let mut url = url::Url::parse(&admin_url).expect("test database URL");
+                url.set_path(&name);
+                (url.to_string(), Cleanup::Server { admin_url, name })
+            }
+        };
+        let options = PoolOptions {
+            max_connections,
+            ..PoolOptions::default()
+        };
+        let db = Db::connect(&url, &options)
+            .await
+            .unwrap_or_else(|e| panic!("connecting to the test database {url}: {e}"));
+        TestDb {
+            db,
+            url,
+            cleanup: Some(cleanup),
+        }
+    }
+}
+
+fn small_pool() -> PoolOptions {
+    PoolOptions {
+        max_connections: 1,
+        acquire_timeout: Duration::from_secs(10),
+        ..PoolOptions::default()
+    }
+}
+
+/// Runs one statement with no parameters, outside any transaction (test set-up
+/// only: CREATE DATABASE refuses to run in one).
+pub async fn exec(db: &Db, sql: &str) {
+    use txq::sqlx::{AssertSqlSafe, query};
+    let sql = AssertSqlSafe(sql.to_owned());
+    let result = match db {
+        Db::MySql(pool) => query(sql).execute(pool).await.map(drop),
+        Db::Postgres(pool) => query(sql).execute(pool).await.map(drop),
+        Db::Sqlite(pool) => query(sql).execute(pool).await.map(drop),
+    };
+    result.expect("statement");
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let Some(cleanup) = self.cleanup.take() else {
+            return;
+        };
+        // The pool's sockets belong to the test's runtime, which is blocked here:
+        // leave the pool alone (it closes when dropped) and drop the database from
+        // a connection of the cleanup's own.
+        on_fresh_runtime(async move {
+            match cleanup {
+                Cleanup::File(path) => {
+                    for suffix in ["", "-wal", "-shm"] {
+                        let mut p = path.clone().into_os_string();
+                        p.push(suffix);
+                        let _ = std::fs::remove_file(p);
+                    }
+                }
+                Cleanup::Server { admin_url, name } => {
+                    if let Ok(admin) = Db::connect(&admin_url, &small_pool()).await {
+                        let force = match admin.backend() {
+                            Backend::Postgres => " WITH (FORCE)",
+                            _ => "",
+                        };
+                        exec(&admin, &format!("DROP DATABASE IF EXISTS {name}{force}")).await;
+                        admin.close().await;
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Drop impls cannot await, and may run inside or outside a runtime.
+fn on_fresh_runtime(fut: impl std::future::Future<Output = ()> + Send + 'static) {
+    let _ = std::thread::spawn(move || {
+        if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            rt.block_on(fut);
+        }
+    })
+    .join();
+}
+
+/// A request to publish.
+#[derive(Default, Clone)]
+pub struct Request {
+    pub job_type: Option<String>,
+    pub body: Vec<u8>,
+    pub message_id: Option<String>,
+    pub correlation_id: Option<String>,
+    pub reply_to: Option<String>,
+}
+
+impl Request {
+    pub fn json(job_type: &str, body: serde_json::Value) -> Self {
+        Request {
+            job_type: Some(job_type.to_owned()),
+            body: serde_json::to_vec(&body).expect("JSON"),
+            ..Request::default()
+        }
+    }
+
+    pub fn id(mut self, message_id: &str) -> Self {
+        self.message_id = Some(message_id.to_owned());
+        self
+    }
+
+    pub fn correlation(mut self, id: &str) -> Self {
+        self.correlation_id = Some(id.to_owned());
+        self
+    }
+
+    pub fn reply_to(mut self, queue: &str) -> Self {
+        self.reply_to = Some(queue.to_owned());
+        self
+    }
+
+    fn properties(&self) -> BasicProperties {
+        let mut p = BasicProperties::default().with_delivery_mode(2);
+        if let Some(t) = &self.job_type {
+            p = p.with_type(t.as_str().into());
+        }
+        if let Some(m) = &self.message_id {
+            p = p.with_message_id(m.as_str().into());
+        }
+        if let Some(c) = &self.correlation_id {
+            p = p.with_correlation_id(c.as_str().into());
+        }
+        if let Some(r) = &self.reply_to {
+            p = p.with_reply_to(r.as_str().into());
+        }
+        p
+    }
+}
+
+/// A reply as the requester sees it.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub body: serde_json::Value,
+    pub props: BasicProperties,
+}
+
+impl Reply {
+    pub fn status(&self) -> &str {
+        self.body["status"].as_str().unwrap_or("<no status>")
+    }
+
+    pub fn correlation_id(&self) -> Option<&str> {
+        self.props.correlation_id().as_ref().map(|c| c.as_str())
+    }
+
+    pub fn header(&self, name: &str) -> Option<AMQPValue> {
+        self.props
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get(name).cloned())
+    }
+
+    pub fn header_text(&self, name: &str) -> Option<String> {
+        self.header(name)
+            .as_ref()
+            .and_then(txq::broker::header_text)
+    }
+}
+
+/// A producer/requester: declares, publishes with confirms, collects replies, and
+/// deletes its queues when dropped.
+pub struct Client {
+    pub conn: Arc<Connection>,
+    pub channel: Channel,
+    queues: Vec<String>,
+}
+
+impl Client {
+    pub async fn new() -> Client {
+        let conn = broker().await;
+        let channel = conn.create_channel().await.expect("channel");
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .expect("confirm mode");
+        Client {
+            conn: Arc::new(conn),
+            channel,
+            queues: Vec::new(),
+        }
+    }
+
+    /// Declares a durable classic queue as the worker does, and owns it.
+    pub async fn queue(&mut self, name: &str) -> String {
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("classic".into()),
+        );
+        self.channel
+            .queue_declare(
+                name.into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                args,
+            )
+            .await
+            .expect("queue.declare");
+        self.queues.push(name.to_owned());
+        name.to_owned()
+    }
+
+    /// Publishes and waits for the broker's confirm.
+    pub async fn publish(&self, queue: &str, request: &Request) {
+        self.publish_all(queue, std::slice::from_ref(request)).await;
+    }
+
+    /// Publishes many, pipelining the confirms.
+    pub async fn publish_all(&self, queue: &str, requests: &[Request]) {
+        for chunk in requests.chunks(500) {
+            let mut confirms = Vec::with_capacity(chunk.len());
+            for r in chunk {
+                let confirm = self
+                    .channel
+                    .basic_publish(
+                        "".into(),
+                        queue.into(),
+                        BasicPublishOptions::default(),
+                        &r.body,
+                        r.properties(),
+                    )
+                    .await
+                    .expect("basic.publish");
+                confirms.push(confirm);
+            }
+            for c in confirms {
+                assert!(
+                    c.await.expect("confirm").is_ack(),
+                    "broker nacked a request"
+                );
+            }
+        }
+    }
+
+    /// Consumes `n` replies from `queue` (acking them), failing the test after
+    /// [`REPLY_DEADLINE`].
+    pub async fn replies(&self, queue: &str, n: usize) -> Vec<Reply> {
+        let channel = self.conn.create_channel().await.expect("channel");
+        let tag = unique("collector");
+        let mut consumer = channel
+            .basic_consume(
+                queue.into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("basic.consume");
+        let mut out = Vec::with_capacity(n);
+        let deadline = tokio::time::Instant::now() + REPLY_DEADLINE;
+        while out.len() < n {
+            let next = tokio::time::timeout_at(deadline, consumer.next()).await;
+            let delivery = match next {
+                Ok(Some(Ok(d))) => d,
+                Ok(other) => panic!("reply consumer ended: {other:?}"),
+                Err(_) => panic!(
+                    "only {} of {n} replies arrived in {REPLY_DEADLINE:?}",
+                    out.len()
+                ),
+            };
+            delivery.ack(BasicAckOptions::default()).await.expect("ack");
+            let body = serde_json::from_slice(&delivery.data).expect("reply body is JSON");
+            out.push(Reply {
+                body,
+                props: delivery.properties.clone(),
+            });
+        }
+        channel
+            .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+            .await
+            .expect("basic.cancel");
+        let _ = channel.close(200, "done".into()).await;
+        out
+    }
+
+    /// Messages ready in `queue` (not counting unacked ones).
+    pub async fn depth(&self, queue: &str) -> u32 {
+        let channel = self.conn.create_channel().await.expect("channel");
+        let q = channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("passive queue.declare");
+        let _ = channel.close(200, "done".into()).await;
+        q.message_count()
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        let queues = std::mem::take(&mut self.queues);
+        on_fresh_runtime(async move {
+            let url = amqp_url();
+            if let Ok(conn) = Connection::connect(&url, ConnectionProperties::default()).await {
+                if let Ok(ch) = conn.create_channel().await {
+                    for q in queues {
+                        let _ = ch
+                            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                            .await;
+                    }
+                }
+                let _ = conn.close(200, "cleanup".into()).await;
+            }
+        });
+    }
+}
+
+/// A config for a test worker on `queue`, replying by default to `reply_queue`.
+pub fn config(db_url: &str, queue: &str, reply_queue: &str, concurrency: usize) -> Config {
+    Config {
+        amqp_url: SecretUrl::new(amqp_url()),
+        database_url: SecretUrl::new(db_url),
+        queue: queue.to_owned(),
+        reply_queue: reply_queue.to_owned(),
+        concurrency,
+        ..Config::default()
+    }
+}
+
+/// A worker running in this process.
+pub struct RunningWorker {
+    token: CancellationToken,
+    handle: JoinHandle<Result<(), WorkerError>>,
+}
+
+impl RunningWorker {
+    pub async fn start(builder: WorkerBuilder) -> RunningWorker {
+        // Worker logs in test output (RUST_LOG, default warn); captured per test.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            )
+            .with_test_writer()
+            .try_init();
+        let worker = builder.build().await.expect("worker builds");
+        let token = CancellationToken::new();
+        let handle = tokio::spawn(worker.run(token.clone()));
+        RunningWorker { token, handle }
+    }
+
+    /// Whether the worker's task is still running.
+    pub fn is_running(&self) -> bool {
+        !self.handle.is_finished()
+    }
+
+    /// Stops it and returns how its run ended.
+    pub async fn stop(self) -> Result<(), WorkerError> {
+        self.token.cancel();
+        self.handle.await.expect("worker task panicked")
+    }
+}
+
+/// Groups replies by status.
+pub fn by_status(replies: &[Reply]) -> HashMap<String, usize> {
+    let mut m = HashMap::new();
+    for r in replies {
+        *m.entry(r.status().to_owned()).or_insert(0) += 1;
+    }
+    m
+}
