@@ -51,9 +51,28 @@ pub struct Config {
     /// SQLite only: how long a writer waits for the database lock. Default 30s.
     #[serde(with = "humantime_serde")]
     pub sqlite_busy_timeout: Duration,
-    /// In-process retries of transient database errors (deadlock, serialization
-    /// failure, lock wait timeout, busy).
+    /// Requests failed for good go here, with headers saying why. Default
+    /// `<queue>.dlq`.
+    pub dead_letter_queue: Option<String>,
+    /// Bodies larger than this are dead-lettered unread. Default 1 MiB.
+    pub max_body_bytes: usize,
+    /// Default timeout of one attempt of a job (also pushed into the database as
+    /// statement and lock timeouts). Default 30s; `jobs.<type>.timeout` overrides it.
+    #[serde(with = "humantime_serde")]
+    pub job_timeout: Duration,
+    /// On SIGTERM/SIGINT, how long jobs in flight may take to finish before they are
+    /// rolled back and requeued. Default 30s.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// The broker's `consumer_timeout` (RabbitMQ's default is 30m): a delivery not
+    /// acked by then closes the channel. Only used to warn when jobs may take longer.
+    #[serde(with = "humantime_serde")]
+    pub consumer_timeout: Duration,
+    /// Retries: in-process for transient database errors, then delayed through
+    /// TTL queues in the broker.
     pub retry: RetryConfig,
+    /// The inbox: deduplication of redelivered requests by message_id.
+    pub inbox: InboxConfig,
     /// Per job type settings, keyed by job type.
     pub jobs: BTreeMap<String, JobConfig>,
     /// `text` or `json` log lines. Default `text`.
@@ -74,35 +93,79 @@ impl Default for Config {
             db_pool_size: None,
             db_acquire_timeout: Duration::from_secs(30),
             sqlite_busy_timeout: Duration::from_secs(30),
+            dead_letter_queue: None,
+            max_body_bytes: 1024 * 1024,
+            job_timeout: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(30),
+            consumer_timeout: Duration::from_secs(30 * 60),
             retry: RetryConfig::default(),
+            inbox: InboxConfig::default(),
             jobs: BTreeMap::new(),
             log_format: LogFormat::Text,
         }
     }
 }
 
-/// In-process retry of transient database errors: each attempt runs in a fresh
-/// transaction after a jittered, exponentially growing pause.
+/// Retries. A transient failure (deadlock, serialization failure, lock wait
+/// timeout, lost connection, timeout) is first retried at once in a fresh
+/// transaction; a request still failing then is republished to a TTL queue and comes
+/// back after the next delay of `delays`; after `max_attempts` deliveries it goes to
+/// the dead-letter queue.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RetryConfig {
-    /// Attempts in all (the first one included). Default 5; at least 1.
-    pub attempts: u32,
-    /// Pause before the second attempt; doubled for each further one, with full
-    /// jitter. Default 10ms.
+    /// Attempts per delivery, in process (the first one included). Default 3.
+    pub in_process_attempts: u32,
+    /// Pause before the second in-process attempt; doubled for each further one,
+    /// with full jitter. Default 10ms.
     #[serde(with = "humantime_serde")]
     pub base_delay: Duration,
-    /// Cap on one pause. Default 500ms.
+    /// Cap on one in-process pause. Default 500ms.
     #[serde(with = "humantime_serde")]
     pub max_delay: Duration,
+    /// Deliveries at most (the first one included) before a transiently failing
+    /// request is dead-lettered. Default 5.
+    pub max_attempts: u32,
+    /// Delay before the 2nd, 3rd… delivery; the last one repeats. Each is a queue
+    /// `<queue>.retry.<delay>` whose messages expire back into the request queue.
+    /// Default 1s, 5s, 30s, 2m.
+    #[serde(deserialize_with = "duration_list")]
+    pub delays: Vec<Duration>,
 }
 
 impl Default for RetryConfig {
     fn default() -> Self {
         Self {
-            attempts: 5,
+            in_process_attempts: 3,
             base_delay: Duration::from_millis(10),
             max_delay: Duration::from_millis(500),
+            max_attempts: 5,
+            delays: [1, 5, 30, 120].map(Duration::from_secs).to_vec(),
+        }
+    }
+}
+
+/// The inbox table `txq_inbox`: one row per processed message_id, written in the
+/// job's own transaction.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct InboxConfig {
+    /// Deduplicate by message_id. Default true. Off, redelivered requests run again.
+    pub enabled: bool,
+    /// Rows older than this are removed by the automatic prune. Default 7d.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+    /// Prune every this often while running. Default: never (use `txq inbox prune`).
+    #[serde(with = "humantime_serde")]
+    pub prune_interval: Option<Duration>,
+}
+
+impl Default for InboxConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            retention: Duration::from_secs(7 * 24 * 3600),
+            prune_interval: None,
         }
     }
 }
@@ -115,6 +178,9 @@ pub struct JobConfig {
     /// (REPEATABLE READ on MySQL/MariaDB, READ COMMITTED on PostgreSQL; SQLite is
     /// always serializable).
     pub isolation: Option<Isolation>,
+    /// Timeout of one attempt. Default: `job_timeout`.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Option<Duration>,
 }
 
 /// How the request queue is declared.
@@ -185,7 +251,7 @@ pub enum ConfigError {
 
 impl Config {
     /// Loads defaults, then `file` (when given), then `TXQ_*` environment variables
-    /// (`TXQ_RETRY__ATTEMPTS` reaches `retry.attempts`), then `overrides`, and
+    /// (`TXQ_RETRY__MAX_ATTEMPTS` reaches `retry.max_attempts`), then `overrides`, and
     /// validates the result.
     pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Self, ConfigError> {
         let mut figment = Figment::new();
@@ -232,8 +298,48 @@ impl Config {
         if self.reply_queue.len() > 255 {
             return Err(invalid("reply_queue", "must be at most 255 bytes long"));
         }
-        if self.retry.attempts == 0 {
-            return Err(invalid("retry.attempts", "must be at least 1"));
+        if self.retry.in_process_attempts == 0 {
+            return Err(invalid("retry.in_process_attempts", "must be at least 1"));
+        }
+        if self.retry.max_attempts == 0 {
+            return Err(invalid("retry.max_attempts", "must be at least 1"));
+        }
+        if self.retry.max_attempts > 1 && self.retry.delays.is_empty() {
+            return Err(invalid(
+                "retry.delays",
+                "must not be empty when max_attempts > 1",
+            ));
+        }
+        if self
+            .retry
+            .delays
+            .iter()
+            .any(|d| d.is_zero() || d.as_millis() > u128::from(u32::MAX))
+        {
+            return Err(invalid(
+                "retry.delays",
+                "each must be between 1ms and 49 days",
+            ));
+        }
+        if self.max_body_bytes == 0 {
+            return Err(invalid("max_body_bytes", "must be at least 1"));
+        }
+        let timeouts = std::iter::once(("job_timeout", Some(self.job_timeout))).chain(
+            self.jobs
+                .values()
+                .map(|j| ("jobs.<type>.timeout", j.timeout)),
+        );
+        for (key, timeout) in timeouts {
+            if timeout.is_some_and(|t| t < Duration::from_millis(1)) {
+                return Err(invalid(key, "must be at least 1ms"));
+            }
+        }
+        let dlq = self.dead_letter_queue();
+        if dlq.is_empty() || dlq.len() > 255 || dlq == self.queue {
+            return Err(invalid(
+                "dead_letter_queue",
+                "must be 1 to 255 bytes long and differ from `queue`",
+            ));
         }
         if self.retry.base_delay > self.retry.max_delay {
             return Err(invalid(
@@ -267,6 +373,29 @@ impl Config {
     pub fn job(&self, job_type: &str) -> JobConfig {
         self.jobs.get(job_type).cloned().unwrap_or_default()
     }
+
+    /// Timeout of one attempt of `job_type`.
+    pub fn job_timeout(&self, job_type: &str) -> Duration {
+        self.jobs
+            .get(job_type)
+            .and_then(|j| j.timeout)
+            .unwrap_or(self.job_timeout)
+    }
+
+    /// The dead-letter queue: `dead_letter_queue`, or `<queue>.dlq`.
+    pub fn dead_letter_queue(&self) -> String {
+        self.dead_letter_queue
+            .clone()
+            .unwrap_or_else(|| format!("{}.dlq", self.queue))
+    }
+}
+
+fn duration_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
+    let list = Vec::<humantime_serde::Serde<Duration>>::deserialize(d)?;
+    Ok(list
+        .into_iter()
+        .map(humantime_serde::Serde::into_inner)
+        .collect())
 }
 
 /// A connection URL whose password never reaches a log line: `Debug` and `Display`
@@ -374,7 +503,8 @@ mod tests {
                 "concurrency = 4\nqueue = \"from.file\"\n[jobs.transfer]\nisolation = \"serializable\"\n",
             )?;
             jail.set_env("TXQ_QUEUE", "from.env");
-            jail.set_env("TXQ_RETRY__ATTEMPTS", "7");
+            jail.set_env("TXQ_RETRY__MAX_ATTEMPTS", "7");
+            jail.set_env("TXQ_RETRY__DELAYS", "[\"2s\", \"1m\"]");
             jail.set_env("TXQ_TEST_AMQP_URL", "ignored");
             let flags = Overrides {
                 concurrency: Some(8),
@@ -384,7 +514,11 @@ mod tests {
                 Config::load(Some(Path::new("txq.toml")), &flags).map_err(|e| e.to_string())?;
             assert_eq!(config.concurrency, 8);
             assert_eq!(config.queue, "from.env");
-            assert_eq!(config.retry.attempts, 7);
+            assert_eq!(config.retry.max_attempts, 7);
+            assert_eq!(
+                config.retry.delays,
+                [Duration::from_secs(2), Duration::from_secs(60)]
+            );
             assert_eq!(
                 config.job("transfer").isolation,
                 Some(Isolation::Serializable)

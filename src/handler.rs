@@ -24,8 +24,12 @@ pub struct JobMeta {
     pub message_id: Option<String>,
     /// The request's `correlation_id`, falling back to its `message_id`.
     pub correlation_id: Option<String>,
-    /// 1 for the first attempt; grows with each in-process retry.
+    /// 1 for the first transaction of this delivery; grows with each in-process
+    /// retry after a transient error.
     pub attempt: u32,
+    /// Which delivery of the request this is (`x-txq-attempt`): 1, then one more
+    /// for each delayed retry.
+    pub delivery_attempt: u32,
     /// The broker's redelivered flag: an earlier delivery may have been processed.
     pub redelivered: bool,
     /// The W3C `traceparent` header, if the producer set one.

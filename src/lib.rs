@@ -31,12 +31,14 @@ pub mod broker;
 pub mod config;
 pub mod db;
 mod handler;
+pub mod health;
 pub mod telemetry;
 mod worker;
 
 pub use config::Config;
 pub use db::{Backend, Conn, Db, Isolation, Tx};
 pub use handler::{Handler, JobError, JobMeta};
+pub use health::Health;
 pub use worker::{FailureKind, Worker, WorkerBuilder, WorkerError};
 
 /// Re-exported so handlers use the same sqlx as txq.

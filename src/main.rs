@@ -45,6 +45,21 @@ enum Command {
     Run(RunArgs),
     /// Print the effective configuration (secrets redacted) and exit.
     Config,
+    /// Create or update txq's tables (the inbox) in the database.
+    Migrate,
+    /// The inbox of processed message_ids.
+    #[command(subcommand)]
+    Inbox(InboxCommand),
+}
+
+#[derive(Subcommand)]
+enum InboxCommand {
+    /// Delete rows older than a duration; a redelivery of such a request runs again.
+    Prune {
+        /// For example 7d, 12h, 30m.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        older_than: std::time::Duration,
+    },
 }
 
 #[derive(Args)]
@@ -75,7 +90,7 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let concurrency = match &cli.command {
         Command::Run(args) => args.concurrency,
-        Command::Config => None,
+        _ => None,
     };
     let overrides = Overrides {
         amqp_url: cli.common.amqp_url,
@@ -91,6 +106,28 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{config:#?}");
             Ok(ExitCode::SUCCESS)
         }
+        Command::Migrate => {
+            let db = connect_db(&config).await?;
+            let applied = txq::db::migrate(&db).await.context("migrating")?;
+            println!("applied {} migration(s): {applied:?}", applied.len());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Inbox(InboxCommand::Prune { older_than }) => {
+            let db = connect_db(&config).await?;
+            let older =
+                i64::try_from(older_than.as_millis()).context("--older-than is too large")?;
+            let now = i64::try_from(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .context("the clock is before 1970")?
+                    .as_millis(),
+            )?;
+            let removed = txq::db::inbox::prune(&db, now - older)
+                .await
+                .context("pruning")?;
+            println!("removed {removed} inbox row(s)");
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Run(_) => {
             info!(?config, "starting");
             let worker = Worker::builder(config)
@@ -104,6 +141,17 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+async fn connect_db(config: &Config) -> anyhow::Result<txq::Db> {
+    let options = txq::db::PoolOptions {
+        max_connections: 1,
+        acquire_timeout: config.db_acquire_timeout,
+        sqlite_busy_timeout: config.sqlite_busy_timeout,
+    };
+    txq::Db::connect(config.database_url.expose(), &options)
+        .await
+        .with_context(|| format!("connecting to {}", config.database_url))
 }
 
 /// Built in until job types can be defined in a file: replies with its payload, and

@@ -15,7 +15,7 @@ use lapin::BasicProperties;
 use lapin::options::BasicPublishOptions;
 use rand::Rng as _;
 use tokio_util::sync::CancellationToken;
-use txq::config::{Overrides, SecretUrl};
+use txq::config::Overrides;
 use txq::{Config, Worker};
 
 #[derive(Parser)]
@@ -80,7 +80,7 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     if args.load > 0 {
-        load(&config.amqp_url, &config.queue, args.load, args.accounts).await?;
+        load(&config, args.load, args.accounts).await?;
         println!("published {} transfers to {}", args.load, config.queue);
     }
     if args.no_run {
@@ -110,16 +110,13 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn load(amqp_url: &SecretUrl, queue: &str, n: u64, accounts: i64) -> anyhow::Result<()> {
-    let conn = txq::broker::connect(amqp_url.expose(), "txq bank loader").await?;
+async fn load(config: &Config, n: u64, accounts: i64) -> anyhow::Result<()> {
+    let queue = config.queue.as_str();
+    let conn = txq::broker::connect(config.amqp_url.expose(), "txq bank loader").await?;
     let channel = conn.create_channel().await?;
     channel.confirm_select(Default::default()).await?;
-    let topology = txq::broker::Topology {
-        request_queue: queue.to_owned(),
-        queue_type: txq::config::QueueType::Classic,
-        reply_queue: None,
-    };
-    txq::broker::declare(&channel, &topology).await?;
+    // The worker's own declarations, so the queues exist before it starts.
+    txq::broker::declare(&channel, &txq::broker::Topology::from_config(config)).await?;
     let mut rng = rand::rng();
     let mut confirms = Vec::new();
     for i in 0..n {

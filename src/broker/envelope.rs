@@ -14,6 +14,32 @@ pub mod headers {
     pub const ATTEMPTS: &str = "x-txq-attempts";
     /// W3C trace context, propagated from request to reply.
     pub const TRACEPARENT: &str = "traceparent";
+    /// Request: which delivery attempt this is (1 when absent).
+    pub const ATTEMPT: &str = "x-txq-attempt";
+    /// Dead-letter: why it failed (at most 4 KiB).
+    pub const ERROR: &str = "x-txq-error";
+    /// Dead-letter: the failure kind (`invalid_payload`, `timeout`…).
+    pub const ERROR_KIND: &str = "x-txq-error-kind";
+    /// Dead-letter: when, RFC 3339.
+    pub const FAILED_AT: &str = "x-txq-failed-at";
+    /// Dead-letter: the queue it was consumed from.
+    pub const ORIGINAL_QUEUE: &str = "x-txq-original-queue";
+}
+
+/// Header values txq writes stay under this, so a header can never break the
+/// connection (frame size) or bloat every copy of a message.
+pub const MAX_HEADER_BYTES: usize = 4000;
+
+/// `s` cut to at most [`MAX_HEADER_BYTES`] on a character boundary, marked when cut.
+pub fn bounded(s: &str) -> String {
+    if s.len() <= MAX_HEADER_BYTES {
+        return s.to_owned();
+    }
+    let mut end = MAX_HEADER_BYTES - 3;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &s[..end])
 }
 
 /// What a request's AMQP properties say, per the message contract.
@@ -31,6 +57,8 @@ pub struct Envelope {
     pub traceparent: Option<String>,
     /// The `content_type` property.
     pub content_type: Option<String>,
+    /// Which delivery attempt this is: `x-txq-attempt`, 1 when absent.
+    pub attempt: u32,
 }
 
 impl Envelope {
@@ -49,7 +77,16 @@ impl Envelope {
             .as_ref()
             .and_then(|h| h.inner().get(headers::TRACEPARENT))
             .and_then(header_text);
+        let attempt = props
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get(headers::ATTEMPT))
+            .and_then(header_int)
+            .and_then(|n| u32::try_from(n).ok())
+            .filter(|n| *n >= 1)
+            .unwrap_or(1);
         Self {
+            attempt,
             job_type: text(props.kind()).or_else(|| default_type.map(str::to_owned)),
             correlation_id: text(props.correlation_id()).or_else(|| message_id.clone()),
             message_id,
@@ -67,6 +104,34 @@ pub fn header_text(value: &AMQPValue) -> Option<String> {
         AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
         _ => None,
     }
+}
+
+/// A header's value as an integer, for the integer AMQP types and decimal text.
+pub fn header_int(value: &AMQPValue) -> Option<i64> {
+    match value {
+        AMQPValue::ShortShortInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortShortUInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortUInt(n) => Some(i64::from(*n)),
+        AMQPValue::LongInt(n) => Some(i64::from(*n)),
+        AMQPValue::LongUInt(n) => Some(i64::from(*n)),
+        AMQPValue::LongLongInt(n) => Some(*n),
+        other => header_text(other)?.trim().parse().ok(),
+    }
+}
+
+/// `props` with `extra` headers set (replacing same-named ones).
+pub fn with_headers(props: &BasicProperties, extra: Vec<(&str, AMQPValue)>) -> BasicProperties {
+    let mut table = props.headers().clone().unwrap_or_default();
+    for (k, v) in extra {
+        table.insert(k.into(), v);
+    }
+    props.clone().with_headers(table)
+}
+
+/// A text header value.
+pub fn long_string(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
 }
 
 /// The `x-txq-*` facts a reply carries.
@@ -114,10 +179,6 @@ pub fn reply_properties(request: &Envelope, reply: ReplyHeaders<'_>) -> BasicPro
     props
 }
 
-fn long_string(s: &str) -> AMQPValue {
-    AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -137,6 +198,44 @@ mod tests {
         let env = Envelope::from_properties(&typed, Some("noop"));
         assert_eq!(env.job_type.as_deref(), Some("transfer"));
         assert_eq!(env.correlation_id, None);
+    }
+
+    #[test]
+    fn attempt_header_is_read_from_any_integer_type() {
+        let props = |v: AMQPValue| {
+            let mut t = FieldTable::default();
+            t.insert(headers::ATTEMPT.into(), v);
+            BasicProperties::default().with_headers(t)
+        };
+        assert_eq!(
+            Envelope::from_properties(&BasicProperties::default(), None).attempt,
+            1
+        );
+        assert_eq!(
+            Envelope::from_properties(&props(AMQPValue::LongLongInt(3)), None).attempt,
+            3
+        );
+        assert_eq!(
+            Envelope::from_properties(&props(AMQPValue::ShortShortUInt(2)), None).attempt,
+            2
+        );
+        assert_eq!(
+            Envelope::from_properties(&props(long_string("4")), None).attempt,
+            4
+        );
+        assert_eq!(
+            Envelope::from_properties(&props(AMQPValue::LongLongInt(-1)), None).attempt,
+            1
+        );
+    }
+
+    #[test]
+    fn long_header_values_are_cut_on_a_char_boundary() {
+        let long = "é".repeat(5000);
+        let cut = bounded(&long);
+        assert!(cut.len() <= MAX_HEADER_BYTES);
+        assert!(cut.ends_with("..."));
+        assert_eq!(bounded("short"), "short");
     }
 
     #[test]

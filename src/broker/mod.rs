@@ -9,9 +9,12 @@ mod topology;
 
 use lapin::{Connection, ConnectionProperties};
 
-pub use envelope::{Envelope, ReplyHeaders, header_text, headers, reply_properties};
+pub use envelope::{
+    Envelope, MAX_HEADER_BYTES, ReplyHeaders, bounded, header_int, header_text, headers,
+    long_string, reply_properties, with_headers,
+};
 pub use publisher::{PublishError, PublishOutcome, Publisher};
-pub use topology::{Topology, declare};
+pub use topology::{Topology, declare, retry_queue_name};
 
 /// Errors talking to RabbitMQ.
 #[derive(Debug, thiserror::Error)]

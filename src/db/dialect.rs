@@ -1,6 +1,8 @@
 //! What differs between the backends: how a transaction begins at an isolation level,
 //! and which errors are worth another attempt.
 
+use std::time::Duration;
+
 use sqlx::error::DatabaseError;
 
 use super::{Backend, Isolation};
@@ -28,6 +30,11 @@ pub enum TransientReason {
     Busy,
     /// The connection broke, or none could be had in time.
     Connection,
+    /// The job ran past its timeout (in the worker, or in the database: PostgreSQL
+    /// 57014, MySQL 3024, MariaDB 1969).
+    Timeout,
+    /// The handler said so ([`JobError::Transient`](crate::JobError::Transient)).
+    Handler,
 }
 
 impl TransientReason {
@@ -39,6 +46,8 @@ impl TransientReason {
             Self::LockTimeout => "lock_timeout",
             Self::Busy => "busy",
             Self::Connection => "connection",
+            Self::Timeout => "timeout",
+            Self::Handler => "handler",
         }
     }
 }
@@ -48,25 +57,80 @@ pub(crate) fn begin_statement(
     backend: Backend,
     isolation: Option<Isolation>,
 ) -> Option<&'static str> {
-    use Isolation::*;
     match backend {
-        // MySQL takes the level for the next transaction only, in the same round trip.
         Backend::MySql => isolation.map(|level| match level {
-            ReadUncommitted => "SET TRANSACTION ISOLATION LEVEL READ UNCOMMITTED; BEGIN",
-            ReadCommitted => "SET TRANSACTION ISOLATION LEVEL READ COMMITTED; BEGIN",
-            RepeatableRead => "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ; BEGIN",
-            Serializable => "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE; BEGIN",
+            Isolation::ReadUncommitted => "SET TRANSACTION ISOLATION LEVEL READ UNCOMMITTED; BEGIN",
+            Isolation::ReadCommitted => "SET TRANSACTION ISOLATION LEVEL READ COMMITTED; BEGIN",
+            Isolation::RepeatableRead => "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ; BEGIN",
+            Isolation::Serializable => "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE; BEGIN",
         }),
         Backend::Postgres => isolation.map(|level| match level {
-            ReadUncommitted => "BEGIN ISOLATION LEVEL READ UNCOMMITTED",
-            ReadCommitted => "BEGIN ISOLATION LEVEL READ COMMITTED",
-            RepeatableRead => "BEGIN ISOLATION LEVEL REPEATABLE READ",
-            Serializable => "BEGIN ISOLATION LEVEL SERIALIZABLE",
+            Isolation::ReadUncommitted => "BEGIN ISOLATION LEVEL READ UNCOMMITTED",
+            Isolation::ReadCommitted => "BEGIN ISOLATION LEVEL READ COMMITTED",
+            Isolation::RepeatableRead => "BEGIN ISOLATION LEVEL REPEATABLE READ",
+            Isolation::Serializable => "BEGIN ISOLATION LEVEL SERIALIZABLE",
         }),
         // SQLite is always serializable. IMMEDIATE takes the write lock up front, so
         // concurrent jobs wait in the busy handler; a DEFERRED transaction that later
         // upgrades to a writer fails with BUSY at once instead of waiting.
         Backend::Sqlite => Some("BEGIN IMMEDIATE"),
+    }
+}
+
+fn level_sql(level: Isolation) -> &'static str {
+    match level {
+        Isolation::ReadUncommitted => "READ UNCOMMITTED",
+        Isolation::ReadCommitted => "READ COMMITTED",
+        Isolation::RepeatableRead => "REPEATABLE READ",
+        Isolation::Serializable => "SERIALIZABLE",
+    }
+}
+
+/// The statement (one round trip) that opens a job's transaction at `isolation`
+/// and pushes `timeout` into the database, so that a statement or lock wait running
+/// past it fails there and the transaction's locks are released. The numbers come
+/// from the validated config, never from a request.
+pub(crate) fn job_begin_statement(
+    backend: Backend,
+    mariadb: bool,
+    isolation: Option<Isolation>,
+    timeout: Duration,
+) -> String {
+    let ms = timeout.as_millis().max(1);
+    match backend {
+        Backend::MySql => {
+            // innodb_lock_wait_timeout takes whole seconds, at least 1.
+            let lock_secs = timeout.as_secs().max(1) + u64::from(timeout.subsec_nanos() > 0);
+            let statement_limit = if mariadb {
+                format!("SESSION max_statement_time = {:.3}", timeout.as_secs_f64())
+            } else {
+                // MySQL's limit applies to SELECTs only.
+                format!("SESSION max_execution_time = {ms}")
+            };
+            let mut sql =
+                format!("SET SESSION innodb_lock_wait_timeout = {lock_secs}, {statement_limit}; ");
+            if let Some(level) = isolation {
+                sql.push_str("SET TRANSACTION ISOLATION LEVEL ");
+                sql.push_str(level_sql(level));
+                sql.push_str("; ");
+            }
+            sql.push_str("BEGIN");
+            sql
+        }
+        Backend::Postgres => {
+            let mut sql = String::from("BEGIN");
+            if let Some(level) = isolation {
+                sql.push_str(" ISOLATION LEVEL ");
+                sql.push_str(level_sql(level));
+            }
+            sql.push_str(&format!(
+                "; SET LOCAL statement_timeout = {ms}; SET LOCAL lock_timeout = {ms}"
+            ));
+            sql
+        }
+        // SQLite has no statement timeout; the worker's own timeout drops the
+        // transaction, which rolls it back.
+        Backend::Sqlite => "BEGIN IMMEDIATE".to_owned(),
     }
 }
 
@@ -97,6 +161,7 @@ fn classify_database(backend: Backend, db: &dyn DatabaseError) -> ErrorClass {
             match number {
                 Some(1213) => Transient(Deadlock),
                 Some(1205) => Transient(LockTimeout),
+                Some(1969 | 3024) => Transient(Timeout),
                 // Server shutting down / connection killed by KILL.
                 Some(1053 | 1927 | 2006 | 2013) => Transient(Connection),
                 _ => Permanent,
@@ -106,6 +171,7 @@ fn classify_database(backend: Backend, db: &dyn DatabaseError) -> ErrorClass {
             Some("40001") => Transient(SerializationFailure),
             Some("40P01") => Transient(Deadlock),
             Some("55P03") => Transient(LockTimeout),
+            Some("57014") => Transient(Timeout),
             // admin_shutdown, crash_shutdown, cannot_connect_now.
             Some("57P01" | "57P02" | "57P03") => Transient(Connection),
             _ => Permanent,
@@ -121,5 +187,33 @@ fn classify_database(backend: Backend, db: &dyn DatabaseError) -> ErrorClass {
                 _ => Permanent,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_begin_statements_carry_isolation_and_timeouts() {
+        let t = Duration::from_millis(2500);
+        assert_eq!(
+            job_begin_statement(Backend::Postgres, false, Some(Isolation::Serializable), t),
+            "BEGIN ISOLATION LEVEL SERIALIZABLE; SET LOCAL statement_timeout = 2500; \
+             SET LOCAL lock_timeout = 2500"
+        );
+        assert_eq!(
+            job_begin_statement(Backend::MySql, true, None, t),
+            "SET SESSION innodb_lock_wait_timeout = 3, SESSION max_statement_time = 2.500; BEGIN"
+        );
+        assert_eq!(
+            job_begin_statement(Backend::MySql, false, Some(Isolation::ReadCommitted), t),
+            "SET SESSION innodb_lock_wait_timeout = 3, SESSION max_execution_time = 2500; \
+             SET TRANSACTION ISOLATION LEVEL READ COMMITTED; BEGIN"
+        );
+        assert_eq!(
+            job_begin_statement(Backend::Sqlite, false, None, t),
+            "BEGIN IMMEDIATE"
+        );
     }
 }

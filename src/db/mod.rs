@@ -4,21 +4,47 @@
 //! **Invariant:** a job's connection and transaction live in exactly one [`Tx`],
 //! owned by that job; nothing else can reach them.
 
+/// Runs the same code on whichever pool a [`Db`] holds (each arm compiled per
+/// backend, like [`with_conn!`](crate::with_conn)).
+#[doc(hidden)]
+#[macro_export]
+macro_rules! on_pool {
+    ($db:expr, $pool:ident => $body:expr) => {
+        match $db {
+            $crate::Db::MySql($pool) => $body,
+            $crate::Db::Postgres($pool) => $body,
+            $crate::Db::Sqlite($pool) => $body,
+        }
+    };
+}
+
 mod dialect;
+pub mod inbox;
+mod migrate;
 mod tx;
 
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use sqlx::AssertSqlSafe;
 use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 
-pub use dialect::ErrorClass;
+pub use dialect::{ErrorClass, TransientReason};
+pub use migrate::migrate;
 pub use tx::{Conn, Tx};
+
+/// Milliseconds since the Unix epoch, as stored in txq's tables.
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
 
 /// Which database a URL points at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -186,6 +212,41 @@ impl Db {
                 None => pool.begin().await?,
             }),
         })
+    }
+
+    /// Begins a job's transaction with a statement from
+    /// [`dialect::job_begin_statement`], made once per job type.
+    pub(crate) async fn begin_job(&self, statement: &Arc<str>) -> Result<Tx, sqlx::Error> {
+        let statement = AssertSqlSafe(statement.clone());
+        Ok(match self {
+            Self::MySql(pool) => Tx::from(pool.begin_with(statement).await?),
+            Self::Postgres(pool) => Tx::from(pool.begin_with(statement).await?),
+            Self::Sqlite(pool) => Tx::from(pool.begin_with(statement).await?),
+        })
+    }
+
+    /// Whether a MySQL-protocol server is MariaDB (their statement timeouts differ).
+    pub async fn is_mariadb(&self) -> Result<bool, sqlx::Error> {
+        match self {
+            Self::MySql(pool) => {
+                let version: String = sqlx::query_scalar("SELECT VERSION()")
+                    .fetch_one(pool)
+                    .await?;
+                Ok(version.contains("MariaDB"))
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// The statement that begins a job's transaction at `isolation` with `timeout`
+    /// pushed into the database.
+    pub(crate) fn job_begin_statement(
+        &self,
+        mariadb: bool,
+        isolation: Option<Isolation>,
+        timeout: Duration,
+    ) -> Arc<str> {
+        dialect::job_begin_statement(self.backend(), mariadb, isolation, timeout).into()
     }
 
     /// Runs statements outside any job, for schema set-up. Each string is one

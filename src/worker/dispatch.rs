@@ -1,181 +1,226 @@
-//! The consume loop and the end of each job: reply, then ack.
+//! The consume loop: sessions on a broker connection, rebuilt with backoff when the
+//! connection is lost, and the drain at shutdown.
 //!
-//! **Invariant:** at most `concurrency` jobs run at once. A permit is taken *before*
-//! the next delivery is pulled, and `basic.qos` bounds what the broker pushes, so the
-//! backlog stays in RabbitMQ and memory stays flat however deep the queue is.
-//!
-//! **Invariant:** a request is acked only after its transaction committed (or its
-//! failure was decided) and its reply was confirmed by the broker.
+//! **Invariant:** at most `concurrency` jobs run at once, across reconnects too: a
+//! permit is taken *before* the next delivery is pulled, and `basic.qos` bounds what
+//! the broker pushes, so the backlog stays in RabbitMQ and memory stays flat however
+//! deep the queue is.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::StreamExt as _;
-use lapin::Channel;
+use lapin::Connection;
 use lapin::message::Delivery;
-use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
-    BasicRejectOptions,
-};
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument as _, debug, error, info, info_span, warn};
+use tracing::{Instrument as _, info, info_span, warn};
 
-use super::outcome::Outcome;
-use super::{Context, WorkerError, job};
-use crate::broker::{BrokerError, Envelope, PublishOutcome, ReplyHeaders, reply_properties};
+use super::{Context, Shared, WorkerError, finish, job};
+use crate::broker::{self, BrokerError, Envelope, Publisher};
 
-/// Consumes `queue` until `shutdown` fires or the consumer is lost, then waits for
-/// the jobs in flight.
-pub(crate) async fn consume(
-    ctx: Arc<Context>,
-    channel: &Channel,
-    queue: &str,
-    prefetch: u16,
-    concurrency: usize,
+/// Why a session on one connection ended.
+enum SessionEnd {
+    /// Shutdown was requested; the connection is still open for the drain.
+    Shutdown(Arc<Connection>),
+    /// The connection or consumer was lost: reconnect.
+    Lost(WorkerError),
+    /// Reconnecting cannot help (a queue declared with other arguments…).
+    Fatal(WorkerError),
+}
+
+/// Consumes until `shutdown`, reconnecting as needed; then drains.
+pub(crate) async fn run(
+    shared: Arc<Shared>,
     shutdown: CancellationToken,
 ) -> Result<(), WorkerError> {
-    channel
-        .basic_qos(prefetch, BasicQosOptions::default())
-        .await?;
+    let permits = Arc::new(Semaphore::new(shared.concurrency));
+    let tracker = TaskTracker::new();
+    // Fires when the grace period is over: jobs still running roll back and requeue.
+    let hard_stop = CancellationToken::new();
+    let mut failures: u32 = 0;
+    let (connection, result) = loop {
+        let end = session(&shared, &permits, &tracker, &hard_stop, &shutdown).await;
+        shared.health.set_consuming(false);
+        match end {
+            SessionEnd::Shutdown(conn) => break (Some(conn), Ok(())),
+            SessionEnd::Fatal(e) => break (None, Err(e)),
+            SessionEnd::Lost(e) => {
+                if shutdown.is_cancelled() {
+                    break (None, Ok(()));
+                }
+                failures = failures.saturating_add(1);
+                let delay = reconnect_delay(failures);
+                warn!(error = %e, ?delay, "lost the broker; reconnecting");
+                shared.health.count_reconnect();
+                tokio::select! {
+                    _ = shutdown.cancelled() => break (None, Ok(())),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    };
+    drain(&tracker, &hard_stop, shared.shutdown_grace).await;
+    if let Some(conn) = connection {
+        // Closing the connection hands any unacked delivery back to the queue.
+        let _ = conn.close(200, "txq worker stopping".into()).await;
+    }
+    result
+}
+
+/// One connection's life: connect, declare, consume until shutdown or loss.
+async fn session(
+    shared: &Arc<Shared>,
+    permits: &Arc<Semaphore>,
+    tracker: &TaskTracker,
+    hard_stop: &CancellationToken,
+    shutdown: &CancellationToken,
+) -> SessionEnd {
+    let lost = |e: lapin::Error| SessionEnd::Lost(e.into());
+    let conn = match broker::connect(shared.amqp_url.expose(), &shared.connection_name).await {
+        Ok(c) => Arc::new(c),
+        Err(e) => return SessionEnd::Lost(e.into()),
+    };
+    let channel = match conn.create_channel().await {
+        Ok(c) => c,
+        Err(e) => return lost(e),
+    };
+    if let Err(e) = broker::declare(&channel, &shared.topology).await {
+        // The broker refusing a declaration is a configuration problem.
+        return match &e {
+            BrokerError::Declare { source, .. } if source.is_amqp_soft_error() => {
+                SessionEnd::Fatal(e.into())
+            }
+            BrokerError::InvalidName(_) => SessionEnd::Fatal(e.into()),
+            _ => SessionEnd::Lost(e.into()),
+        };
+    }
+    if let Err(e) = channel
+        .basic_qos(shared.prefetch, BasicQosOptions::default())
+        .await
+    {
+        return lost(e);
+    }
+    let queue = shared.topology.request_queue.as_str();
     let tag = format!("txq-{}", uuid::Uuid::new_v4());
-    let mut consumer = channel
+    let mut consumer = match channel
         .basic_consume(
             queue.into(),
             tag.as_str().into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
         )
-        .await?;
-    info!(queue, prefetch, concurrency, "consuming");
+        .await
+    {
+        Ok(c) => c,
+        Err(e) => return lost(e),
+    };
+    // Confirms are pipelined, so a few channels carry all the replies. Jobs of this
+    // session publish on this connection only; after a loss, theirs fail and the
+    // broker redelivers their requests.
+    let ctx = Arc::new(Context {
+        shared: shared.clone(),
+        publisher: Publisher::new(conn.clone(), 4),
+    });
+    shared.health.set_consuming(true);
+    info!(
+        queue,
+        prefetch = shared.prefetch,
+        concurrency = shared.concurrency,
+        "consuming"
+    );
 
-    let permits = Arc::new(Semaphore::new(concurrency));
-    let tracker = TaskTracker::new();
-    let result = loop {
+    let end = loop {
         let permit = tokio::select! {
             biased;
-            _ = shutdown.cancelled() => break Ok(()),
+            _ = shutdown.cancelled() => break None,
             permit = permits.clone().acquire_owned() => match permit {
                 Ok(permit) => permit,
                 // The semaphore is never closed.
-                Err(_) => break Ok(()),
+                Err(_) => break None,
             },
         };
         let next = tokio::select! {
             biased;
-            _ = shutdown.cancelled() => break Ok(()),
+            _ = shutdown.cancelled() => break None,
             next = consumer.next() => next,
         };
         match next {
             Some(Ok(delivery)) => {
-                tracker.spawn(process(ctx.clone(), delivery, permit));
+                tracker.spawn(process(ctx.clone(), delivery, permit, hard_stop.clone()));
             }
-            Some(Err(e)) => break Err(WorkerError::from(e)),
-            None => break Err(BrokerError::ConsumerCancelled(queue.to_owned()).into()),
+            Some(Err(e)) => break Some(WorkerError::from(e)),
+            None => break Some(BrokerError::ConsumerCancelled(queue.to_owned()).into()),
         }
     };
-    info!(
-        in_flight = tracker.len(),
-        "stopping: no new deliveries; finishing jobs in flight"
-    );
-    if channel.status().connected() {
-        let _ = channel
-            .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
-            .await;
+    shared.health.set_consuming(false);
+    match end {
+        None => {
+            info!(
+                in_flight = tracker.len(),
+                "stopping: no new deliveries; finishing jobs in flight"
+            );
+            let _ = channel
+                .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                .await;
+            SessionEnd::Shutdown(conn)
+        }
+        Some(e) => {
+            ctx.publisher.close().await;
+            SessionEnd::Lost(e)
+        }
     }
-    tracker.close();
-    tracker.wait().await;
-    result
 }
 
-async fn process(ctx: Arc<Context>, delivery: Delivery, permit: OwnedSemaphorePermit) {
-    let env = Envelope::from_properties(&delivery.properties, ctx.default_type.as_deref());
+/// Waits for the jobs in flight; after `grace`, makes the rest roll back and
+/// requeue, and waits for that.
+async fn drain(tracker: &TaskTracker, hard_stop: &CancellationToken, grace: Duration) {
+    tracker.close();
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        warn!(
+            in_flight = tracker.len(),
+            ?grace,
+            "grace period over; rolling back and requeueing the rest"
+        );
+        hard_stop.cancel();
+        tracker.wait().await;
+    }
+}
+
+/// Exponential backoff with jitter for reconnects: about 0.5s, 1s, 2s… up to 30s.
+fn reconnect_delay(failures: u32) -> Duration {
+    let base = Duration::from_millis(500).saturating_mul(1 << failures.saturating_sub(1).min(6));
+    let ceiling = base.min(Duration::from_secs(30));
+    ceiling.mul_f64(0.5 + rand::random::<f64>() / 2.0)
+}
+
+async fn process(
+    ctx: Arc<Context>,
+    delivery: Delivery,
+    permit: OwnedSemaphorePermit,
+    hard_stop: CancellationToken,
+) {
+    let env = Envelope::from_properties(&delivery.properties, ctx.shared.default_type.as_deref());
     let span = info_span!(
         "job",
         job_type = env.job_type.as_deref().unwrap_or(""),
         message_id = env.message_id.as_deref().unwrap_or(""),
         correlation_id = env.correlation_id.as_deref().unwrap_or(""),
+        attempt = env.attempt,
     );
     async {
-        let outcome = job::execute(&ctx, &env, &delivery.data, delivery.redelivered).await;
-        // The connection goes back to the pool before the reply is awaited.
-        finish(&ctx, &env, &delivery, outcome).await;
+        let outcome = tokio::select! {
+            // Dropping the job drops its transaction, which rolls it back.
+            _ = hard_stop.cancelled() => super::outcome::Outcome::Abandoned,
+            outcome = job::execute(&ctx, &env, &delivery.data, delivery.redelivered) => outcome,
+        };
+        // The connection went back to the pool before the publishes are awaited.
+        finish::finish(&ctx, &env, &delivery, outcome).await;
     }
     .instrument(span)
     .await;
     drop(permit);
-}
-
-/// Publishes the reply (confirmed), then settles the delivery.
-async fn finish(ctx: &Context, env: &Envelope, delivery: &Delivery, outcome: Outcome) {
-    let (Some(status), Some(body)) = (outcome.status(), outcome.reply_body()) else {
-        if let Outcome::Requeue { reason, attempts } = &outcome {
-            warn!(error = %reason, attempts, "still failing after the in-process attempts; requeueing");
-        }
-        // No reply is due: hand the request back for a later attempt.
-        settle(delivery, Settle::Requeue).await;
-        return;
-    };
-    match &outcome {
-        Outcome::Failed { kind, message, .. } => {
-            warn!(kind = kind.as_str(), error = %message, "job failed");
-        }
-        Outcome::Rejected { code, .. } => debug!(code, "job rejected"),
-        _ => debug!(attempts = outcome.attempts(), "job done"),
-    }
-    if let Some(to) = env.reply_to.as_deref().or(ctx.reply_queue.as_deref()) {
-        let props = reply_properties(
-            env,
-            ReplyHeaders {
-                status,
-                attempts: outcome.attempts(),
-            },
-        );
-        match ctx.publisher.publish(to, &body, props).await {
-            Ok(PublishOutcome::Confirmed) => {}
-            Ok(PublishOutcome::Returned(text)) => {
-                // The requester's queue is gone: nobody is waiting. The job's
-                // effects stand, so the request is still settled.
-                warn!(reply_to = to, reply = %text, "reply could not be routed");
-            }
-            Err(e) => {
-                // Not confirmed, so not settled: the broker redelivers the request.
-                error!(error = %e, reply_to = to, "reply not confirmed; requeueing the request");
-                settle(delivery, Settle::Requeue).await;
-                return;
-            }
-        }
-    }
-    let how = match outcome {
-        Outcome::Failed { .. } => Settle::Reject,
-        _ => Settle::Ack,
-    };
-    settle(delivery, how).await;
-}
-
-enum Settle {
-    Ack,
-    /// Without requeue: a dead-letter exchange on the queue receives it.
-    Reject,
-    Requeue,
-}
-
-async fn settle(delivery: &Delivery, how: Settle) {
-    let result = match how {
-        Settle::Ack => delivery.ack(BasicAckOptions::default()).await,
-        Settle::Reject => delivery.reject(BasicRejectOptions { requeue: false }).await,
-        Settle::Requeue => {
-            delivery
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..BasicNackOptions::default()
-                })
-                .await
-        }
-    };
-    if let Err(e) = result {
-        // The channel is gone; the broker requeues everything unacked on it.
-        error!(error = %e, "could not settle the delivery; the broker will redeliver it");
-    }
 }

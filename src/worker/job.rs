@@ -1,23 +1,37 @@
-//! One delivery, start to end of its transaction: decode, begin, handle, commit,
-//! with in-process retries of transient errors in fresh transactions.
+//! One delivery, start to end of its transaction: check, decode, begin, claim the
+//! inbox row, handle, complete the row, commit; with in-process retries of transient
+//! errors in fresh transactions.
 
 use std::panic::AssertUnwindSafe;
 use std::time::Duration;
 
 use futures_util::FutureExt as _;
-use serde_json::value::RawValue;
 use tracing::debug;
 
-use super::Context;
-use super::outcome::{FailureKind, Outcome};
+use super::outcome::{FailureKind, Outcome, ok_body, rejected_body};
+use super::{Context, JobSpec};
 use crate::broker::Envelope;
-use crate::db::{ErrorClass, Isolation};
+use crate::db::inbox::{self, StoredReply};
+use crate::db::{ErrorClass, TransientReason};
 use crate::handler::{DynHandler, JobError, JobMeta, Payload};
+
+/// The worker's own timeout runs a little past the database's, so that the
+/// database normally ends a runaway statement first and releases its locks cleanly.
+const TIMEOUT_MARGIN: Duration = Duration::from_millis(500);
+
+/// How one attempt ended, short of an error.
+enum Done {
+    /// Committed; the `ok` reply body.
+    Committed(Vec<u8>),
+    /// Another delivery of the same message_id committed first.
+    Duplicate,
+}
 
 /// Why one attempt did not commit.
 enum AttemptError {
     Job(JobError),
     Panicked(String),
+    TimedOut(Duration),
 }
 
 impl From<sqlx::Error> for AttemptError {
@@ -34,13 +48,24 @@ pub(crate) async fn execute(
     body: &[u8],
     redelivered: bool,
 ) -> Outcome {
+    let failed = |kind, message| Outcome::Failed { kind, message };
+    if body.len() > ctx.max_body_bytes {
+        return failed(
+            FailureKind::BodyTooLarge,
+            format!(
+                "body of {} bytes exceeds max_body_bytes {}",
+                body.len(),
+                ctx.max_body_bytes
+            ),
+        );
+    }
     let Some(job_type) = env.job_type.as_deref() else {
         return failed(
             FailureKind::MissingType,
             "the request has no `type` property and the queue has no default type".into(),
         );
     };
-    let Some(handler) = ctx.registry.get(job_type) else {
+    let (Some(handler), Some(spec)) = (ctx.registry.get(job_type), ctx.specs.get(job_type)) else {
         let mut known: Vec<&str> = ctx.registry.job_types().collect();
         known.sort_unstable();
         return failed(
@@ -61,123 +86,205 @@ pub(crate) async fn execute(
             );
         }
     };
-    let isolation = ctx.isolation(job_type);
+    let inbox_id = env.message_id.as_deref().filter(|_| ctx.inbox);
     let mut meta = JobMeta {
         job_type: job_type.to_owned(),
         message_id: env.message_id.clone(),
         correlation_id: env.correlation_id.clone(),
         attempt: 0,
+        delivery_attempt: env.attempt,
         redelivered,
         traceparent: env.traceparent.clone(),
     };
-    let max = ctx.retry.attempts;
+    let max = ctx.retry.in_process_attempts;
     for attempt in 1..=max {
         meta.attempt = attempt;
         // A payload is consumed by its attempt; retries decode the body again
         // (it decoded once, and decoding is deterministic).
-        let payload = match decoded.take() {
-            Some(p) => p,
-            None => match handler.decode(body) {
-                Ok(p) => p,
-                Err(e) => return failed(json_failure_kind(&e), e.to_string()),
+        let payload = match decoded.take().map_or_else(|| handler.decode(body), Ok) {
+            Ok(p) => p,
+            Err(e) => return failed(json_failure_kind(&e), e.to_string()),
+        };
+        let error = match attempt_once(ctx, handler.as_ref(), spec, inbox_id, payload, &meta).await
+        {
+            Ok(Done::Committed(body)) => {
+                return Outcome::Finished {
+                    status: "ok".into(),
+                    body,
+                    duplicate: false,
+                };
+            }
+            Ok(Done::Duplicate) => match inbox_id {
+                Some(id) => match stored_reply(ctx, id).await {
+                    Ok(outcome) => return outcome,
+                    Err(e) => AttemptError::from(e),
+                },
+                None => continue,
             },
+            Err(e) => e,
         };
-        let error = match attempt_once(ctx, handler.as_ref(), isolation, payload, &meta).await {
-            Ok(result) => {
-                return Outcome::Ok {
-                    result,
-                    attempts: attempt,
-                };
+        let (reason, message) = match error {
+            AttemptError::Panicked(message) => {
+                return failed(FailureKind::Panic, format!("handler panicked: {message}"));
             }
-            Err(AttemptError::Panicked(message)) => {
-                return Outcome::Failed {
-                    kind: FailureKind::Panic,
-                    message: format!("handler panicked: {message}"),
-                    attempts: attempt,
-                };
+            AttemptError::TimedOut(limit) => (
+                TransientReason::Timeout,
+                format!("the job ran past its timeout of {limit:?}"),
+            ),
+            AttemptError::Job(JobError::Rejected { code, message }) => {
+                return rejected(ctx, inbox_id, job_type, &code, &message, env.attempt).await;
             }
-            Err(AttemptError::Job(e)) => e,
-        };
-        let (kind, reason) = match &error {
-            JobError::Rejected { code, message } => {
-                return Outcome::Rejected {
-                    code: code.clone(),
-                    message: message.clone(),
-                    attempts: attempt,
-                };
-            }
-            JobError::Database(e) => match ctx.db.classify(e) {
-                ErrorClass::Transient(reason) => (None, reason.as_str()),
-                ErrorClass::Permanent => (Some(FailureKind::DatabaseError), ""),
+            AttemptError::Job(JobError::Database(e)) => match ctx.db.classify(&e) {
+                ErrorClass::Transient(reason) => (reason, format!("database: {e}")),
+                ErrorClass::Permanent => {
+                    return failed(FailureKind::DatabaseError, format!("database: {e}"));
+                }
             },
-            JobError::Transient(_) => (None, "handler"),
-            JobError::Permanent(_) => (Some(FailureKind::HandlerError), ""),
+            AttemptError::Job(JobError::Transient(e)) => (TransientReason::Handler, e.to_string()),
+            AttemptError::Job(JobError::Permanent(e)) => {
+                return failed(FailureKind::HandlerError, e.to_string());
+            }
         };
-        if let Some(kind) = kind {
-            return Outcome::Failed {
-                kind,
-                message: error.to_string(),
-                attempts: attempt,
-            };
-        }
         if attempt == max {
-            return Outcome::Requeue {
-                reason: error.to_string(),
-                attempts: attempt,
-            };
+            return Outcome::Transient { reason, message };
         }
-        debug!(%error, reason, attempt, "transient failure; retrying in a fresh transaction");
+        debug!(error = %message, reason = reason.as_str(), attempt, "transient failure; retrying in a fresh transaction");
         tokio::time::sleep(backoff(ctx.retry.base_delay, ctx.retry.max_delay, attempt)).await;
     }
-    // `attempts` is at least 1 (validated), so the loop always returns.
-    Outcome::Requeue {
-        reason: "no attempt was made".into(),
-        attempts: 0,
+    // `in_process_attempts` is at least 1 (validated), so the loop always returns.
+    Outcome::Transient {
+        reason: TransientReason::Handler,
+        message: "no attempt was made".into(),
     }
 }
 
 /// One attempt in a transaction of its own: commit on success, roll back otherwise
-/// (a panic included).
+/// (a panic or a timeout included).
 async fn attempt_once(
     ctx: &Context,
     handler: &dyn DynHandler,
-    isolation: Option<Isolation>,
+    spec: &JobSpec,
+    inbox_id: Option<&str>,
     payload: Payload,
     meta: &JobMeta,
-) -> Result<Box<RawValue>, AttemptError> {
-    let mut tx = ctx.db.begin(isolation).await?;
-    let result = AssertUnwindSafe(handler.call(&mut tx, payload, meta))
-        .catch_unwind()
-        .await;
-    match result {
-        Ok(Ok(output)) => {
-            tx.commit().await?;
-            Ok(output)
+) -> Result<Done, AttemptError> {
+    let limit = spec.timeout + TIMEOUT_MARGIN;
+    let work = async {
+        let mut tx = ctx.db.begin_job(&spec.begin).await?;
+        if let Some(id) = inbox_id {
+            // Waits here while a racing delivery of the same id holds the row.
+            if !inbox::claim(&mut tx, id, &meta.job_type).await? {
+                let _ = tx.rollback().await;
+                return Ok((None, Done::Duplicate));
+            }
         }
-        Ok(Err(e)) => {
-            // A broken connection cannot roll back; the server drops the
-            // transaction with the connection.
-            let _ = tx.rollback().await;
-            Err(AttemptError::Job(e))
+        let result = AssertUnwindSafe(handler.call(&mut tx, payload, meta))
+            .catch_unwind()
+            .await;
+        let output = match result {
+            Ok(Ok(output)) => output,
+            Ok(Err(e)) => {
+                // A broken connection cannot roll back; the server drops the
+                // transaction with the connection.
+                let _ = tx.rollback().await;
+                return Err(AttemptError::Job(e));
+            }
+            Err(panic) => {
+                let _ = tx.rollback().await;
+                return Err(AttemptError::Panicked(panic_message(panic.as_ref())));
+            }
+        };
+        let body = ok_body(&output);
+        if let Some(id) = inbox_id {
+            let stored = StoredReply {
+                status: "ok".into(),
+                body: body.clone(),
+                attempts: meta.delivery_attempt,
+            };
+            inbox::complete(&mut tx, id, &stored).await?;
         }
-        Err(panic) => {
-            let _ = tx.rollback().await;
-            let message = panic
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_owned())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "non-string panic payload".to_owned());
-            Err(AttemptError::Panicked(message))
+        Ok((Some(tx), Done::Committed(body)))
+    };
+    // Dropping the work on timeout drops its transaction, which rolls it back.
+    let (tx, done) = match tokio::time::timeout(limit, work).await {
+        Ok(result) => result?,
+        Err(_) => return Err(AttemptError::TimedOut(spec.timeout)),
+    };
+    // The commit is outside the timeout: abandoning it half-way would leave its
+    // outcome unknown.
+    if let Some(tx) = tx {
+        tx.commit().await?;
+    }
+    Ok(done)
+}
+
+/// A rejection is recorded in the inbox (in a transaction of its own, the job's
+/// having been rolled back) so a redelivery gets the same answer.
+async fn rejected(
+    ctx: &Context,
+    inbox_id: Option<&str>,
+    job_type: &str,
+    code: &str,
+    message: &str,
+    attempts: u32,
+) -> Outcome {
+    let body = rejected_body(code, message);
+    if let Some(id) = inbox_id {
+        let stored = StoredReply {
+            status: "rejected".into(),
+            body: body.clone(),
+            attempts,
+        };
+        match inbox::record(&ctx.db, id, job_type, &stored).await {
+            Ok(true) => {}
+            // A racing delivery finished first: its answer is the answer.
+            Ok(false) => match stored_reply(ctx, id).await {
+                Ok(outcome) => return outcome,
+                Err(e) => return transient_db(ctx, &e),
+            },
+            Err(e) => return transient_db(ctx, &e),
         }
+    }
+    Outcome::Finished {
+        status: "rejected".into(),
+        body,
+        duplicate: false,
     }
 }
 
-fn failed(kind: FailureKind, message: String) -> Outcome {
-    Outcome::Failed {
-        kind,
-        message,
-        attempts: 0,
+fn transient_db(ctx: &Context, e: &sqlx::Error) -> Outcome {
+    let reason = match ctx.db.classify(e) {
+        ErrorClass::Transient(reason) => reason,
+        ErrorClass::Permanent => TransientReason::Connection,
+    };
+    Outcome::Transient {
+        reason,
+        message: format!("inbox: {e}"),
     }
+}
+
+async fn stored_reply(ctx: &Context, id: &str) -> Result<Outcome, sqlx::Error> {
+    match inbox::lookup(&ctx.db, id).await? {
+        Some(stored) => Ok(Outcome::Finished {
+            status: stored.status,
+            body: stored.body,
+            duplicate: true,
+        }),
+        // Claimed by a transaction that then rolled back, or pruned in between:
+        // another attempt decides.
+        None => Ok(Outcome::Transient {
+            reason: TransientReason::Handler,
+            message: format!("inbox row for `{id}` vanished"),
+        }),
+    }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic payload".to_owned())
 }
 
 fn json_failure_kind(e: &serde_json::Error) -> FailureKind {

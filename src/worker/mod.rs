@@ -1,20 +1,25 @@
 //! The worker: consumes requests, runs each as a job in its own transaction with
-//! bounded concurrency, publishes the confirmed reply, then acks.
+//! bounded concurrency, publishes the confirmed reply (or retry, or dead-letter
+//! copy), then acks.
 
 mod dispatch;
+mod finish;
 mod job;
 mod outcome;
 
 use std::collections::HashMap;
+use std::ops::Deref;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::broker::{self, BrokerError, Publisher, Topology};
-use crate::config::{Config, ConfigError, RetryConfig};
-use crate::db::{Db, DbError, Isolation, PoolOptions};
+use crate::broker::{BrokerError, Publisher, Topology};
+use crate::config::{Config, ConfigError, RetryConfig, SecretUrl};
+use crate::db::{Backend, Db, DbError, PoolOptions};
 use crate::handler::{Handler, Registry};
+use crate::health::Health;
 
 pub use outcome::FailureKind;
 
@@ -27,7 +32,7 @@ pub enum WorkerError {
     /// The database could not be reached or set up.
     #[error(transparent)]
     Db(#[from] DbError),
-    /// RabbitMQ could not be reached, or the consumer was lost.
+    /// RabbitMQ refused the topology, or the consumer was lost.
     #[error(transparent)]
     Broker(#[from] BrokerError),
     /// `build` was called with no handler registered.
@@ -38,6 +43,12 @@ pub enum WorkerError {
 impl From<lapin::Error> for WorkerError {
     fn from(e: lapin::Error) -> Self {
         Self::Broker(BrokerError::Amqp(e))
+    }
+}
+
+impl From<sqlx::Error> for WorkerError {
+    fn from(e: sqlx::Error) -> Self {
+        Self::Db(DbError::Sqlx(e))
     }
 }
 
@@ -69,7 +80,8 @@ impl WorkerBuilder {
         self
     }
 
-    /// Validates the configuration and connects to the database.
+    /// Validates the configuration, connects to the database and applies txq's
+    /// migrations (the inbox table).
     pub async fn build(self) -> Result<Worker, WorkerError> {
         let config = self.config;
         config.validate()?;
@@ -95,18 +107,58 @@ impl WorkerBuilder {
                 "the database pool is smaller than the concurrency: jobs will wait for connections"
             );
         }
-        for (job_type, job) in &config.jobs {
-            if job.isolation.is_some() && db.backend() == crate::db::Backend::Sqlite {
+        if config.inbox.enabled {
+            crate::db::migrate(&db).await?;
+        }
+        let mariadb = db.is_mariadb().await?;
+        let mut specs = HashMap::new();
+        for job_type in self.registry.job_types() {
+            let job = config.job(job_type);
+            if job.isolation.is_some() && db.backend() == Backend::Sqlite {
                 warn!(
                     job_type,
                     "SQLite transactions are always serializable; `isolation` is ignored"
                 );
             }
+            let timeout = config.job_timeout(job_type);
+            let worst =
+                timeout.saturating_mul(config.retry.in_process_attempts) + config.retry.max_delay;
+            if worst > config.consumer_timeout / 2 {
+                warn!(job_type, ?timeout, consumer_timeout = ?config.consumer_timeout,
+                    "a delivery of this job type may stay unacked for more than half the broker's \
+                     consumer_timeout, which closes the channel: lower the timeout or raise consumer_timeout");
+            }
+            let begin = db.job_begin_statement(mariadb, job.isolation, timeout);
+            specs.insert(job_type.to_owned(), JobSpec { begin, timeout });
         }
-        Ok(Worker {
-            config: Arc::new(config),
-            registry: self.registry,
+        let shared = Shared {
+            amqp_url: config.amqp_url.clone(),
+            connection_name: format!(
+                "txq worker {} pid {}",
+                env!("CARGO_PKG_VERSION"),
+                std::process::id()
+            ),
+            topology: Topology::from_config(&config),
+            prefetch: config.prefetch(),
+            concurrency: config.concurrency,
+            shutdown_grace: config.shutdown_grace,
+            health: Health::default(),
             db,
+            registry: self.registry,
+            specs,
+            inbox: config.inbox.enabled,
+            retry: config.retry.clone(),
+            max_body_bytes: config.max_body_bytes,
+            default_type: config.default_type.clone(),
+        };
+        Ok(Worker {
+            shared: Arc::new(shared),
+            prune: config
+                .inbox
+                .enabled
+                .then_some(config.inbox.prune_interval)
+                .flatten()
+                .map(|every| (every, config.inbox.retention)),
         })
     }
 }
@@ -114,9 +166,8 @@ impl WorkerBuilder {
 /// A configured worker, ready to [`run`](Worker::run).
 #[derive(Debug)]
 pub struct Worker {
-    config: Arc<Config>,
-    registry: Registry,
-    db: Db,
+    shared: Arc<Shared>,
+    prune: Option<(Duration, Duration)>,
 }
 
 impl Worker {
@@ -131,72 +182,88 @@ impl Worker {
 
     /// The worker's database pool.
     pub fn db(&self) -> &Db {
-        &self.db
+        &self.shared.db
     }
 
-    /// Connects to RabbitMQ, declares the topology and processes requests until
-    /// `shutdown` fires; then stops consuming, lets in-flight jobs finish, and
-    /// closes the connection. Unacked prefetched requests go back to the queue.
+    /// Liveness and readiness of this worker.
+    pub fn health(&self) -> Health {
+        self.shared.health.clone()
+    }
+
+    /// Connects to RabbitMQ (retrying with backoff), declares the topology and
+    /// processes requests until `shutdown` fires, reconnecting whenever the broker
+    /// connection is lost. Then it stops consuming, gives jobs in flight
+    /// `shutdown_grace` to finish, rolls back and requeues the rest, and closes the
+    /// connection.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), WorkerError> {
-        let config = &self.config;
-        let name = format!(
-            "txq worker {} pid {}",
-            env!("CARGO_PKG_VERSION"),
-            std::process::id()
-        );
-        let connection = Arc::new(broker::connect(config.amqp_url.expose(), &name).await?);
-        info!(amqp_url = %config.amqp_url, "connected to rabbitmq");
-
-        let topology = Topology::from_config(config);
-        let channel = connection.create_channel().await?;
-        broker::declare(&channel, &topology).await?;
-
-        // Confirms are pipelined, so a few channels carry all the replies.
-        let publisher = Publisher::new(connection.clone(), 4);
-        let isolation = self
-            .registry
-            .job_types()
-            .map(|t| (t.to_owned(), config.job(t).isolation))
-            .collect();
-        let ctx = Arc::new(Context {
-            db: self.db.clone(),
-            registry: self.registry,
-            publisher: publisher.clone(),
-            isolation,
-            retry: config.retry.clone(),
-            default_type: config.default_type.clone(),
-            reply_queue: topology.reply_queue.clone(),
+        info!(amqp_url = %self.shared.amqp_url, queue = %self.shared.topology.request_queue, "starting");
+        let pruner = self.prune.map(|(every, retention)| {
+            tokio::spawn(prune_every(
+                self.shared.db.clone(),
+                every,
+                retention,
+                shutdown.clone(),
+            ))
         });
-        let result = dispatch::consume(
-            ctx,
-            &channel,
-            &topology.request_queue,
-            config.prefetch(),
-            config.concurrency,
-            shutdown,
-        )
-        .await;
-        publisher.close().await;
-        // Closing the connection hands unacked deliveries back to the queue.
-        let _ = connection.close(200, "txq worker stopping".into()).await;
+        let result = dispatch::run(self.shared, shutdown).await;
+        if let Some(p) = pruner {
+            p.abort();
+        }
         info!("worker stopped");
         result
     }
 }
 
-/// What every job of one worker shares.
-pub(crate) struct Context {
-    pub(crate) db: Db,
-    pub(crate) registry: Registry,
-    pub(crate) publisher: Publisher,
-    isolation: HashMap<String, Option<Isolation>>,
-    pub(crate) retry: RetryConfig,
-    pub(crate) default_type: Option<String>,
-    pub(crate) reply_queue: Option<String>,
+async fn prune_every(db: Db, every: Duration, retention: Duration, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let cutoff = crate::db::now_ms() - i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+        match crate::db::inbox::prune(&db, cutoff).await {
+            Ok(n) => info!(removed = n, "pruned the inbox"),
+            Err(e) => warn!(error = %e, "pruning the inbox failed; trying again next interval"),
+        }
+    }
 }
 
-impl Context {
-    fn isolation(&self, job_type: &str) -> Option<Isolation> {
-        self.isolation.get(job_type).copied().flatten()
+/// How one job type's transactions begin, and how long an attempt may take.
+#[derive(Debug)]
+pub(crate) struct JobSpec {
+    pub(crate) begin: Arc<str>,
+    pub(crate) timeout: Duration,
+}
+
+/// What every job of one worker shares, across connections.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    amqp_url: SecretUrl,
+    connection_name: String,
+    pub(crate) topology: Topology,
+    prefetch: u16,
+    concurrency: usize,
+    shutdown_grace: Duration,
+    health: Health,
+    pub(crate) db: Db,
+    pub(crate) registry: Registry,
+    pub(crate) specs: HashMap<String, JobSpec>,
+    pub(crate) inbox: bool,
+    pub(crate) retry: RetryConfig,
+    pub(crate) max_body_bytes: usize,
+    pub(crate) default_type: Option<String>,
+}
+
+/// What the jobs of one broker connection share.
+pub(crate) struct Context {
+    shared: Arc<Shared>,
+    pub(crate) publisher: Publisher,
+}
+
+impl Deref for Context {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.shared
     }
 }

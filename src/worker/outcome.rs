@@ -1,11 +1,16 @@
-//! How a job ended, and the reply body each ending gets.
+//! How a job ended, and the reply bodies of the message contract.
 
 use serde::Serialize;
 use serde_json::value::RawValue;
 
-/// Why a job failed for good; the `kind` of a `failed` reply.
+use crate::db::TransientReason;
+
+/// Why a job failed for good; the `kind` of a `failed` reply and of
+/// `x-txq-error-kind` on its dead-letter copy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailureKind {
+    /// The body is larger than `max_body_bytes`.
+    BodyTooLarge,
     /// No `type` property and no default type for the queue.
     MissingType,
     /// No handler is registered for the `type`.
@@ -23,9 +28,10 @@ pub enum FailureKind {
 }
 
 impl FailureKind {
-    /// The `kind` string of replies and logs.
+    /// The `kind` string of replies, dead-letter headers and logs.
     pub fn as_str(self) -> &'static str {
         match self {
+            Self::BodyTooLarge => "body_too_large",
             Self::MissingType => "missing_type",
             Self::UnknownType => "unknown_type",
             Self::MalformedJson => "malformed_json",
@@ -40,27 +46,24 @@ impl FailureKind {
 /// What became of one delivery.
 #[derive(Debug)]
 pub(crate) enum Outcome {
-    /// Committed; reply `ok`, then ack.
-    Ok {
-        result: Box<RawValue>,
-        attempts: u32,
+    /// Committed (`ok`) or refused by the handler (`rejected`), and recorded in the
+    /// inbox: reply `body`, then ack. `duplicate`: an earlier delivery did the work
+    /// and this is its stored reply.
+    Finished {
+        status: String,
+        body: Vec<u8>,
+        duplicate: bool,
     },
-    /// The handler refused it; rolled back, reply `rejected`, then ack.
-    Rejected {
-        code: String,
+    /// Will never succeed: dead-letter it, reply `failed`, then ack.
+    Failed { kind: FailureKind, message: String },
+    /// Still failing transiently after the in-process attempts: a delayed retry, or
+    /// the dead-letter queue once `max_attempts` deliveries are used up.
+    Transient {
+        reason: TransientReason,
         message: String,
-        attempts: u32,
     },
-    /// Will never succeed; reply `failed`, then reject without requeue (a
-    /// dead-letter exchange on the queue, if any, receives it).
-    Failed {
-        kind: FailureKind,
-        message: String,
-        attempts: u32,
-    },
-    /// Still failing transiently after the in-process attempts: requeue it for a
-    /// later attempt, no reply yet.
-    Requeue { reason: String, attempts: u32 },
+    /// Cut short by shutdown and rolled back: requeue it.
+    Abandoned,
 }
 
 #[derive(Serialize)]
@@ -84,97 +87,58 @@ struct FailedError<'a> {
     attempts: u32,
 }
 
-impl Outcome {
-    /// The reply's `x-txq-status`, or `None` when no reply is due yet.
-    pub(crate) fn status(&self) -> Option<&'static str> {
-        match self {
-            Self::Ok { .. } => Some("ok"),
-            Self::Rejected { .. } => Some("rejected"),
-            Self::Failed { .. } => Some("failed"),
-            Self::Requeue { .. } => None,
-        }
-    }
+// Serialising strings and an already-valid RawValue cannot fail.
+fn encode(body: &ReplyBody<'_>) -> Vec<u8> {
+    serde_json::to_vec(body).unwrap_or_default()
+}
 
-    pub(crate) fn attempts(&self) -> u32 {
-        match self {
-            Self::Ok { attempts, .. }
-            | Self::Rejected { attempts, .. }
-            | Self::Failed { attempts, .. }
-            | Self::Requeue { attempts, .. } => *attempts,
-        }
-    }
+/// `{"status":"ok","result":…}`
+pub(crate) fn ok_body(result: &RawValue) -> Vec<u8> {
+    encode(&ReplyBody::Ok { result })
+}
 
-    /// The reply body, or `None` when no reply is due yet.
-    pub(crate) fn reply_body(&self) -> Option<Vec<u8>> {
-        let body = match self {
-            Self::Ok { result, .. } => ReplyBody::Ok { result },
-            Self::Rejected { code, message, .. } => ReplyBody::Rejected {
-                error: RejectedError { code, message },
-            },
-            Self::Failed {
-                kind,
-                message,
-                attempts,
-            } => ReplyBody::Failed {
-                error: FailedError {
-                    kind: kind.as_str(),
-                    message,
-                    attempts: *attempts,
-                },
-            },
-            Self::Requeue { .. } => return None,
-        };
-        // Serialising strings and an already-valid RawValue cannot fail.
-        serde_json::to_vec(&body).ok()
-    }
+/// `{"status":"rejected","error":{"code":…,"message":…}}`
+pub(crate) fn rejected_body(code: &str, message: &str) -> Vec<u8> {
+    encode(&ReplyBody::Rejected {
+        error: RejectedError { code, message },
+    })
+}
+
+/// `{"status":"failed","error":{"kind":…,"message":…,"attempts":n}}`
+pub(crate) fn failed_body(kind: &str, message: &str, attempts: u32) -> Vec<u8> {
+    encode(&ReplyBody::Failed {
+        error: FailedError {
+            kind,
+            message,
+            attempts,
+        },
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn json(outcome: &Outcome) -> serde_json::Value {
-        serde_json::from_slice(&outcome.reply_body().expect("a reply")).expect("JSON")
+    fn json(body: Vec<u8>) -> serde_json::Value {
+        serde_json::from_slice(&body).expect("JSON")
     }
 
     #[test]
     fn reply_bodies_follow_the_contract() {
-        let ok = Outcome::Ok {
-            result: serde_json::value::to_raw_value(&serde_json::json!({"n": 1})).expect("raw"),
-            attempts: 1,
-        };
+        let result = serde_json::value::to_raw_value(&serde_json::json!({"n": 1})).expect("raw");
         assert_eq!(
-            json(&ok),
+            json(ok_body(&result)),
             serde_json::json!({"status": "ok", "result": {"n": 1}})
         );
-
-        let rejected = Outcome::Rejected {
-            code: "insufficient_funds".into(),
-            message: "balance 5 < 10".into(),
-            attempts: 1,
-        };
         assert_eq!(
-            json(&rejected),
+            json(rejected_body("insufficient_funds", "balance 5 < 10")),
             serde_json::json!({"status": "rejected",
                 "error": {"code": "insufficient_funds", "message": "balance 5 < 10"}})
         );
-
-        let failed = Outcome::Failed {
-            kind: FailureKind::UnknownType,
-            message: "no handler".into(),
-            attempts: 0,
-        };
         assert_eq!(
-            json(&failed),
+            json(failed_body("unknown_type", "no handler", 1)),
             serde_json::json!({"status": "failed",
-                "error": {"kind": "unknown_type", "message": "no handler", "attempts": 0}})
+                "error": {"kind": "unknown_type", "message": "no handler", "attempts": 1}})
         );
-
-        let requeue = Outcome::Requeue {
-            reason: "deadlock".into(),
-            attempts: 5,
-        };
-        assert!(requeue.reply_body().is_none());
-        assert!(requeue.status().is_none());
     }
 }

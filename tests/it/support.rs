@@ -18,6 +18,9 @@ use txq::config::SecretUrl;
 use txq::db::PoolOptions;
 use txq::{Backend, Config, Db, WorkerBuilder, WorkerError};
 
+/// Delayed-retry schedule of test workers: short, so retry tests are quick.
+pub const TEST_DELAYS: [Duration; 2] = [Duration::from_millis(100), Duration::from_millis(300)];
+
 /// How long a test waits for replies before it fails: a guard against a hang, not
 /// a measurement.
 pub const REPLY_DEADLINE: Duration = Duration::from_secs(120);
@@ -306,7 +309,12 @@ impl Client {
             )
             .await
             .expect("queue.declare");
+        // A worker on this queue declares its dead-letter and retry queues beside it.
         self.queues.push(name.to_owned());
+        self.queues.push(format!("{name}.dlq"));
+        for delay in TEST_DELAYS {
+            self.queues.push(txq::broker::retry_queue_name(name, delay));
+        }
         name.to_owned()
     }
 
@@ -429,6 +437,10 @@ pub fn config(db_url: &str, queue: &str, reply_queue: &str, concurrency: usize) 
         queue: queue.to_owned(),
         reply_queue: reply_queue.to_owned(),
         concurrency,
+        retry: txq::config::RetryConfig {
+            delays: TEST_DELAYS.to_vec(),
+            ..txq::config::RetryConfig::default()
+        },
         ..Config::default()
     }
 }

@@ -57,7 +57,13 @@ async fn contended_transfers_keep_the_books(
     client.publish_all(&requests, &batch).await;
 
     let mut cfg = config(&test_db.url, &requests, &replies, 16);
-    cfg.jobs.insert("transfer".into(), JobConfig { isolation });
+    cfg.jobs.insert(
+        "transfer".into(),
+        JobConfig {
+            isolation,
+            ..JobConfig::default()
+        },
+    );
     let worker = RunningWorker::start(
         Worker::builder(cfg)
             .handler("transfer", bank::Transfer)
@@ -254,6 +260,7 @@ async fn each_job_type_runs_at_its_configured_isolation_level() {
         "strict".into(),
         JobConfig {
             isolation: Some(Isolation::Serializable),
+            ..JobConfig::default()
         },
     );
     let worker = RunningWorker::start(

@@ -1,0 +1,157 @@
+//! The inbox: one row per processed message_id, written in the job's own
+//! transaction, so a request's effects and its "done" mark commit together.
+//!
+//! Protocol (see ARCHITECTURE.md): the job *claims* its id first thing in its
+//! transaction with an insert that does nothing on conflict. A committed row means a
+//! duplicate; an uncommitted one (a racing delivery) makes the insert wait on the key
+//! until that transaction ends. On success the row is *completed* with the reply in
+//! the same transaction. Rejections are *recorded* in a transaction of their own
+//! after the job's is rolled back. Failures are not recorded, so a replay from the
+//! dead-letter queue runs again.
+
+use super::{Backend, Db, Tx};
+use crate::with_conn;
+
+/// A finished request's stored reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredReply {
+    /// `ok` or `rejected`.
+    pub status: String,
+    /// The reply body as published.
+    pub body: Vec<u8>,
+    /// Attempts the job took.
+    pub attempts: u32,
+}
+
+fn sql(
+    backend: Backend,
+    mysql: &'static str,
+    pg: &'static str,
+    sqlite: &'static str,
+) -> &'static str {
+    match backend {
+        Backend::MySql => mysql,
+        Backend::Postgres => pg,
+        Backend::Sqlite => sqlite,
+    }
+}
+
+/// Claims `message_id` for this transaction. `false`: another transaction already
+/// committed it (after waiting for it, if it was in flight).
+pub(crate) async fn claim(
+    tx: &mut Tx,
+    message_id: &str,
+    job_type: &str,
+) -> Result<bool, sqlx::Error> {
+    let q = sql(
+        tx.backend(),
+        "INSERT IGNORE INTO txq_inbox (message_id, job_type, status, attempts, created_at_ms)
+         VALUES (?, ?, 'pending', 0, ?)",
+        "INSERT INTO txq_inbox (message_id, job_type, status, attempts, created_at_ms)
+         VALUES ($1, $2, 'pending', 0, $3) ON CONFLICT (message_id) DO NOTHING",
+        "INSERT INTO txq_inbox (message_id, job_type, status, attempts, created_at_ms)
+         VALUES (?, ?, 'pending', 0, ?) ON CONFLICT (message_id) DO NOTHING",
+    );
+    let done = with_conn!(tx, c => {
+        sqlx::query(q).bind(message_id).bind(job_type).bind(super::now_ms()).execute(c).await?.rows_affected()
+    });
+    Ok(done == 1)
+}
+
+/// Completes a claimed row with the reply, inside the job's transaction.
+pub(crate) async fn complete(
+    tx: &mut Tx,
+    message_id: &str,
+    reply: &StoredReply,
+) -> Result<(), sqlx::Error> {
+    let q = sql(
+        tx.backend(),
+        "UPDATE txq_inbox SET status = ?, reply = ?, attempts = ? WHERE message_id = ?",
+        "UPDATE txq_inbox SET status = $1, reply = $2, attempts = $3 WHERE message_id = $4",
+        "UPDATE txq_inbox SET status = ?, reply = ?, attempts = ? WHERE message_id = ?",
+    );
+    with_conn!(tx, c => {
+        sqlx::query(q)
+            .bind(reply.status.as_str())
+            .bind(reply.body.as_slice())
+            .bind(i64::from(reply.attempts))
+            .bind(message_id)
+            .execute(c)
+            .await?;
+    });
+    Ok(())
+}
+
+/// Records a finished request in a transaction of its own. `false`: a row was
+/// there already (a racing delivery finished first).
+pub(crate) async fn record(
+    db: &Db,
+    message_id: &str,
+    job_type: &str,
+    reply: &StoredReply,
+) -> Result<bool, sqlx::Error> {
+    let q = sql(
+        db.backend(),
+        "INSERT IGNORE INTO txq_inbox (message_id, job_type, status, reply, attempts, created_at_ms)
+         VALUES (?, ?, ?, ?, ?, ?)",
+        "INSERT INTO txq_inbox (message_id, job_type, status, reply, attempts, created_at_ms)
+         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (message_id) DO NOTHING",
+        "INSERT INTO txq_inbox (message_id, job_type, status, reply, attempts, created_at_ms)
+         VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (message_id) DO NOTHING",
+    );
+    let done = crate::on_pool!(db, p => {
+        sqlx::query(q)
+            .bind(message_id)
+            .bind(job_type)
+            .bind(reply.status.as_str())
+            .bind(reply.body.as_slice())
+            .bind(i64::from(reply.attempts))
+            .bind(super::now_ms())
+            .execute(p)
+            .await?
+            .rows_affected()
+    });
+    Ok(done == 1)
+}
+
+/// The stored reply of a finished request, if there is one.
+pub async fn lookup(db: &Db, message_id: &str) -> Result<Option<StoredReply>, sqlx::Error> {
+    let q = sql(
+        db.backend(),
+        "SELECT status, reply, attempts FROM txq_inbox WHERE message_id = ? AND status <> 'pending'",
+        "SELECT status, reply, attempts FROM txq_inbox WHERE message_id = $1 AND status <> 'pending'",
+        "SELECT status, reply, attempts FROM txq_inbox WHERE message_id = ? AND status <> 'pending'",
+    );
+    let row: Option<(String, Option<Vec<u8>>, i64)> = crate::on_pool!(db, p => {
+        sqlx::query_as(q).bind(message_id).fetch_optional(p).await?
+    });
+    Ok(row.map(|(status, body, attempts)| StoredReply {
+        status,
+        body: body.unwrap_or_default(),
+        attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
+    }))
+}
+
+/// Deletes rows created before `older_than_ms` (Unix milliseconds), in batches so no
+/// single statement locks much; returns how many went.
+pub async fn prune(db: &Db, older_than_ms: i64) -> Result<u64, sqlx::Error> {
+    const BATCH: i64 = 5000;
+    let q = sql(
+        db.backend(),
+        "DELETE FROM txq_inbox WHERE created_at_ms < ? LIMIT ?",
+        "DELETE FROM txq_inbox WHERE message_id IN
+           (SELECT message_id FROM txq_inbox WHERE created_at_ms < $1 LIMIT $2)",
+        "DELETE FROM txq_inbox WHERE message_id IN
+           (SELECT message_id FROM txq_inbox WHERE created_at_ms < ? LIMIT ?)",
+    );
+    let mut total = 0;
+    loop {
+        let n = crate::on_pool!(db, p => {
+            sqlx::query(q).bind(older_than_ms).bind(BATCH).execute(p).await?.rows_affected()
+        });
+        total += n;
+        if n < BATCH as u64 {
+            return Ok(total);
+        }
+    }
+}

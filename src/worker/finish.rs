@@ -1,0 +1,166 @@
+//! The end of a job: publish what its outcome calls for (reply, delayed retry,
+//! dead-letter copy), wait for the broker's confirms, and only then settle the
+//! delivery.
+//!
+//! **Invariant:** a request is acked only after every publish its outcome needs
+//! was confirmed. When one is not, the request is requeued instead, and the
+//! inbox makes its redelivery re-publish the stored reply rather than run again.
+
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicNackOptions};
+use lapin::types::AMQPValue;
+use tracing::{debug, error, warn};
+
+use super::Context;
+use super::outcome::{Outcome, failed_body};
+use crate::broker::{
+    Envelope, PublishError, PublishOutcome, ReplyHeaders, bounded, headers, long_string,
+    reply_properties, with_headers,
+};
+
+/// Publishes what `outcome` calls for, then acks, or requeues if a publish was not
+/// confirmed.
+pub(crate) async fn finish(ctx: &Context, env: &Envelope, delivery: &Delivery, outcome: Outcome) {
+    let result = match outcome {
+        Outcome::Finished {
+            status,
+            body,
+            duplicate,
+        } => {
+            if duplicate {
+                debug!(status, "duplicate delivery: re-publishing the stored reply");
+            } else {
+                debug!(status, "job done");
+            }
+            reply(ctx, env, &status, &body).await
+        }
+        Outcome::Failed { kind, message } => {
+            warn!(kind = kind.as_str(), error = %message, "job failed; dead-lettering it");
+            fail(ctx, env, delivery, kind.as_str(), &message).await
+        }
+        Outcome::Transient { reason, message } => {
+            let next = env.attempt.saturating_add(1);
+            match ctx.topology.retry_queue(env.attempt) {
+                Some((queue, delay)) if env.attempt < ctx.retry.max_attempts => {
+                    warn!(reason = reason.as_str(), error = %message, attempt = env.attempt, ?delay,
+                        "transient failure; retrying later");
+                    let props = with_headers(
+                        &delivery.properties,
+                        vec![(headers::ATTEMPT, AMQPValue::LongLongInt(i64::from(next)))],
+                    );
+                    publish(ctx, &queue, &delivery.data, props).await
+                }
+                _ => {
+                    warn!(reason = reason.as_str(), error = %message, attempts = env.attempt,
+                        "transient failures used up the attempts; dead-lettering it");
+                    fail(ctx, env, delivery, reason.as_str(), &message).await
+                }
+            }
+        }
+        Outcome::Abandoned => {
+            debug!("job abandoned at shutdown; requeueing it");
+            settle(delivery, false).await;
+            return;
+        }
+    };
+    match result {
+        Ok(()) => settle(delivery, true).await,
+        Err(e) => {
+            error!(error = %e, "a publish was not confirmed; requeueing the request");
+            settle(delivery, false).await;
+        }
+    }
+}
+
+/// Dead-letters the request with headers saying why, then replies `failed`.
+async fn fail(
+    ctx: &Context,
+    env: &Envelope,
+    delivery: &Delivery,
+    kind: &str,
+    message: &str,
+) -> Result<(), PublishError> {
+    let failed_at = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+    let props = with_headers(
+        &delivery.properties,
+        vec![
+            (headers::ERROR, long_string(&bounded(message))),
+            (headers::ERROR_KIND, long_string(&bounded(kind))),
+            (
+                headers::ATTEMPTS,
+                AMQPValue::LongLongInt(i64::from(env.attempt)),
+            ),
+            (headers::FAILED_AT, long_string(&failed_at)),
+            (
+                headers::ORIGINAL_QUEUE,
+                long_string(&ctx.topology.request_queue),
+            ),
+        ],
+    );
+    publish(ctx, &ctx.topology.dead_letter_queue, &delivery.data, props).await?;
+    reply(ctx, env, "failed", &failed_body(kind, message, env.attempt)).await
+}
+
+/// Publishes the reply to `reply_to`, or the default reply queue, if any.
+async fn reply(
+    ctx: &Context,
+    env: &Envelope,
+    status: &str,
+    body: &[u8],
+) -> Result<(), PublishError> {
+    let Some(to) = env
+        .reply_to
+        .as_deref()
+        .or(ctx.topology.reply_queue.as_deref())
+    else {
+        return Ok(());
+    };
+    let props = reply_properties(
+        env,
+        ReplyHeaders {
+            status,
+            attempts: env.attempt,
+        },
+    );
+    publish(ctx, to, body, props).await
+}
+
+async fn publish(
+    ctx: &Context,
+    queue: &str,
+    body: &[u8],
+    props: lapin::BasicProperties,
+) -> Result<(), PublishError> {
+    match ctx.publisher.publish(queue, body, props).await? {
+        PublishOutcome::Confirmed => Ok(()),
+        PublishOutcome::Returned(text) => {
+            // The destination queue is gone (a requester that stopped waiting):
+            // nobody can be told. The job's effects stand and its reply stays in
+            // the inbox, so the request is still settled.
+            warn!(queue, reply = %text, "message could not be routed; dropping it");
+            Ok(())
+        }
+    }
+}
+
+/// Acks, or requeues. A delivery whose channel died is left alone: the broker
+/// already requeued it, and its tag means nothing on any other channel.
+async fn settle(delivery: &Delivery, ack: bool) {
+    if !delivery.acker.usable() {
+        warn!("the delivery's channel is gone; the broker redelivers it");
+        return;
+    }
+    let result = if ack {
+        delivery.ack(BasicAckOptions::default()).await
+    } else {
+        delivery
+            .nack(BasicNackOptions {
+                requeue: true,
+                ..BasicNackOptions::default()
+            })
+            .await
+    };
+    if let Err(e) = result {
+        error!(error = %e, "could not settle the delivery; the broker will redeliver it");
+    }
+}
