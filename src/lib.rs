@@ -32,6 +32,7 @@ pub mod config;
 pub mod db;
 mod handler;
 pub mod health;
+pub mod signals;
 pub mod telemetry;
 mod worker;
 

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::info;
 use txq::config::{LogFormat, Overrides};
 use txq::{Config, Handler, JobError, JobMeta, Tx, Worker};
 
@@ -136,7 +136,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .await
                 .context("starting the worker")?;
             let shutdown = CancellationToken::new();
-            tokio::spawn(signal_shutdown(shutdown.clone()));
+            txq::signals::cancel_on_signals(shutdown.clone());
             worker.run(shutdown).await.context("worker")?;
             Ok(ExitCode::SUCCESS)
         }
@@ -172,38 +172,5 @@ impl Handler for Echo {
             txq::sqlx::query_scalar("SELECT 1").fetch_one(conn).await?
         });
         Ok(serde_json::json!({ "echo": payload, "db": one }))
-    }
-}
-
-/// Cancels `token` on the first SIGINT or SIGTERM; a second one exits at once (the
-/// broker redelivers whatever was unacked).
-async fn signal_shutdown(token: CancellationToken) {
-    wait_for_signal().await;
-    info!("shutdown signal: finishing jobs in flight (signal again to exit at once)");
-    token.cancel();
-    wait_for_signal().await;
-    warn!("second signal: exiting now; unacked requests will be redelivered");
-    std::process::exit(130);
-}
-
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
     }
 }

@@ -93,11 +93,7 @@ async fn main() -> anyhow::Result<()> {
         .build()
         .await?;
     let shutdown = CancellationToken::new();
-    let token = shutdown.clone();
-    tokio::spawn(async move {
-        let _ = tokio::signal::ctrl_c().await;
-        token.cancel();
-    });
+    txq::signals::cancel_on_signals(shutdown.clone());
     worker.run(shutdown).await?;
     let totals = handlers::totals(&db).await?;
     println!(

@@ -11,6 +11,7 @@ use deadpool::managed::{self, Metrics, Pool, RecycleError, RecycleResult};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::ShortString;
 use lapin::{BasicProperties, Channel, Connection};
+use tokio_util::sync::CancellationToken;
 
 /// How a confirmed publish ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,6 +38,9 @@ pub enum PublishError {
     /// The channel pool failed.
     #[error("rabbitmq channel pool: {0}")]
     Pool(String),
+    /// The connection this publisher belongs to is gone; a confirm can no longer come.
+    #[error("rabbitmq connection lost before the confirm")]
+    ConnectionLost,
 }
 
 struct ChannelManager {
@@ -68,6 +72,7 @@ impl managed::Manager for ChannelManager {
 #[derive(Clone)]
 pub struct Publisher {
     pool: Pool<ChannelManager>,
+    lost: CancellationToken,
 }
 
 impl std::fmt::Debug for Publisher {
@@ -80,13 +85,15 @@ impl std::fmt::Debug for Publisher {
 
 impl Publisher {
     /// A publisher with up to `channels` confirm-mode channels on `connection`.
-    pub fn new(connection: Arc<Connection>, channels: usize) -> Self {
+    /// Cancelling `lost` (the connection is gone) fails every pending publish at
+    /// once, instead of leaving it waiting for a confirm that cannot come.
+    pub fn new(connection: Arc<Connection>, channels: usize, lost: CancellationToken) -> Self {
         let pool = Pool::builder(ChannelManager { connection })
             .max_size(channels.max(1))
             .build()
             // Only fails without a runtime for timeouts, and none are set.
             .expect("a pool without timeouts always builds");
-        Self { pool }
+        Self { pool, lost }
     }
 
     /// Publishes `body` through the default exchange to the queue `routing_key`
@@ -103,6 +110,19 @@ impl Publisher {
 
     /// As [`publish`](Self::publish), to any exchange.
     pub async fn publish_to(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<PublishOutcome, PublishError> {
+        tokio::select! {
+            _ = self.lost.cancelled() => Err(PublishError::ConnectionLost),
+            result = self.publish_confirmed(exchange, routing_key, body, properties) => result,
+        }
+    }
+
+    async fn publish_confirmed(
         &self,
         exchange: &str,
         routing_key: &str,

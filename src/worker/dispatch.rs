@@ -24,10 +24,13 @@ use crate::broker::{self, BrokerError, Envelope, Publisher};
 
 /// Why a session on one connection ended.
 enum SessionEnd {
-    /// Shutdown was requested; the connection is still open for the drain.
-    Shutdown(Arc<Connection>),
-    /// The connection or consumer was lost: reconnect.
-    Lost(WorkerError),
+    /// Shutdown was requested; the connection and the consumer's channel stay open
+    /// for the drain (dropping the channel would close it, and the acks of jobs in
+    /// flight could no longer be sent).
+    Shutdown(Arc<Connection>, lapin::Channel),
+    /// The connection or consumer was lost: reconnect. `consumed`: the session got
+    /// as far as consuming (so the backoff starts over).
+    Lost { error: WorkerError, consumed: bool },
     /// Reconnecting cannot help (a queue declared with other arguments…).
     Fatal(WorkerError),
 }
@@ -46,13 +49,17 @@ pub(crate) async fn run(
         let end = session(&shared, &permits, &tracker, &hard_stop, &shutdown).await;
         shared.health.set_consuming(false);
         match end {
-            SessionEnd::Shutdown(conn) => break (Some(conn), Ok(())),
+            SessionEnd::Shutdown(conn, channel) => break (Some((conn, channel)), Ok(())),
             SessionEnd::Fatal(e) => break (None, Err(e)),
-            SessionEnd::Lost(e) => {
+            SessionEnd::Lost { error: e, consumed } => {
                 if shutdown.is_cancelled() {
                     break (None, Ok(()));
                 }
-                failures = failures.saturating_add(1);
+                failures = if consumed {
+                    1
+                } else {
+                    failures.saturating_add(1)
+                };
                 let delay = reconnect_delay(failures);
                 warn!(error = %e, ?delay, "lost the broker; reconnecting");
                 shared.health.count_reconnect();
@@ -64,7 +71,8 @@ pub(crate) async fn run(
         }
     };
     drain(&tracker, &hard_stop, shared.shutdown_grace).await;
-    if let Some(conn) = connection {
+    if let Some((conn, channel)) = connection {
+        let _ = channel.close(200, "txq worker stopping".into()).await;
         // Closing the connection hands any unacked delivery back to the queue.
         let _ = conn.close(200, "txq worker stopping".into()).await;
     }
@@ -79,10 +87,18 @@ async fn session(
     hard_stop: &CancellationToken,
     shutdown: &CancellationToken,
 ) -> SessionEnd {
-    let lost = |e: lapin::Error| SessionEnd::Lost(e.into());
+    let lost = |e: lapin::Error| SessionEnd::Lost {
+        error: e.into(),
+        consumed: false,
+    };
     let conn = match broker::connect(shared.amqp_url.expose(), &shared.connection_name).await {
         Ok(c) => Arc::new(c),
-        Err(e) => return SessionEnd::Lost(e.into()),
+        Err(e) => {
+            return SessionEnd::Lost {
+                error: e.into(),
+                consumed: false,
+            };
+        }
     };
     let channel = match conn.create_channel().await {
         Ok(c) => c,
@@ -95,7 +111,10 @@ async fn session(
                 SessionEnd::Fatal(e.into())
             }
             BrokerError::InvalidName(_) => SessionEnd::Fatal(e.into()),
-            _ => SessionEnd::Lost(e.into()),
+            _ => SessionEnd::Lost {
+                error: e.into(),
+                consumed: false,
+            },
         };
     }
     if let Err(e) = channel
@@ -121,9 +140,11 @@ async fn session(
     // Confirms are pipelined, so a few channels carry all the replies. Jobs of this
     // session publish on this connection only; after a loss, theirs fail and the
     // broker redelivers their requests.
+    let connection_lost = CancellationToken::new();
     let ctx = Arc::new(Context {
         shared: shared.clone(),
-        publisher: Publisher::new(conn.clone(), 4),
+        publisher: Publisher::new(conn.clone(), 4, connection_lost.clone()),
+        connection_lost: connection_lost.clone(),
     });
     shared.health.set_consuming(true);
     info!(
@@ -166,11 +187,17 @@ async fn session(
             let _ = channel
                 .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
                 .await;
-            SessionEnd::Shutdown(conn)
+            SessionEnd::Shutdown(conn, channel)
         }
-        Some(e) => {
+        Some(error) => {
+            // Jobs of this session still waiting for a confirm give up now; the
+            // broker has requeued their requests already.
+            connection_lost.cancel();
             ctx.publisher.close().await;
-            SessionEnd::Lost(e)
+            SessionEnd::Lost {
+                error,
+                consumed: true,
+            }
         }
     }
 }
@@ -211,14 +238,20 @@ async fn process(
         correlation_id = env.correlation_id.as_deref().unwrap_or(""),
         attempt = env.attempt,
     );
-    async {
-        let outcome = tokio::select! {
-            // Dropping the job drops its transaction, which rolls it back.
-            _ = hard_stop.cancelled() => super::outcome::Outcome::Abandoned,
-            outcome = job::execute(&ctx, &env, &delivery.data, delivery.redelivered) => outcome,
-        };
+    let work = async {
+        let outcome = job::execute(&ctx, &env, &delivery.data, delivery.redelivered).await;
         // The connection went back to the pool before the publishes are awaited.
         finish::finish(&ctx, &env, &delivery, outcome).await;
+    };
+    async {
+        tokio::select! {
+            // Dropping the job drops its transaction, which rolls it back; if its
+            // reply was already out, the redelivery gets the inbox's copy.
+            _ = hard_stop.cancelled() => {
+                finish::finish(&ctx, &env, &delivery, super::outcome::Outcome::Abandoned).await;
+            }
+            () = work => {}
+        }
     }
     .instrument(span)
     .await;

@@ -59,15 +59,15 @@ pub(crate) async fn finish(ctx: &Context, env: &Envelope, delivery: &Delivery, o
         }
         Outcome::Abandoned => {
             debug!("job abandoned at shutdown; requeueing it");
-            settle(delivery, false).await;
+            settle(ctx, delivery, false).await;
             return;
         }
     };
     match result {
-        Ok(()) => settle(delivery, true).await,
+        Ok(()) => settle(ctx, delivery, true).await,
         Err(e) => {
             error!(error = %e, "a publish was not confirmed; requeueing the request");
-            settle(delivery, false).await;
+            settle(ctx, delivery, false).await;
         }
     }
 }
@@ -145,20 +145,29 @@ async fn publish(
 
 /// Acks, or requeues. A delivery whose channel died is left alone: the broker
 /// already requeued it, and its tag means nothing on any other channel.
-async fn settle(delivery: &Delivery, ack: bool) {
-    if !delivery.acker.usable() {
+async fn settle(ctx: &Context, delivery: &Delivery, ack: bool) {
+    if !delivery.acker.usable() || ctx.connection_lost.is_cancelled() {
         warn!("the delivery's channel is gone; the broker redelivers it");
         return;
     }
-    let result = if ack {
-        delivery.ack(BasicAckOptions::default()).await
-    } else {
-        delivery
-            .nack(BasicNackOptions {
+    let settled = async {
+        if ack {
+            delivery.ack(BasicAckOptions::default()).await
+        } else {
+            let requeue = BasicNackOptions {
                 requeue: true,
                 ..BasicNackOptions::default()
-            })
-            .await
+            };
+            delivery.nack(requeue).await
+        }
+    };
+    let result = tokio::select! {
+        // A frame for a dead connection is never written: do not wait for it.
+        _ = ctx.connection_lost.cancelled() => {
+            warn!("the connection was lost before the delivery was settled; the broker redelivers it");
+            return;
+        }
+        result = settled => result,
     };
     if let Err(e) = result {
         error!(error = %e, "could not settle the delivery; the broker will redeliver it");

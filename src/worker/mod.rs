@@ -258,6 +258,8 @@ pub(crate) struct Shared {
 pub(crate) struct Context {
     shared: Arc<Shared>,
     pub(crate) publisher: Publisher,
+    /// Cancelled when this connection is lost: nothing sent on it can complete.
+    pub(crate) connection_lost: CancellationToken,
 }
 
 impl Deref for Context {

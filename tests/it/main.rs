@@ -8,5 +8,6 @@ mod support;
 mod bank;
 
 mod contract;
+mod faults;
 mod roundtrip;
 mod transfers;

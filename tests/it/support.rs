@@ -73,6 +73,51 @@ pub struct TestDb {
     cleanup: Option<Cleanup>,
 }
 
+impl TestDb {
+    /// Kills every server connection to this test's database (MariaDB `KILL`,
+    /// PostgreSQL `pg_terminate_backend`); returns how many.
+    pub async fn kill_connections(&self) -> usize {
+        let Some(Cleanup::Server { admin_url, name }) = &self.cleanup else {
+            panic!("only server databases have connections to kill");
+        };
+        let admin = Db::connect(admin_url, &small_pool())
+            .await
+            .expect("admin connection");
+        let killed = match &admin {
+            Db::MySql(pool) => {
+                let ids: Vec<i64> = txq::sqlx::query_scalar(
+                    "SELECT id FROM information_schema.processlist WHERE db = ? AND id <> CONNECTION_ID()",
+                )
+                .bind(name.as_str())
+                .fetch_all(pool)
+                .await
+                .expect("processlist");
+                for id in &ids {
+                    // The connection may have gone meanwhile.
+                    let _ = txq::sqlx::query(txq::sqlx::AssertSqlSafe(format!("KILL {id}")))
+                        .execute(pool)
+                        .await;
+                }
+                ids.len()
+            }
+            Db::Postgres(pool) => {
+                let killed: Vec<bool> = txq::sqlx::query_scalar(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                     WHERE datname = $1 AND pid <> pg_backend_pid()",
+                )
+                .bind(name.as_str())
+                .fetch_all(pool)
+                .await
+                .expect("pg_stat_activity");
+                killed.len()
+            }
+            Db::Sqlite(_) => 0,
+        };
+        admin.close().await;
+        killed
+    }
+}
+
 enum Cleanup {
     Server { admin_url: String, name: String },
     File(std::path::PathBuf),
@@ -160,11 +205,27 @@ impl Drop for TestDb {
                 }
                 Cleanup::Server { admin_url, name } => {
                     if let Ok(admin) = Db::connect(&admin_url, &small_pool()).await {
-                        let force = match admin.backend() {
-                            Backend::Postgres => " WITH (FORCE)",
-                            _ => "",
+                        // A failed test may leave a worker holding transactions in
+                        // this database; its runtime is blocked here, so end its
+                        // sessions rather than wait for them.
+                        let drop = match &admin {
+                            Db::MySql(pool) => {
+                                let ids: Vec<i64> = txq::sqlx::query_scalar(
+                                    "SELECT id FROM information_schema.processlist WHERE db = ?",
+                                )
+                                .bind(name.as_str())
+                                .fetch_all(pool)
+                                .await
+                                .unwrap_or_default();
+                                for id in ids {
+                                    let kill = txq::sqlx::AssertSqlSafe(format!("KILL {id}"));
+                                    let _ = txq::sqlx::query(kill).execute(pool).await;
+                                }
+                                format!("DROP DATABASE IF EXISTS {name}")
+                            }
+                            _ => format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
                         };
-                        exec(&admin, &format!("DROP DATABASE IF EXISTS {name}{force}")).await;
+                        exec(&admin, &drop).await;
                         admin.close().await;
                     }
                 }
@@ -241,8 +302,20 @@ impl Request {
 /// A reply as the requester sees it.
 #[derive(Debug, Clone)]
 pub struct Reply {
+    /// The body as JSON (`null` when it is not JSON, as for poison requests).
     pub body: serde_json::Value,
+    pub data: Vec<u8>,
     pub props: BasicProperties,
+}
+
+impl From<&lapin::message::Delivery> for Reply {
+    fn from(d: &lapin::message::Delivery) -> Reply {
+        Reply {
+            body: serde_json::from_slice(&d.data).unwrap_or(serde_json::Value::Null),
+            data: d.data.clone(),
+            props: d.properties.clone(),
+        }
+    }
 }
 
 impl Reply {
@@ -377,11 +450,7 @@ impl Client {
                 ),
             };
             delivery.ack(BasicAckOptions::default()).await.expect("ack");
-            let body = serde_json::from_slice(&delivery.data).expect("reply body is JSON");
-            out.push(Reply {
-                body,
-                props: delivery.properties.clone(),
-            });
+            out.push(Reply::from(&delivery));
         }
         channel
             .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
@@ -449,6 +518,7 @@ pub fn config(db_url: &str, queue: &str, reply_queue: &str, concurrency: usize) 
 pub struct RunningWorker {
     token: CancellationToken,
     handle: JoinHandle<Result<(), WorkerError>>,
+    pub health: txq::Health,
 }
 
 impl RunningWorker {
@@ -462,9 +532,14 @@ impl RunningWorker {
             .with_test_writer()
             .try_init();
         let worker = builder.build().await.expect("worker builds");
+        let health = worker.health();
         let token = CancellationToken::new();
         let handle = tokio::spawn(worker.run(token.clone()));
-        RunningWorker { token, handle }
+        RunningWorker {
+            token,
+            handle,
+            health,
+        }
     }
 
     /// Whether the worker's task is still running.
@@ -486,4 +561,223 @@ pub fn by_status(replies: &[Reply]) -> HashMap<String, usize> {
         *m.entry(r.status().to_owned()).or_insert(0) += 1;
     }
     m
+}
+
+/// Collects replies in the background, so a test can act (kill, cut) while they
+/// arrive and await progress instead of sleeping.
+pub struct Collector {
+    replies: Arc<std::sync::Mutex<Vec<Reply>>>,
+    count: tokio::sync::watch::Receiver<usize>,
+    task: JoinHandle<()>,
+}
+
+impl Collector {
+    pub async fn start(client: &Client, queue: &str) -> Collector {
+        let channel = client.conn.create_channel().await.expect("channel");
+        let mut consumer = channel
+            .basic_consume(
+                queue.into(),
+                unique("collector").as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("basic.consume");
+        let replies = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (tx, count) = tokio::sync::watch::channel(0);
+        let sink = replies.clone();
+        let task = tokio::spawn(async move {
+            let _channel = channel;
+            while let Some(Ok(d)) = consumer.next().await {
+                let _ = d.ack(BasicAckOptions::default()).await;
+                let n = {
+                    let mut all = sink.lock().expect("replies");
+                    all.push(Reply::from(&d));
+                    all.len()
+                };
+                let _ = tx.send(n);
+            }
+        });
+        Collector {
+            replies,
+            count,
+            task,
+        }
+    }
+
+    /// Waits until `n` replies (duplicates included) have arrived.
+    pub async fn wait_for(&mut self, n: usize) {
+        let waited = tokio::time::timeout(REPLY_DEADLINE, self.count.wait_for(|c| *c >= n))
+            .await
+            .is_ok();
+        let got = *self.count.borrow();
+        assert!(
+            waited,
+            "only {got} of {n} replies arrived in {REPLY_DEADLINE:?}"
+        );
+    }
+
+    /// Waits until a reply for every one of `ids` (correlation ids) has arrived.
+    pub async fn wait_for_ids(&mut self, ids: &std::collections::HashSet<String>) {
+        let replies = self.replies.clone();
+        let all_seen = |_: &usize| {
+            let got = replies.lock().expect("replies");
+            let seen: std::collections::HashSet<&str> =
+                got.iter().filter_map(|r| r.correlation_id()).collect();
+            ids.iter().all(|id| seen.contains(id.as_str()))
+        };
+        let waited = tokio::time::timeout(REPLY_DEADLINE, self.count.wait_for(all_seen))
+            .await
+            .is_ok();
+        let got = *self.count.borrow();
+        assert!(
+            waited,
+            "replies for some ids never came ({got} replies in all)"
+        );
+    }
+
+    pub fn snapshot(&self) -> Vec<Reply> {
+        self.replies.lock().expect("replies").clone()
+    }
+
+    pub fn stop(self) -> Vec<Reply> {
+        self.task.abort();
+        self.snapshot()
+    }
+}
+
+/// The bank example's binary, built by `cargo test` beside this test binary.
+pub fn bank_bin() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let debug = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>/deps");
+    let bin = debug.join("examples").join("bank");
+    assert!(
+        bin.exists(),
+        "{} is missing: run the tests with `cargo test`",
+        bin.display()
+    );
+    bin
+}
+
+/// Runs the bank worker as a separate process, configured by `TXQ_*` variables.
+pub fn spawn_bank(config: &Config) -> tokio::process::Child {
+    let delays: Vec<String> = config
+        .retry
+        .delays
+        .iter()
+        .map(|d| format!("\"{}ms\"", d.as_millis()))
+        .collect();
+    tokio::process::Command::new(bank_bin())
+        .env("TXQ_AMQP_URL", config.amqp_url.expose())
+        .env("TXQ_DATABASE_URL", config.database_url.expose())
+        .env("TXQ_QUEUE", &config.queue)
+        .env("TXQ_REPLY_QUEUE", &config.reply_queue)
+        .env("TXQ_CONCURRENCY", config.concurrency.to_string())
+        .env("TXQ_RETRY__DELAYS", format!("[{}]", delays.join(",")))
+        .env(
+            "TXQ_SHUTDOWN_GRACE",
+            format!("{}ms", config.shutdown_grace.as_millis()),
+        )
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawning the bank worker")
+}
+
+/// A TCP proxy in front of RabbitMQ whose connections can be cut, to drop a
+/// worker's broker connection without touching other tests' connections.
+pub struct Proxy {
+    pub port: u16,
+    cut: Arc<std::sync::Mutex<CancellationToken>>,
+    task: JoinHandle<()>,
+}
+
+impl Proxy {
+    pub async fn start() -> Proxy {
+        let target = url::Url::parse(&amqp_url()).expect("AMQP URL");
+        let upstream = format!(
+            "{}:{}",
+            target.host_str().unwrap_or("127.0.0.1"),
+            target.port().unwrap_or(5672)
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind proxy");
+        let port = listener.local_addr().expect("addr").port();
+        let cut = Arc::new(std::sync::Mutex::new(CancellationToken::new()));
+        let current = cut.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let token = current.lock().expect("token").clone();
+                let upstream = upstream.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = token.cancelled() => {}
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                    }
+                });
+            }
+        });
+        Proxy { port, cut, task }
+    }
+
+    /// The AMQP URL through this proxy.
+    pub fn url(&self) -> String {
+        let mut url = url::Url::parse(&amqp_url()).expect("AMQP URL");
+        url.set_host(Some("127.0.0.1")).expect("host");
+        url.set_port(Some(self.port)).expect("port");
+        url.to_string()
+    }
+
+    /// Drops every connection through the proxy; new ones are accepted.
+    pub fn cut(&self) {
+        let mut token = self.cut.lock().expect("token");
+        token.cancel();
+        *token = CancellationToken::new();
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.cut();
+        self.task.abort();
+    }
+}
+
+/// Random transfers between `accounts` accounts, each with its own message_id
+/// and correlation_id (`c-<i>`), replying to `replies`.
+pub fn transfers(n: usize, accounts: i64, replies: &str) -> Vec<Request> {
+    use rand::Rng as _;
+    let mut rng = rand::rng();
+    (0..n)
+        .map(|i| {
+            let from = rng.random_range(1..=accounts);
+            let to = loop {
+                let to = rng.random_range(1..=accounts);
+                if to != from {
+                    break to;
+                }
+            };
+            Request::json(
+                "transfer",
+                serde_json::json!({"from": from, "to": to, "amount": rng.random_range(1..=100)}),
+            )
+            .id(&format!("m-{i}-{}", unique("x")))
+            .correlation(&format!("c-{i}"))
+            .reply_to(replies)
+        })
+        .collect()
+}
+
+pub fn correlation_ids(n: usize) -> std::collections::HashSet<String> {
+    (0..n).map(|i| format!("c-{i}")).collect()
 }

@@ -1,0 +1,558 @@
+//! Fault tests: crashes, lost connections, shutdown, poison, timeouts and
+//! duplicates. Each ends by checking that every request was answered, each accepted
+//! transfer applied exactly once, the books balance, and nothing is left queued.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use serde_json::json;
+use txq::config::JobConfig;
+use txq::{Backend, Handler, JobError, JobMeta, Tx, Worker, with_conn};
+
+use crate::bank;
+use crate::support::{
+    Client, Collector, Proxy, Reply, Request, RunningWorker, TestDb, by_status, config,
+    correlation_ids, spawn_bank, transfers, unique,
+};
+
+const ACCOUNTS: i64 = 50;
+
+/// The end-of-test checks every fault test shares.
+async fn assert_exactly_once(
+    test_db: &TestDb,
+    client: &Client,
+    requests: &str,
+    replies: &[Reply],
+    n: usize,
+) {
+    let ids: HashSet<&str> = replies.iter().filter_map(Reply::correlation_id).collect();
+    assert_eq!(ids.len(), n, "every request was answered");
+    let not_ok: Vec<&Reply> = replies.iter().filter(|r| r.status() != "ok").collect();
+    assert!(
+        not_ok.is_empty(),
+        "all transfers were accepted: {:?}",
+        not_ok.first().map(|r| &r.body)
+    );
+    let totals = bank::totals(&test_db.db).await.expect("totals");
+    assert_eq!(
+        totals.transfers, n as i64,
+        "each accepted transfer applied exactly once"
+    );
+    assert_eq!(
+        totals.distinct_transfer_ids, n as i64,
+        "no message_id applied twice"
+    );
+    assert_eq!(
+        totals.balance_sum,
+        ACCOUNTS * bank::INITIAL_BALANCE,
+        "the books balance"
+    );
+    assert_eq!(
+        client.depth(requests).await,
+        0,
+        "nothing left queued or unacked"
+    );
+}
+
+async fn bank_queues(backend: Backend) -> (TestDb, Client, String, String) {
+    let test_db = TestDb::new(backend).await;
+    bank::setup(&test_db.db, ACCOUNTS)
+        .await
+        .expect("bank schema");
+    let mut client = Client::new().await;
+    let requests = client.queue(&unique("requests")).await;
+    let replies = client.queue(&unique("replies")).await;
+    (test_db, client, requests, replies)
+}
+
+#[tokio::test]
+async fn a_worker_killed_nine_times_over_loses_and_repeats_nothing() {
+    const N: usize = 5000;
+    let (test_db, client, requests, replies) = bank_queues(Backend::MySql).await;
+    client
+        .publish_all(&requests, &transfers(N, ACCOUNTS, &replies))
+        .await;
+    let mut collector = Collector::start(&client, &replies).await;
+    let cfg = config(&test_db.url, &requests, &replies, 16);
+    for seen in [300, 1500, 3000] {
+        let mut worker = spawn_bank(&cfg);
+        collector.wait_for(seen).await;
+        worker.start_kill().expect("kill -9");
+        let status = worker.wait().await.expect("wait");
+        assert!(!status.success(), "killed, not exited");
+    }
+    let mut worker = spawn_bank(&cfg);
+    collector.wait_for_ids(&correlation_ids(N)).await;
+    terminate(&mut worker).await;
+    let got = collector.stop();
+    assert_exactly_once(&test_db, &client, &requests, &got, N).await;
+}
+
+/// Sends SIGTERM and expects a clean exit.
+async fn terminate(worker: &mut tokio::process::Child) {
+    let pid = worker.id().expect("running");
+    let sent = tokio::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .await
+        .expect("kill -TERM");
+    assert!(sent.success());
+    let status = tokio::time::timeout(Duration::from_secs(60), worker.wait())
+        .await
+        .expect("the worker exits within a minute of SIGTERM")
+        .expect("wait");
+    assert!(status.success(), "SIGTERM ends in exit 0, got {status}");
+}
+
+#[tokio::test]
+async fn sigterm_finishes_jobs_in_flight_exits_zero_and_leaves_the_rest_queued() {
+    const N: usize = 3000;
+    let (test_db, client, requests, replies) = bank_queues(Backend::MySql).await;
+    client
+        .publish_all(&requests, &transfers(N, ACCOUNTS, &replies))
+        .await;
+    let mut collector = Collector::start(&client, &replies).await;
+    let cfg = config(&test_db.url, &requests, &replies, 8);
+    let mut worker = spawn_bank(&cfg);
+    collector.wait_for(200).await;
+    terminate(&mut worker).await;
+
+    let left = client.depth(&requests).await as usize;
+    assert!(left > 0, "the rest stays queued for the next worker");
+    // Every job that was in flight finished: its reply was confirmed before it was
+    // acked, so replies and the remaining queue add up exactly.
+    collector.wait_for(N - left).await;
+    let totals = bank::totals(&test_db.db).await.expect("totals");
+    assert_eq!(
+        totals.transfers as usize,
+        N - left,
+        "no half-done or lost job"
+    );
+
+    let next = RunningWorker::start(
+        Worker::builder(cfg)
+            .handler("transfer", bank::Transfer)
+            .database(test_db.db.clone()),
+    )
+    .await;
+    collector.wait_for_ids(&correlation_ids(N)).await;
+    next.stop().await.expect("clean stop");
+    let got = collector.stop();
+    assert_eq!(got.len(), N, "no request answered twice");
+    assert_exactly_once(&test_db, &client, &requests, &got, N).await;
+}
+
+#[tokio::test]
+async fn cut_broker_connections_are_rebuilt_and_nothing_is_lost() {
+    const N: usize = 3000;
+    let (test_db, client, requests, replies) = bank_queues(Backend::Postgres).await;
+    client
+        .publish_all(&requests, &transfers(N, ACCOUNTS, &replies))
+        .await;
+    let mut collector = Collector::start(&client, &replies).await;
+    let proxy = Proxy::start().await;
+    let mut cfg = config(&test_db.url, &requests, &replies, 16);
+    cfg.amqp_url = txq::config::SecretUrl::new(proxy.url());
+    let worker = RunningWorker::start(
+        Worker::builder(cfg)
+            .handler("transfer", bank::Transfer)
+            .database(test_db.db.clone()),
+    )
+    .await;
+    for seen in [300, 1200] {
+        collector.wait_for(seen).await;
+        proxy.cut();
+    }
+    collector.wait_for_ids(&correlation_ids(N)).await;
+    assert!(
+        worker.health.reconnects() >= 2,
+        "the worker reconnected after each cut"
+    );
+    assert!(worker.health.is_consuming(), "and consumes again");
+    worker.stop().await.expect("clean stop");
+    let got = collector.stop();
+    assert_exactly_once(&test_db, &client, &requests, &got, N).await;
+}
+
+async fn killed_database_connections_are_retried(backend: Backend) {
+    const N: usize = 3000;
+    let (test_db, client, requests, replies) = bank_queues(backend).await;
+    client
+        .publish_all(&requests, &transfers(N, ACCOUNTS, &replies))
+        .await;
+    let mut collector = Collector::start(&client, &replies).await;
+    let worker = RunningWorker::start(
+        Worker::builder(config(&test_db.url, &requests, &replies, 16))
+            .handler("transfer", bank::Transfer)
+            .database(test_db.db.clone()),
+    )
+    .await;
+    let mut killed = 0;
+    for seen in [300, 1200] {
+        collector.wait_for(seen).await;
+        killed += test_db.kill_connections().await;
+    }
+    assert!(killed > 0, "connections were killed");
+    collector.wait_for_ids(&correlation_ids(N)).await;
+    assert!(
+        worker.is_running(),
+        "a lost database connection never kills the worker"
+    );
+    worker.stop().await.expect("clean stop");
+    let got = collector.stop();
+    assert_exactly_once(&test_db, &client, &requests, &got, N).await;
+}
+
+#[tokio::test]
+async fn killed_mariadb_connections_are_retried_and_nothing_is_lost() {
+    killed_database_connections_are_retried(Backend::MySql).await;
+}
+
+#[tokio::test]
+async fn terminated_postgres_backends_are_retried_and_nothing_is_lost() {
+    killed_database_connections_are_retried(Backend::Postgres).await;
+}
+
+/// Panics on every request.
+struct Boom;
+
+impl Handler for Boom {
+    type Payload = serde_json::Value;
+    type Output = ();
+
+    async fn handle(&self, _: &mut Tx, _: serde_json::Value, _: &JobMeta) -> Result<(), JobError> {
+        panic!("boom")
+    }
+}
+
+#[tokio::test]
+async fn poison_is_dead_lettered_with_its_reason_and_good_requests_are_answered() {
+    let (test_db, client, requests, replies) = bank_queues(Backend::Sqlite).await;
+    let dlq = format!("{requests}.dlq");
+    let mut cfg = config(&test_db.url, &requests, &replies, 4);
+    cfg.max_body_bytes = 2048;
+    let worker = RunningWorker::start(
+        Worker::builder(cfg)
+            .handler("transfer", bank::Transfer)
+            .handler("boom", Boom)
+            .database(test_db.db.clone()),
+    )
+    .await;
+    let poison = |t: Option<&str>, body: &[u8], cid: &str| Request {
+        job_type: t.map(str::to_owned),
+        body: body.to_vec(),
+        correlation_id: Some(cid.to_owned()),
+        message_id: Some(format!("{cid}-{}", unique("p"))),
+        reply_to: Some(replies.clone()),
+    };
+    let bad = vec![
+        (
+            poison(Some("transfer"), b"\xff\xfe\xfd", "utf8"),
+            "malformed_json",
+        ),
+        (
+            poison(Some("transfer"), b"{\"from\":", "json"),
+            "malformed_json",
+        ),
+        (
+            poison(
+                Some("transfer"),
+                br#"{"from":[1],"to":2,"amount":3}"#,
+                "shape",
+            ),
+            "invalid_payload",
+        ),
+        (poison(Some("nope"), b"{}", "type"), "unknown_type"),
+        (
+            poison(Some("transfer"), &vec![b' '; 4096], "big"),
+            "body_too_large",
+        ),
+        (poison(Some("boom"), b"{}", "panic"), "panic"),
+        // No properties at all: no type, no ids, no reply_to.
+        (
+            Request {
+                body: b"{}".to_vec(),
+                ..Request::default()
+            },
+            "missing_type",
+        ),
+    ];
+    let good = transfers(20, ACCOUNTS, &replies);
+    let mut batch = Vec::new();
+    for (i, g) in good.iter().enumerate() {
+        batch.push(g.clone());
+        if let Some((b, _)) = bad.get(i) {
+            batch.push(b.clone());
+        }
+    }
+    client.publish_all(&requests, &batch).await;
+
+    // The one without reply_to is answered on the worker's default reply queue,
+    // which is the same queue here.
+    let answered = client.replies(&replies, good.len() + bad.len()).await;
+    let statuses = by_status(&answered);
+    assert_eq!(statuses.get("ok"), Some(&good.len()), "{statuses:?}");
+    assert_eq!(statuses.get("failed"), Some(&bad.len()), "{statuses:?}");
+
+    let dead = client.replies(&dlq, bad.len()).await;
+    for (request, kind) in &bad {
+        let copy = dead
+            .iter()
+            .find(|d| {
+                d.props.message_id().as_ref().map(|m| m.as_str()) == request.message_id.as_deref()
+            })
+            .unwrap_or_else(|| panic!("{kind} was dead-lettered"));
+        assert_eq!(copy.header_text("x-txq-error-kind").as_deref(), Some(*kind));
+        assert_eq!(
+            copy.header_text("x-txq-original-queue").as_deref(),
+            Some(requests.as_str())
+        );
+        assert!(
+            copy.header_text("x-txq-error")
+                .is_some_and(|e| !e.is_empty()),
+            "{kind}: says why"
+        );
+        assert!(copy.header_text("x-txq-failed-at").is_some());
+        assert_eq!(
+            copy.data, request.body,
+            "{kind}: the original body, untouched"
+        );
+    }
+    assert!(worker.is_running(), "poison never stops the worker");
+    worker.stop().await.expect("clean stop");
+    assert_eq!(client.depth(&requests).await, 0);
+    let totals = bank::totals(&test_db.db).await.expect("totals");
+    assert_eq!(totals.transfers, good.len() as i64);
+    assert_eq!(totals.balance_sum, ACCOUNTS * bank::INITIAL_BALANCE);
+}
+
+/// Takes account 1's row lock, then sleeps in the database far past its timeout.
+struct Hog;
+
+impl Handler for Hog {
+    type Payload = serde_json::Value;
+    type Output = ();
+
+    async fn handle(&self, tx: &mut Tx, _: serde_json::Value, _: &JobMeta) -> Result<(), JobError> {
+        let (lock, sleep) = match tx.backend() {
+            Backend::Postgres => (
+                "UPDATE accounts SET balance = balance + 1000 WHERE id = 1",
+                "SELECT pg_sleep(30)",
+            ),
+            _ => (
+                "UPDATE accounts SET balance = balance + 1000 WHERE id = 1",
+                "SELECT SLEEP(30)",
+            ),
+        };
+        with_conn!(tx, c => {
+            txq::sqlx::query(lock).execute(&mut *c).await?;
+            txq::sqlx::query(sleep).execute(&mut *c).await?;
+        });
+        Ok(())
+    }
+}
+
+async fn a_timed_out_job_releases_its_locks(backend: Backend) {
+    let (test_db, client, requests, replies) = bank_queues(backend).await;
+    let mut cfg = config(&test_db.url, &requests, &replies, 4);
+    cfg.jobs.insert(
+        "hog".into(),
+        JobConfig {
+            timeout: Some(Duration::from_secs(1)),
+            ..JobConfig::default()
+        },
+    );
+    cfg.retry.in_process_attempts = 1;
+    cfg.retry.max_attempts = 2;
+    let worker = RunningWorker::start(
+        Worker::builder(cfg)
+            .handler("hog", Hog)
+            .handler("transfer", bank::Transfer)
+            .database(test_db.db.clone()),
+    )
+    .await;
+    client
+        .publish(
+            &requests,
+            &Request::json("hog", json!({}))
+                .correlation("hog")
+                .reply_to(&replies),
+        )
+        .await;
+    let others: Vec<Request> = (0..20)
+        .map(|i| {
+            Request::json("transfer", json!({"from": 1, "to": 2, "amount": 1}))
+                .correlation(&format!("t-{i}"))
+                .reply_to(&replies)
+        })
+        .collect();
+    client.publish_all(&requests, &others).await;
+    let got = client.replies(&replies, 21).await;
+    worker.stop().await.expect("clean stop");
+
+    let hog = got
+        .iter()
+        .find(|r| r.correlation_id() == Some("hog"))
+        .expect("hog's reply");
+    assert_eq!(hog.body["error"]["kind"], "timeout", "{:?}", hog.body);
+    assert_eq!(
+        hog.body["error"]["attempts"], 2,
+        "retried once through the retry queue"
+    );
+    assert_eq!(
+        by_status(&got).get("ok"),
+        Some(&20),
+        "jobs on the same rows proceeded"
+    );
+    let totals = bank::totals(&test_db.db).await.expect("totals");
+    assert_eq!(
+        totals.balance_sum,
+        ACCOUNTS * bank::INITIAL_BALANCE,
+        "the hog's update was rolled back"
+    );
+    assert_eq!(totals.transfers, 20);
+    let dead = client.replies(&format!("{requests}.dlq"), 1).await;
+    assert_eq!(
+        dead[0].header_text("x-txq-error-kind").as_deref(),
+        Some("timeout")
+    );
+    assert_eq!(
+        dead[0].header("x-txq-attempts"),
+        Some(lapin::types::AMQPValue::LongLongInt(2))
+    );
+}
+
+#[tokio::test]
+async fn a_timed_out_job_on_mariadb_is_rolled_back_and_releases_its_locks() {
+    a_timed_out_job_releases_its_locks(Backend::MySql).await;
+}
+
+#[tokio::test]
+async fn a_timed_out_job_on_postgres_is_rolled_back_and_releases_its_locks() {
+    a_timed_out_job_releases_its_locks(Backend::Postgres).await;
+}
+
+async fn duplicates_run_once_and_get_the_same_reply(backend: Backend) {
+    let (test_db, client, requests, replies) = bank_queues(backend).await;
+    let worker = RunningWorker::start(
+        Worker::builder(config(&test_db.url, &requests, &replies, 4))
+            .handler("transfer", bank::Transfer)
+            .database(test_db.db.clone()),
+    )
+    .await;
+    let transfer = |id: &str, amount: i64, cid: &str| {
+        Request::json("transfer", json!({"from": 1, "to": 2, "amount": amount}))
+            .id(id)
+            .correlation(cid)
+            .reply_to(&replies)
+    };
+    // A redelivery of a processed id.
+    client.publish(&requests, &transfer("x", 10, "first")).await;
+    let first = client.replies(&replies, 1).await.remove(0);
+    client.publish(&requests, &transfer("x", 10, "again")).await;
+    let again = client.replies(&replies, 1).await.remove(0);
+    assert_eq!(first.status(), "ok");
+    assert_eq!(
+        again.body, first.body,
+        "the stored reply, not a second transfer"
+    );
+
+    // Two deliveries of one id at once.
+    client
+        .publish_all(
+            &requests,
+            &[transfer("y", 20, "y1"), transfer("y", 20, "y2")],
+        )
+        .await;
+    let pair = client.replies(&replies, 2).await;
+    assert_eq!(
+        pair[0].body, pair[1].body,
+        "both deliveries get the same reply"
+    );
+    assert_eq!(pair[0].status(), "ok");
+
+    // A rejection is stored too: a redelivery after the cause went away still gets it.
+    client
+        .publish(&requests, &transfer("z", 10 * bank::INITIAL_BALANCE, "z1"))
+        .await;
+    let refused = client.replies(&replies, 1).await.remove(0);
+    assert_eq!(refused.body["error"]["code"], "insufficient_funds");
+    crate::support::exec(
+        &test_db.db,
+        "UPDATE accounts SET balance = balance * 100 WHERE id = 1",
+    )
+    .await;
+    client
+        .publish(&requests, &transfer("z", 10 * bank::INITIAL_BALANCE, "z2"))
+        .await;
+    let still = client.replies(&replies, 1).await.remove(0);
+    assert_eq!(still.body, refused.body);
+
+    worker.stop().await.expect("clean stop");
+    let totals = bank::totals(&test_db.db).await.expect("totals");
+    assert_eq!(totals.transfers, 2, "x and y applied once each, z never");
+    assert_eq!(client.depth(&requests).await, 0);
+}
+
+#[tokio::test]
+async fn duplicates_on_mariadb_run_once_and_get_the_same_reply() {
+    duplicates_run_once_and_get_the_same_reply(Backend::MySql).await;
+}
+
+#[tokio::test]
+async fn duplicates_on_postgres_run_once_and_get_the_same_reply() {
+    duplicates_run_once_and_get_the_same_reply(Backend::Postgres).await;
+}
+
+#[tokio::test]
+async fn duplicates_on_sqlite_run_once_and_get_the_same_reply() {
+    duplicates_run_once_and_get_the_same_reply(Backend::Sqlite).await;
+}
+
+/// Fails transiently until its third delivery.
+struct Flaky;
+
+impl Handler for Flaky {
+    type Payload = serde_json::Value;
+    type Output = u32;
+
+    async fn handle(
+        &self,
+        _: &mut Tx,
+        _: serde_json::Value,
+        meta: &JobMeta,
+    ) -> Result<u32, JobError> {
+        if meta.delivery_attempt < 3 {
+            return Err(JobError::transient(format!(
+                "not yet ({})",
+                meta.delivery_attempt
+            )));
+        }
+        Ok(meta.delivery_attempt)
+    }
+}
+
+#[tokio::test]
+async fn a_transient_failure_is_retried_later_through_the_broker() {
+    let (test_db, client, requests, replies) = bank_queues(Backend::Sqlite).await;
+    let worker = RunningWorker::start(
+        Worker::builder(config(&test_db.url, &requests, &replies, 2))
+            .handler("flaky", Flaky)
+            .database(test_db.db.clone()),
+    )
+    .await;
+    client
+        .publish(
+            &requests,
+            &Request::json("flaky", json!({})).id("f").reply_to(&replies),
+        )
+        .await;
+    let reply = client.replies(&replies, 1).await.remove(0);
+    assert_eq!(reply.body, json!({"status": "ok", "result": 3}));
+    assert_eq!(
+        reply.header("x-txq-attempts"),
+        Some(lapin::types::AMQPValue::LongLongInt(3))
+    );
+    worker.stop().await.expect("clean stop");
+    assert_eq!(client.depth(&requests).await, 0);
+}
