@@ -87,6 +87,12 @@ pub(crate) async fn execute(
         }
     };
     let inbox_id = env.message_id.as_deref().filter(|_| ctx.inbox);
+    if env.message_id.is_none() {
+        // No idempotency key: processed at least once, not exactly once.
+        metrics::counter!("txq_requests_without_message_id_total", "type" => job_type.to_owned())
+            .increment(1);
+        debug!("request without message_id: no deduplication");
+    }
     let mut meta = JobMeta {
         job_type: job_type.to_owned(),
         message_id: env.message_id.clone(),
