@@ -38,6 +38,9 @@ pub enum PublishError {
     /// The channel pool failed.
     #[error("rabbitmq channel pool: {0}")]
     Pool(String),
+    /// The broker could not route a message that must not be dropped.
+    #[error("rabbitmq could not route the message: {0}")]
+    Unroutable(String),
     /// The connection this publisher belongs to is gone; a confirm can no longer come.
     #[error("rabbitmq connection lost before the confirm")]
     ConnectionLost,

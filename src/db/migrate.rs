@@ -15,9 +15,9 @@ struct Migration {
 const MIGRATIONS: &[Migration] = &[Migration {
     version: 1,
     name: "inbox",
-    // Binary collation: message ids are case-sensitive keys.
+    // VARBINARY: message ids compare byte for byte (no case folding, no PAD SPACE).
     mysql: &["CREATE TABLE IF NOT EXISTS txq_inbox (
-            message_id VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL PRIMARY KEY,
+            message_id VARBINARY(255) NOT NULL PRIMARY KEY,
             job_type VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
             status VARCHAR(16) NOT NULL,
             reply LONGBLOB NULL,

@@ -72,9 +72,12 @@ pub(crate) async fn run(
     };
     drain(&tracker, &hard_stop, shared.shutdown_grace).await;
     if let Some((conn, channel)) = connection {
-        let _ = channel.close(200, "txq worker stopping".into()).await;
+        // Bounded: a broker in a resource alarm or a half-open socket may never
+        // answer, and the process must still exit.
+        let limit = Duration::from_secs(5);
+        let _ = tokio::time::timeout(limit, channel.close(200, "txq worker stopping".into())).await;
         // Closing the connection hands any unacked delivery back to the queue.
-        let _ = conn.close(200, "txq worker stopping".into()).await;
+        let _ = tokio::time::timeout(limit, conn.close(200, "txq worker stopping".into())).await;
     }
     result
 }

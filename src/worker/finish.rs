@@ -45,10 +45,10 @@ pub(crate) async fn finish(ctx: &Context, env: &Envelope, delivery: &Delivery, o
                     warn!(reason = reason.as_str(), error = %message, attempt = env.attempt, ?delay,
                         "transient failure; retrying later");
                     let props = with_headers(
-                        &delivery.properties,
+                        &copy_properties(&delivery.properties),
                         vec![(headers::ATTEMPT, AMQPValue::LongLongInt(i64::from(next)))],
                     );
-                    publish(ctx, &queue, &delivery.data, props).await
+                    publish_routed(ctx, &queue, &delivery.data, props).await
                 }
                 _ => {
                     warn!(reason = reason.as_str(), error = %message, attempts = env.attempt,
@@ -82,7 +82,7 @@ async fn fail(
 ) -> Result<(), PublishError> {
     let failed_at = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
     let props = with_headers(
-        &delivery.properties,
+        &copy_properties(&delivery.properties),
         vec![
             (headers::ERROR, long_string(&bounded(message))),
             (headers::ERROR_KIND, long_string(&bounded(kind))),
@@ -97,7 +97,7 @@ async fn fail(
             ),
         ],
     );
-    publish(ctx, &ctx.topology.dead_letter_queue, &delivery.data, props).await?;
+    publish_routed(ctx, &ctx.topology.dead_letter_queue, &delivery.data, props).await?;
     reply(ctx, env, "failed", &failed_body(kind, message, env.attempt)).await
 }
 
@@ -123,6 +123,77 @@ async fn reply(
         },
     );
     publish(ctx, to, body, props).await
+}
+
+/// The request's properties for a copy txq keeps (retry, dead-letter): persistent,
+/// and without the producer's per-message `expiration`, which would let the copy
+/// expire unseen (it is kept in `x-txq-original-expiration`).
+fn copy_properties(props: &lapin::BasicProperties) -> lapin::BasicProperties {
+    let mut copy = props.clone().with_delivery_mode(2);
+    if let Some(exp) = props.expiration() {
+        copy = with_headers(
+            &copy,
+            vec![("x-txq-original-expiration", long_string(exp.as_str()))],
+        );
+        // `BasicProperties` has no way to unset one field; rebuild without it.
+        copy = without_expiration(&copy);
+    }
+    copy
+}
+
+fn without_expiration(p: &lapin::BasicProperties) -> lapin::BasicProperties {
+    let mut out = lapin::BasicProperties::default();
+    if let Some(v) = p.content_type() {
+        out = out.with_content_type(v.clone());
+    }
+    if let Some(v) = p.content_encoding() {
+        out = out.with_content_encoding(v.clone());
+    }
+    if let Some(v) = p.headers() {
+        out = out.with_headers(v.clone());
+    }
+    if let Some(v) = p.delivery_mode() {
+        out = out.with_delivery_mode(*v);
+    }
+    if let Some(v) = p.priority() {
+        out = out.with_priority(*v);
+    }
+    if let Some(v) = p.correlation_id() {
+        out = out.with_correlation_id(v.clone());
+    }
+    if let Some(v) = p.reply_to() {
+        out = out.with_reply_to(v.clone());
+    }
+    if let Some(v) = p.message_id() {
+        out = out.with_message_id(v.clone());
+    }
+    if let Some(v) = p.timestamp() {
+        out = out.with_timestamp(*v);
+    }
+    if let Some(v) = p.kind() {
+        out = out.with_type(v.clone());
+    }
+    if let Some(v) = p.user_id() {
+        out = out.with_user_id(v.clone());
+    }
+    if let Some(v) = p.app_id() {
+        out = out.with_app_id(v.clone());
+    }
+    out
+}
+
+/// Publishes a copy txq is responsible for (retry, dead-letter): unroutable (its
+/// queue was deleted) is a failure, so the request is requeued, not acked.
+async fn publish_routed(
+    ctx: &Context,
+    queue: &str,
+    body: &[u8],
+    props: lapin::BasicProperties,
+) -> Result<(), PublishError> {
+    match ctx.publisher.publish(queue, body, props).await? {
+        PublishOutcome::Confirmed => Ok(()),
+        PublishOutcome::Returned(text) => Err(PublishError::Unroutable(format!("{queue}: {text}"))),
+    }
 }
 
 async fn publish(

@@ -219,7 +219,13 @@ async fn attempt_once(
     // The commit is outside the timeout: abandoning it half-way would leave its
     // outcome unknown.
     if let Some(tx) = tx {
-        tx.commit().await?;
+        // A commit that never answers (a silently dead socket) must not hold the
+        // permit for good: give up as a timeout; the outcome is unknown, and the
+        // inbox settles it on the next attempt.
+        match tokio::time::timeout(limit, tx.commit()).await {
+            Ok(result) => result?,
+            Err(_) => return Err(AttemptError::TimedOut(spec.timeout)),
+        }
     }
     Ok(done)
 }
