@@ -33,6 +33,7 @@ pub mod db;
 mod handler;
 pub mod health;
 pub mod signals;
+pub mod sqlops;
 pub mod telemetry;
 mod worker;
 

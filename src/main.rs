@@ -47,9 +47,26 @@ enum Command {
     Config,
     /// Create or update txq's tables (the inbox) in the database.
     Migrate,
+    /// Operations files: job types defined as SQL steps.
+    #[command(subcommand)]
+    Ops(OpsCommand),
     /// The inbox of processed message_ids.
     #[command(subcommand)]
     Inbox(InboxCommand),
+}
+
+#[derive(Subcommand)]
+enum OpsCommand {
+    /// Check a file: parameters, step references, types; exit 1 on any error.
+    Check {
+        /// The operations file.
+        file: PathBuf,
+    },
+    /// Print a JSON Schema of each operation's payload and reply.
+    Schema {
+        /// The operations file.
+        file: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -67,6 +84,13 @@ struct RunArgs {
     /// Jobs in flight at most [config: concurrency]
     #[arg(long)]
     concurrency: Option<usize>,
+    /// Job types defined as SQL steps in this TOML file (one handler per operation)
+    #[arg(long, env = "TXQ_OPS")]
+    ops: Option<PathBuf>,
+    /// SQL script run before starting (idempotent schema set-up, e.g.
+    /// examples/bank/schema.sqlite.sql)
+    #[arg(long)]
+    init_sql: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -128,13 +152,55 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("removed {removed} inbox row(s)");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run(_) => {
+        Command::Ops(OpsCommand::Check { file }) => {
+            let ops = txq::sqlops::load(&file)?;
+            for w in &ops.warnings {
+                eprintln!("warning: {w}");
+            }
+            println!(
+                "{}: {} operation(s), ok",
+                file.display(),
+                ops.operations.len()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Ops(OpsCommand::Schema { file }) => {
+            let ops = txq::sqlops::load(&file)?;
+            println!("{:#}", txq::sqlops::schemas(&ops.operations));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run(args) => {
             info!(?config, "starting");
-            let worker = Worker::builder(config)
-                .handler("echo", Echo)
-                .build()
+            let options = txq::db::PoolOptions {
+                max_connections: config.db_pool_size(),
+                acquire_timeout: config.db_acquire_timeout,
+                sqlite_busy_timeout: config.sqlite_busy_timeout,
+            };
+            let db = txq::Db::connect(config.database_url.expose(), &options)
                 .await
-                .context("starting the worker")?;
+                .with_context(|| format!("connecting to {}", config.database_url))?;
+            if let Some(path) = &args.init_sql {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                let n = db
+                    .execute_sql_file(&text)
+                    .await
+                    .with_context(|| format!("running {}", path.display()))?;
+                info!(statements = n, file = %path.display(), "ran the init SQL");
+            }
+            let mut builder = Worker::builder(config).database(db.clone());
+            match &args.ops {
+                Some(path) => {
+                    let ops = txq::sqlops::load(path)?;
+                    for w in &ops.warnings {
+                        tracing::warn!("{w}");
+                    }
+                    builder = ops.register(builder, db.backend())?;
+                    info!(operations = ops.operations.len(), file = %path.display(), "loaded operations");
+                }
+                None => builder = builder.handler("echo", Echo),
+            }
+            let worker = builder.build().await.context("starting the worker")?;
             let shutdown = CancellationToken::new();
             txq::signals::cancel_on_signals(shutdown.clone());
             worker.run(shutdown).await.context("worker")?;

@@ -74,6 +74,17 @@ impl WorkerBuilder {
         self
     }
 
+    /// Sets the settings of one job type (isolation, timeout), as `[jobs.<type>]`
+    /// in the config file would.
+    pub fn job_config(
+        mut self,
+        job_type: impl Into<String>,
+        job: crate::config::JobConfig,
+    ) -> Self {
+        self.config.jobs.insert(job_type.into(), job);
+        self
+    }
+
     /// Uses an existing pool instead of connecting to `config.database_url`.
     pub fn database(mut self, db: Db) -> Self {
         self.db = Some(db);

@@ -9,5 +9,6 @@ mod bank;
 
 mod contract;
 mod faults;
+mod ops;
 mod roundtrip;
 mod transfers;

@@ -1,0 +1,231 @@
+//! Job types defined in a TOML file as named, parameterized SQL steps: a
+//! transactional database API over RabbitMQ without writing Rust.
+//!
+//! `txq run --ops FILE` registers one handler per operation; `txq ops check FILE`
+//! checks a file; `txq ops schema FILE` prints JSON Schemas of the payloads.
+
+mod exec;
+mod params;
+mod schema;
+mod spec;
+mod sql;
+
+use std::path::Path;
+
+pub use exec::OpsHandler;
+pub use params::{ParamSpec, ParamType, Value};
+pub use schema::schemas;
+pub use spec::{Operation, OpsFile, ParamDecl, ResultSpec, SpecError, Step, check};
+pub use sql::{Compiled, Placeholder, compile, parse_names};
+
+use crate::WorkerBuilder;
+use crate::config::JobConfig;
+use crate::db::Backend;
+
+/// Why an operations file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum OpsError {
+    /// The file cannot be read.
+    #[error("{path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// It is not valid TOML of the expected shape (the message has line and column).
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// What the parser said.
+        message: String,
+    },
+    /// It parses, but some operations are wrong; each error names its place.
+    #[error("{path}: {}", .errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Invalid {
+        /// The file.
+        path: String,
+        /// Every problem found.
+        errors: Vec<SpecError>,
+    },
+}
+
+/// A loaded and checked operations file.
+#[derive(Debug, Clone)]
+pub struct Ops {
+    /// The operations by name.
+    pub operations: OpsFile,
+    /// Unused parameters and the like.
+    pub warnings: Vec<SpecError>,
+}
+
+/// Reads, parses and checks `path`.
+pub fn load(path: &Path) -> Result<Ops, OpsError> {
+    let shown = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| OpsError::Read {
+        path: shown.clone(),
+        source,
+    })?;
+    parse(&text).map_err(|e| match e {
+        OpsError::Parse { message, .. } => OpsError::Parse {
+            path: shown.clone(),
+            message,
+        },
+        OpsError::Invalid { errors, .. } => OpsError::Invalid {
+            path: shown.clone(),
+            errors,
+        },
+        other => other,
+    })
+}
+
+/// Parses and checks the text of an operations file.
+pub fn parse(text: &str) -> Result<Ops, OpsError> {
+    let operations: OpsFile = toml::from_str(text).map_err(|e| OpsError::Parse {
+        path: String::new(),
+        message: e.to_string(),
+    })?;
+    let (errors, warnings) = check(&operations);
+    if !errors.is_empty() {
+        return Err(OpsError::Invalid {
+            path: String::new(),
+            errors,
+        });
+    }
+    Ok(Ops {
+        operations,
+        warnings,
+    })
+}
+
+impl Ops {
+    /// Registers one handler per operation on `builder`, compiled for `backend`,
+    /// with each operation's isolation and timeout set in the worker's config.
+    pub fn register(
+        &self,
+        mut builder: WorkerBuilder,
+        backend: Backend,
+    ) -> Result<WorkerBuilder, SpecError> {
+        for (name, op) in &self.operations {
+            let handler = OpsHandler::new(name, op, backend)?;
+            builder = builder
+                .job_config(
+                    name,
+                    JobConfig {
+                        isolation: op.isolation,
+                        timeout: op.timeout,
+                    },
+                )
+                .handler(name.clone(), handler);
+        }
+        Ok(builder)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn errors(text: &str) -> Vec<String> {
+        match parse(text) {
+            Err(OpsError::Invalid { errors, .. }) => {
+                errors.iter().map(ToString::to_string).collect()
+            }
+            Err(e) => vec![e.to_string()],
+            Ok(_) => vec![],
+        }
+    }
+
+    #[test]
+    fn the_bank_file_checks_clean() {
+        let ops = parse(include_str!("../../examples/bank/ops.toml")).expect("valid");
+        assert_eq!(ops.operations.len(), 3);
+        assert!(ops.warnings.is_empty(), "{:?}", ops.warnings);
+    }
+
+    #[test]
+    fn errors_point_at_the_operation_and_step() {
+        let e = errors(
+            "[t]\nparams = { a = \"integer\" }\n[[t.steps]]\nname = \"one\"\nsql = \"SELECT :a, :b\"\n",
+        );
+        assert_eq!(e, ["operation `t`, step 1 (`one`): unknown parameter `:b`"]);
+
+        let e = errors(
+            "[t]\n[[t.steps]]\nname = \"one\"\nsql = \"SELECT :two.x\"\n[[t.steps]]\nname = \"two\"\nsql = \"SELECT 1 AS x\"\n",
+        );
+        assert_eq!(
+            e,
+            ["operation `t`, step 1 (`one`): `:two.…` refers to a step that has not run yet"]
+        );
+
+        let e = errors(
+            "[t]\n[[t.steps]]\nname = \"a\"\nsql = \"SELECT 1\"\n[[t.steps]]\nname = \"a\"\nsql = \"SELECT 2\"\n",
+        );
+        assert_eq!(e, ["operation `t`, step 2 (`a`): duplicate step name `a`"]);
+
+        let e = errors("[t]\nresult = \"nope\"\n[[t.steps]]\nname = \"a\"\nsql = \"SELECT 1\"\n");
+        assert_eq!(e, ["operation `t`: result names no step `nope`"]);
+
+        let e = errors(
+            "[t]\nparams = { n = { type = \"integer\", default = \"x\" } }\n[[t.steps]]\nname = \"a\"\nsql = \"SELECT :n\"\n",
+        );
+        assert_eq!(e, ["operation `t`: parameter `n`: default must be integer"]);
+    }
+
+    #[test]
+    fn bad_types_and_syntax_name_the_line() {
+        let e = errors(
+            "[t]\nparams = { a = \"integr\" }\n[[t.steps]]\nname = \"a\"\nsql = \"SELECT :a\"\n",
+        );
+        assert_eq!(e.len(), 1);
+        assert!(e[0].contains("line 2"), "{e:?}");
+        let e = errors("[t\n");
+        assert!(e[0].contains("line 1"), "{e:?}");
+        let e = errors("[t]\nisolation = \"sometimes\"\nsteps = []\n");
+        assert!(e[0].contains("sometimes"), "{e:?}");
+    }
+
+    #[test]
+    fn unused_parameters_warn() {
+        let ops = parse(
+            "[t]\nparams = { a = \"integer\" }\n[[t.steps]]\nname = \"s\"\nsql = \"SELECT 1\"\n",
+        )
+        .expect("valid");
+        assert_eq!(ops.warnings.len(), 1);
+        assert_eq!(
+            ops.warnings[0].to_string(),
+            "operation `t`: parameter `a` is never used"
+        );
+    }
+
+    #[test]
+    fn payloads_are_checked_against_the_declarations() {
+        use std::collections::BTreeMap;
+        let spec = |kind, nullable| ParamSpec {
+            kind,
+            nullable,
+            default: None,
+        };
+        let params: BTreeMap<String, ParamSpec> = [
+            ("n".to_owned(), spec(ParamType::Integer, false)),
+            ("d".to_owned(), spec(ParamType::Decimal, false)),
+            ("note".to_owned(), spec(ParamType::String, true)),
+        ]
+        .into();
+        let ok =
+            params::bind_payload(&params, &serde_json::json!({"n": 1, "d": "12.50"})).expect("ok");
+        assert_eq!(ok["n"], Value::Integer(1));
+        assert_eq!(ok["note"], Value::Null(Some(ParamType::String)));
+        let e = params::bind_payload(&params, &serde_json::json!({"d": "1"})).unwrap_err();
+        assert_eq!(e, "parameter `n` is missing");
+        let e =
+            params::bind_payload(&params, &serde_json::json!({"n": "1", "d": "1"})).unwrap_err();
+        assert_eq!(e, "parameter `n` must be integer");
+        let e = params::bind_payload(&params, &serde_json::json!({"n": 1, "d": "1", "x": 2}))
+            .unwrap_err();
+        assert_eq!(e, "unknown parameter `x`");
+        let e = params::bind_payload(&params, &serde_json::json!({"n": 1, "d": "1e"})).unwrap_err();
+        assert_eq!(e, "parameter `d` must be decimal");
+    }
+}

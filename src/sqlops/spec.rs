@@ -1,0 +1,262 @@
+//! The operations file: its TOML shape, and the checks that run when it is loaded.
+//!
+//! ```toml
+//! [transfer]                                  # the job type
+//! isolation = "read_committed"                # optional
+//! timeout = "5s"                              # optional
+//! params = { from = "integer", to = "integer", amount = "integer" }
+//! result = { from = "from_acct", to = "to_acct" }   # or result = "step"
+//!
+//! [[transfer.steps]]
+//! name = "debit"
+//! sql = "UPDATE accounts SET balance = balance - :amount WHERE id = :from AND balance >= :amount"
+//! expect_rows = 1
+//! error_code = "insufficient_funds"
+//! ```
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::params::{ParamSpec, ParamType};
+use super::sql::{Placeholder, parse_names};
+use crate::db::{Backend, Isolation};
+
+/// Parameter names every operation can use.
+pub(super) const BUILTINS: [&str; 4] = ["$message_id", "$correlation_id", "$attempt", "$now"];
+
+/// One operation: a job type defined by SQL steps.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Operation {
+    /// Isolation level of its transaction. Default: the database's own.
+    #[serde(default)]
+    pub isolation: Option<Isolation>,
+    /// Timeout of one attempt. Default: the worker's `job_timeout`.
+    #[serde(default, with = "humantime_serde")]
+    pub timeout: Option<Duration>,
+    /// Declared parameters: name → type (or a table with `type`, `nullable`,
+    /// `default`).
+    #[serde(default)]
+    pub params: BTreeMap<String, ParamDecl>,
+    /// The steps, run in order in one transaction.
+    pub steps: Vec<Step>,
+    /// What the `ok` reply's `result` is: one step's rows (a string), or an object
+    /// composed of several steps (a table of key → step). Default: the last step.
+    #[serde(default)]
+    pub result: Option<ResultSpec>,
+}
+
+/// A parameter declaration: `"integer"` or `{ type = "integer", nullable = true }`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum ParamDecl {
+    /// Just the type.
+    Type(ParamType),
+    /// Type and options.
+    Full(ParamSpec),
+}
+
+impl ParamDecl {
+    /// The declaration as a full spec.
+    pub fn spec(&self) -> ParamSpec {
+        match self {
+            Self::Type(t) => ParamSpec {
+                kind: *t,
+                nullable: false,
+                default: None,
+            },
+            Self::Full(s) => s.clone(),
+        }
+    }
+}
+
+/// One SQL statement of an operation.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Step {
+    /// Its name, for references (`:lock.balance`), results and error messages.
+    pub name: String,
+    /// The SQL, with named parameters (`:from`).
+    pub sql: String,
+    /// Overrides of `sql` per backend.
+    #[serde(default)]
+    pub sql_mysql: Option<String>,
+    /// PostgreSQL's `sql`.
+    #[serde(default)]
+    pub sql_postgres: Option<String>,
+    /// SQLite's `sql`.
+    #[serde(default)]
+    pub sql_sqlite: Option<String>,
+    /// Rows returned (or affected) must be exactly this.
+    #[serde(default)]
+    pub expect_rows: Option<u64>,
+    /// Rows returned (or affected) must be at least this.
+    #[serde(default)]
+    pub expect_min_rows: Option<u64>,
+    /// Rows returned (or affected) must be at most this.
+    #[serde(default)]
+    pub expect_max_rows: Option<u64>,
+    /// The rejection code when an expectation fails. Default `expectation_failed`.
+    #[serde(default)]
+    pub error_code: Option<String>,
+    /// The rejection message when an expectation fails.
+    #[serde(default)]
+    pub error_message: Option<String>,
+    /// Columns to read as JSON where the database cannot say (MariaDB's JSON is
+    /// LONGTEXT; SQLite's is TEXT unless declared `JSON`).
+    #[serde(default)]
+    pub json_columns: Vec<String>,
+}
+
+impl Step {
+    /// The SQL text for `backend`.
+    pub fn sql_for(&self, backend: Backend) -> &str {
+        let special = match backend {
+            Backend::MySql => &self.sql_mysql,
+            Backend::Postgres => &self.sql_postgres,
+            Backend::Sqlite => &self.sql_sqlite,
+        };
+        special.as_deref().unwrap_or(&self.sql)
+    }
+
+    /// Whether the step yields one row at most, so its result is an object.
+    pub fn single_row(&self) -> bool {
+        self.expect_rows.is_some_and(|n| n <= 1) || self.expect_max_rows.is_some_and(|n| n <= 1)
+    }
+}
+
+/// `result = "step"` or `result = { key = "step", … }`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum ResultSpec {
+    /// One step's rows.
+    Step(String),
+    /// An object of several steps' rows.
+    Object(BTreeMap<String, String>),
+}
+
+/// A problem in the operations file, with its place.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{place}: {problem}")]
+pub struct SpecError {
+    /// `operation `transfer`, step 2 (`debit`)`
+    pub place: String,
+    /// What is wrong.
+    pub problem: String,
+}
+
+/// The file: operation name → operation.
+pub type OpsFile = BTreeMap<String, Operation>;
+
+/// Checks every operation; returns the errors (fatal) and warnings (unused
+/// parameters). Each names its operation and step.
+pub fn check(ops: &OpsFile) -> (Vec<SpecError>, Vec<SpecError>) {
+    let mut errors = Vec::new();
+    let mut warnings = Vec::new();
+    for (name, op) in ops {
+        let at_op = format!("operation `{name}`");
+        let err = |place: &str, problem: String| SpecError {
+            place: place.to_owned(),
+            problem,
+        };
+        if name.is_empty() || name.len() > 255 {
+            errors.push(err(&at_op, "the name must be 1 to 255 bytes long".into()));
+        }
+        if op.steps.is_empty() {
+            errors.push(err(&at_op, "has no steps".into()));
+        }
+        for (p, decl) in &op.params {
+            if !valid_ident(p) {
+                errors.push(err(
+                    &at_op,
+                    format!("parameter name `{p}` must be letters, digits and _"),
+                ));
+            }
+            if let Err(problem) = decl.spec().check_default() {
+                errors.push(err(&at_op, format!("parameter `{p}`: {problem}")));
+            }
+        }
+        let mut used: HashSet<String> = HashSet::new();
+        let mut seen_steps: Vec<&str> = Vec::new();
+        for (i, step) in op.steps.iter().enumerate() {
+            let at = format!("operation `{name}`, step {} (`{}`)", i + 1, step.name);
+            if !valid_ident(&step.name) {
+                errors.push(err(
+                    &at,
+                    "the step name must be letters, digits and _".into(),
+                ));
+            }
+            if seen_steps.contains(&step.name.as_str()) {
+                errors.push(err(&at, format!("duplicate step name `{}`", step.name)));
+            }
+            let later: Vec<&str> = op.steps[i + 1..].iter().map(|s| s.name.as_str()).collect();
+            let texts = [
+                Some(&step.sql),
+                step.sql_mysql.as_ref(),
+                step.sql_postgres.as_ref(),
+                step.sql_sqlite.as_ref(),
+            ];
+            for sql in texts.into_iter().flatten() {
+                let names = match parse_names(sql) {
+                    Ok(n) => n,
+                    Err(problem) => {
+                        errors.push(err(&at, problem));
+                        continue;
+                    }
+                };
+                for ph in names {
+                    match ph {
+                        Placeholder::Param(p) => {
+                            if op.params.contains_key(&p) {
+                                used.insert(p);
+                            } else if !BUILTINS.contains(&p.as_str()) {
+                                errors.push(err(&at, format!("unknown parameter `:{p}`")));
+                            }
+                        }
+                        Placeholder::Column(s, _) => {
+                            if later.contains(&s.as_str()) || s == step.name {
+                                errors.push(err(
+                                    &at,
+                                    format!("`:{s}.…` refers to a step that has not run yet"),
+                                ));
+                            } else if !seen_steps.contains(&s.as_str()) {
+                                errors.push(err(&at, format!("`:{s}.…` refers to no step")));
+                            }
+                        }
+                    }
+                }
+            }
+            if step.expect_rows.is_some()
+                && (step.expect_min_rows.is_some() || step.expect_max_rows.is_some())
+            {
+                errors.push(err(
+                    &at,
+                    "expect_rows excludes expect_min_rows and expect_max_rows".into(),
+                ));
+            }
+            seen_steps.push(&step.name);
+        }
+        let result_steps: Vec<&String> = match &op.result {
+            None => vec![],
+            Some(ResultSpec::Step(s)) => vec![s],
+            Some(ResultSpec::Object(m)) => m.values().collect(),
+        };
+        for s in result_steps {
+            if !seen_steps.contains(&s.as_str()) {
+                errors.push(err(&at_op, format!("result names no step `{s}`")));
+            }
+        }
+        for p in op.params.keys() {
+            if !used.contains(p) {
+                warnings.push(err(&at_op, format!("parameter `{p}` is never used")));
+            }
+        }
+    }
+    (errors, warnings)
+}
+
+fn valid_ident(s: &str) -> bool {
+    !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
