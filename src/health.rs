@@ -17,6 +17,8 @@ pub struct Health {
 struct Inner {
     consuming: AtomicBool,
     reconnects: AtomicU64,
+    settled: AtomicU64,
+    retries: AtomicU64,
 }
 
 impl Health {
@@ -28,6 +30,24 @@ impl Health {
     /// How many times the broker connection was rebuilt.
     pub fn reconnects(&self) -> u64 {
         self.inner.reconnects.load(Ordering::SeqCst)
+    }
+
+    /// Deliveries acked so far (answered, retried later or dead-lettered).
+    pub fn settled(&self) -> u64 {
+        self.inner.settled.load(Ordering::Relaxed)
+    }
+
+    /// In-process retries of transient failures so far.
+    pub fn retries(&self) -> u64 {
+        self.inner.retries.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn count_settled(&self) {
+        self.inner.settled.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn count_retry(&self) {
+        self.inner.retries.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn set_consuming(&self, consuming: bool) {

@@ -203,7 +203,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let worker = builder.build().await.context("starting the worker")?;
             let shutdown = CancellationToken::new();
             txq::signals::cancel_on_signals(shutdown.clone());
+            let health = worker.health();
             worker.run(shutdown).await.context("worker")?;
+            // One machine-readable line for scripts and the benchmark driver.
+            println!(
+                "txq-stats {{\"settled\":{},\"retries\":{}}}",
+                health.settled(),
+                health.retries()
+            );
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -94,7 +94,14 @@ async fn main() -> anyhow::Result<()> {
         .await?;
     let shutdown = CancellationToken::new();
     txq::signals::cancel_on_signals(shutdown.clone());
+    let health = worker.health();
     worker.run(shutdown).await?;
+    // One machine-readable line for the benchmark driver.
+    println!(
+        "txq-stats {{\"settled\":{},\"retries\":{}}}",
+        health.settled(),
+        health.retries()
+    );
     let totals = handlers::totals(&db).await?;
     println!(
         "balance sum {} ({} expected), {} transfers, {} noop jobs",

@@ -240,7 +240,9 @@ async fn settle(ctx: &Context, delivery: &Delivery, ack: bool) {
         }
         result = settled => result,
     };
-    if let Err(e) = result {
-        error!(error = %e, "could not settle the delivery; the broker will redeliver it");
+    match result {
+        Ok(_) if ack => ctx.health.count_settled(),
+        Ok(_) => {}
+        Err(e) => error!(error = %e, "could not settle the delivery; the broker will redeliver it"),
     }
 }

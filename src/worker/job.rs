@@ -155,6 +155,7 @@ pub(crate) async fn execute(
             return Outcome::Transient { reason, message };
         }
         debug!(error = %message, reason = reason.as_str(), attempt, "transient failure; retrying in a fresh transaction");
+        ctx.health.count_retry();
         tokio::time::sleep(backoff(ctx.retry.base_delay, ctx.retry.max_delay, attempt)).await;
     }
     // `in_process_attempts` is at least 1 (validated), so the loop always returns.

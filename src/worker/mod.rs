@@ -255,7 +255,7 @@ pub(crate) struct Shared {
     prefetch: u16,
     concurrency: usize,
     shutdown_grace: Duration,
-    health: Health,
+    pub(crate) health: Health,
     pub(crate) db: Db,
     pub(crate) registry: Registry,
     pub(crate) specs: HashMap<String, JobSpec>,

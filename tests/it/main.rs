@@ -7,6 +7,7 @@ mod support;
 #[path = "../../examples/bank/handlers.rs"]
 mod bank;
 
+mod bench;
 mod contract;
 mod faults;
 mod ops;

@@ -1,0 +1,526 @@
+//! The DESIGN.md benchmark workloads, end to end, beside the limits they are judged
+//! against — all in one invocation, on the same machine state:
+//!
+//! - `txq`: the bank example (Rust handlers) as a separate worker process;
+//! - `ops`: `txq run --ops examples/bank/ops.toml` (the SQL-file path);
+//! - `bare`: a straight-line lapin + sqlx loop (examples/bare.rs);
+//! - `broker`: the same messaging without a database (bare --mode broker);
+//! - `db`: the same transaction on C connections without a broker (in process).
+//!
+//! Each run pre-loads N persistent requests with confirms, starts the worker, and
+//! times from its start to the last reply; it reads the worker's CPU and peak RSS
+//! and RabbitMQ's and the database's CPU from /proc, and checks the invariants.
+//! Build first: `cargo build --release --bins --examples`; see BENCHMARKS.md.
+
+#[path = "../bank/handlers.rs"]
+mod handlers;
+mod procstat;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail, ensure};
+use clap::Parser;
+use futures_util::StreamExt as _;
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use rand::SeedableRng as _;
+use serde::Serialize;
+use txq::{Db, Handler as _, JobMeta};
+
+#[derive(Parser, Clone)]
+struct Args {
+    #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    amqp_url: String,
+    #[arg(long, default_value = "mysql://root@127.0.0.1:3306/test")]
+    database_url: String,
+    /// `transfer` or `noop`
+    #[arg(long, default_value = "transfer")]
+    workload: String,
+    /// Requests pre-loaded per run
+    #[arg(long, default_value_t = 20_000)]
+    jobs: usize,
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Comma-separated: txq, ops, bare, broker, db
+    #[arg(long, default_value = "txq,ops,bare,broker,db")]
+    variants: String,
+    /// Pad each request body to about this many bytes
+    #[arg(long, default_value_t = 0)]
+    payload_bytes: usize,
+    /// Run txq with the inbox off
+    #[arg(long)]
+    no_inbox: bool,
+    /// Accounts for the transfer workload
+    #[arg(long, default_value_t = 1000)]
+    accounts: i64,
+    /// Append JSON results here
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// A label for this configuration in the report
+    #[arg(long, default_value = "")]
+    label: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct Run {
+    variant: String,
+    jobs_per_sec: f64,
+    worker_cpu_s_per_1k: f64,
+    worker_peak_rss_mib: f64,
+    broker_cpu_s_per_1k: f64,
+    db_cpu_s_per_1k: f64,
+    retries: u64,
+    seconds: f64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let variants: Vec<String> = args
+        .variants
+        .split(',')
+        .map(str::trim)
+        .map(str::to_owned)
+        .collect();
+    let mut results: BTreeMap<String, Vec<Run>> = BTreeMap::new();
+    for run in 0..args.runs {
+        for v in &variants {
+            let r = one_run(&args, v)
+                .await
+                .with_context(|| format!("{v}, run {}", run + 1))?;
+            eprintln!(
+                "{v:>7} run {}: {:>8.0} jobs/s, worker {:.3} CPU-s/1k, {:.1} MiB, retries {}",
+                run + 1,
+                r.jobs_per_sec,
+                r.worker_cpu_s_per_1k,
+                r.worker_peak_rss_mib,
+                r.retries
+            );
+            results.entry(v.clone()).or_default().push(r);
+        }
+    }
+    report(&args, &results)?;
+    Ok(())
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    xs.get(xs.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+fn report(args: &Args, results: &BTreeMap<String, Vec<Run>>) -> anyhow::Result<()> {
+    let med =
+        |v: &str, f: fn(&Run) -> f64| results.get(v).map(|rs| median(rs.iter().map(f).collect()));
+    println!(
+        "\n{} — workload {}, {} jobs, concurrency {}, payload {} B, inbox {}, {} runs",
+        if args.label.is_empty() {
+            "bench"
+        } else {
+            &args.label
+        },
+        args.workload,
+        args.jobs,
+        args.concurrency,
+        args.payload_bytes,
+        if args.no_inbox { "off" } else { "on" },
+        args.runs
+    );
+    println!(
+        "\n| variant | jobs/s median (min–max) | worker CPU s/1k | worker peak RSS MiB | RabbitMQ CPU s/1k | DB CPU s/1k | retries |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for (v, rs) in results {
+        let js: Vec<f64> = rs.iter().map(|r| r.jobs_per_sec).collect();
+        let min = js.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = js.iter().copied().fold(0.0, f64::max);
+        println!(
+            "| {v} | {:.0} ({min:.0}–{max:.0}) | {:.3} | {:.1} | {:.3} | {:.3} | {} |",
+            median(js.clone()),
+            median(rs.iter().map(|r| r.worker_cpu_s_per_1k).collect()),
+            median(rs.iter().map(|r| r.worker_peak_rss_mib).collect()),
+            median(rs.iter().map(|r| r.broker_cpu_s_per_1k).collect()),
+            median(rs.iter().map(|r| r.db_cpu_s_per_1k).collect()),
+            rs.iter().map(|r| r.retries).max().unwrap_or(0),
+        );
+    }
+    let mut ratios = serde_json::Map::new();
+    for txq in ["txq", "ops"] {
+        if let (Some(t), Some(b)) = (
+            med(txq, |r| r.jobs_per_sec),
+            med("bare", |r| r.jobs_per_sec),
+        ) {
+            println!("\n{txq} ÷ bare (throughput): {:.2}", t / b);
+            ratios.insert(format!("{txq}_over_bare"), serde_json::json!(t / b));
+        }
+        if let (Some(t), Some(b)) = (
+            med(txq, |r| r.worker_cpu_s_per_1k),
+            med("bare", |r| r.worker_cpu_s_per_1k),
+        ) {
+            println!("{txq} ÷ bare (worker CPU per job): {:.2}", t / b);
+            ratios.insert(format!("{txq}_cpu_over_bare"), serde_json::json!(t / b));
+        }
+        if let (Some(t), Some(a), Some(b)) = (
+            med(txq, |r| r.jobs_per_sec),
+            med("broker", |r| r.jobs_per_sec),
+            med("db", |r| r.jobs_per_sec),
+        ) {
+            println!("{txq} ÷ min(broker-only, db-only): {:.2}", t / a.min(b));
+            ratios.insert(
+                format!("{txq}_over_limits"),
+                serde_json::json!(t / a.min(b)),
+            );
+        }
+    }
+    if let Some(path) = &args.json {
+        use std::io::Write as _;
+        let line = serde_json::json!({
+            "label": args.label, "workload": args.workload, "jobs": args.jobs,
+            "concurrency": args.concurrency, "payload_bytes": args.payload_bytes,
+            "inbox": !args.no_inbox, "runs": results, "ratios": ratios,
+        });
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        writeln!(f, "{line}")?;
+    }
+    Ok(())
+}
+
+fn sibling(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let examples = exe.parent().context("no parent")?;
+    let candidates = [
+        examples.join(name),
+        examples.parent().context("no parent")?.join(name),
+    ];
+    candidates
+        .into_iter()
+        .find(|p| p.exists())
+        .with_context(|| format!("{name} is not built: cargo build --release --bins --examples"))
+}
+
+async fn one_run(args: &Args, variant: &str) -> anyhow::Result<Run> {
+    let db = Db::connect(
+        &args.database_url,
+        &txq::db::PoolOptions {
+            max_connections: args.concurrency as u32 + 2,
+            ..Default::default()
+        },
+    )
+    .await?;
+    handlers::setup(&db, args.accounts).await?;
+    // The inbox left by earlier runs must not make these requests duplicates.
+    let _ = db.execute_sql_file("DELETE FROM txq_inbox;").await;
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    let queue = format!("bench-{}", &tag[..8]);
+    let replies = format!("{queue}.replies");
+    let conn = Connection::connect(&args.amqp_url, ConnectionProperties::default()).await?;
+    let channel = conn.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let config = txq::Config {
+        queue: queue.clone(),
+        reply_queue: replies.clone(),
+        ..txq::Config::default()
+    };
+    txq::broker::declare(&channel, &txq::broker::Topology::from_config(&config)).await?;
+
+    if variant == "db" {
+        let result = db_only(args, &db).await;
+        cleanup(&channel, &queue).await;
+        return result;
+    }
+    preload(args, &channel, &queue, &replies).await?;
+
+    let services_before = procstat::services();
+    let started = Instant::now();
+    let mut child = spawn_worker(args, variant, &queue, &replies)?;
+    let pid = child.id().context("worker pid")?;
+    let mut consumer = channel
+        .basic_consume(
+            replies.as_str().into(),
+            "bench".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    let mut statuses: BTreeMap<String, usize> = BTreeMap::new();
+    let mut got = 0;
+    while got < args.jobs {
+        let next = tokio::time::timeout(Duration::from_secs(120), consumer.next()).await;
+        let Ok(Some(Ok(d))) = next else {
+            let _ = child.start_kill();
+            bail!("only {got} of {} replies arrived", args.jobs);
+        };
+        let v: serde_json::Value = serde_json::from_slice(&d.data).unwrap_or_default();
+        *statuses
+            .entry(v["status"].as_str().unwrap_or("?").to_owned())
+            .or_default() += 1;
+        got += 1;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let worker = procstat::process(pid).context("reading the worker's /proc")?;
+    let services_after = procstat::services();
+    let _ = tokio::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .await;
+    let out = child.wait_with_output().await?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let retries = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("txq-stats "))
+        .and_then(|j| serde_json::from_str::<serde_json::Value>(j).ok())
+        .and_then(|j| j["retries"].as_u64())
+        .unwrap_or(0);
+    check(args, variant, &db, &statuses).await?;
+    cleanup(&channel, &queue).await;
+    let _ = conn.close(200, "bye".into()).await;
+    db.close().await;
+    let per_1k = |s: f64| s * 1000.0 / args.jobs as f64;
+    Ok(Run {
+        variant: variant.to_owned(),
+        jobs_per_sec: args.jobs as f64 / seconds,
+        worker_cpu_s_per_1k: per_1k(worker.cpu_seconds),
+        worker_peak_rss_mib: worker.peak_rss_kib as f64 / 1024.0,
+        broker_cpu_s_per_1k: per_1k(services_after.broker - services_before.broker),
+        db_cpu_s_per_1k: per_1k(services_after.database - services_before.database),
+        retries,
+        seconds,
+    })
+}
+
+async fn cleanup(channel: &lapin::Channel, queue: &str) {
+    let mut names = vec![
+        queue.to_owned(),
+        format!("{queue}.replies"),
+        format!("{queue}.dlq"),
+    ];
+    for d in txq::config::RetryConfig::default().delays {
+        names.push(txq::broker::retry_queue_name(queue, d));
+    }
+    for n in names {
+        let _ = channel
+            .queue_delete(n.as_str().into(), QueueDeleteOptions::default())
+            .await;
+    }
+}
+
+fn request_body(args: &Args, rng: &mut impl rand::Rng) -> Vec<u8> {
+    let mut v = if args.workload == "noop" {
+        serde_json::json!({})
+    } else {
+        let from = rng.random_range(1..=args.accounts);
+        let to = loop {
+            let t = rng.random_range(1..=args.accounts);
+            if t != from {
+                break t;
+            }
+        };
+        serde_json::json!({"from": from, "to": to, "amount": rng.random_range(1..=100)})
+    };
+    if args.payload_bytes > 0 {
+        v["pad"] = serde_json::json!("x".repeat(args.payload_bytes));
+    }
+    serde_json::to_vec(&v).unwrap_or_default()
+}
+
+async fn preload(
+    args: &Args,
+    channel: &lapin::Channel,
+    queue: &str,
+    replies: &str,
+) -> anyhow::Result<()> {
+    let mut rng = rand::rng();
+    let mut pending = Vec::new();
+    for i in 0..args.jobs {
+        let props = BasicProperties::default()
+            .with_type(args.workload.as_str().into())
+            .with_message_id(format!("{queue}-{i}").into())
+            .with_reply_to(replies.into())
+            .with_delivery_mode(2);
+        let body = request_body(args, &mut rng);
+        pending.push(
+            channel
+                .basic_publish(
+                    "".into(),
+                    queue.into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    props,
+                )
+                .await?,
+        );
+        if pending.len() >= 1000 {
+            for c in pending.drain(..) {
+                ensure!(c.await?.is_ack(), "nacked");
+            }
+        }
+    }
+    for c in pending {
+        ensure!(c.await?.is_ack(), "nacked");
+    }
+    Ok(())
+}
+
+fn spawn_worker(
+    args: &Args,
+    variant: &str,
+    queue: &str,
+    replies: &str,
+) -> anyhow::Result<tokio::process::Child> {
+    let mut cmd = match variant {
+        "txq" => tokio::process::Command::new(sibling("bank")?),
+        "ops" => {
+            let mut c = tokio::process::Command::new(sibling("txq")?);
+            c.args(["run", "--ops", "examples/bank/ops.toml"]);
+            c
+        }
+        "bare" | "broker" => {
+            let mut c = tokio::process::Command::new(sibling("bare")?);
+            c.args([
+                "--amqp-url",
+                &args.amqp_url,
+                "--database-url",
+                &args.database_url,
+                "--queue",
+                queue,
+            ]);
+            c.args(["--concurrency", &args.concurrency.to_string()]);
+            c.args(["--mode", if variant == "bare" { "full" } else { "broker" }]);
+            c
+        }
+        other => bail!("unknown variant {other}"),
+    };
+    cmd.env("TXQ_AMQP_URL", &args.amqp_url)
+        .env("TXQ_DATABASE_URL", &args.database_url)
+        .env("TXQ_QUEUE", queue)
+        .env("TXQ_REPLY_QUEUE", replies)
+        .env("TXQ_CONCURRENCY", args.concurrency.to_string())
+        .env("TXQ_INBOX__ENABLED", (!args.no_inbox).to_string())
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    Ok(cmd.spawn()?)
+}
+
+/// The same transaction on C connections, no broker: the database's limit.
+async fn db_only(args: &Args, db: &Db) -> anyhow::Result<Run> {
+    let me = std::process::id();
+    let cpu_before = procstat::process(me).map(|p| p.cpu_seconds).unwrap_or(0.0);
+    let services_before = procstat::services();
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..args.concurrency {
+        let (db, next, args) = (db.clone(), next.clone(), args.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut rng = rand::rngs::StdRng::from_os_rng();
+            let meta = JobMeta::default();
+            while next.fetch_add(1, Ordering::Relaxed) < args.jobs {
+                let body = request_body(&args, &mut rng);
+                loop {
+                    let mut tx = db.begin(None).await?;
+                    let r = if args.workload == "noop" {
+                        handlers::Noop
+                            .handle(&mut tx, serde_json::Value::Null, &meta)
+                            .await
+                            .map(drop)
+                    } else {
+                        let req: handlers::TransferRequest = serde_json::from_slice(&body)?;
+                        handlers::Transfer
+                            .handle(&mut tx, req, &meta)
+                            .await
+                            .map(drop)
+                    };
+                    match r {
+                        Ok(()) => {
+                            tx.commit().await?;
+                            break;
+                        }
+                        // Deadlocks and the like: again, as any loop would.
+                        Err(txq::JobError::Database(_)) => continue,
+                        Err(_) => break,
+                    }
+                }
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let cpu = procstat::process(me).map(|p| p.cpu_seconds).unwrap_or(0.0) - cpu_before;
+    let services_after = procstat::services();
+    let statuses = BTreeMap::from([("ok".to_owned(), args.jobs)]);
+    check(args, "db", db, &statuses).await?;
+    let per_1k = |s: f64| s * 1000.0 / args.jobs as f64;
+    Ok(Run {
+        variant: "db".into(),
+        jobs_per_sec: args.jobs as f64 / seconds,
+        worker_cpu_s_per_1k: per_1k(cpu),
+        worker_peak_rss_mib: 0.0,
+        broker_cpu_s_per_1k: per_1k(services_after.broker - services_before.broker),
+        db_cpu_s_per_1k: per_1k(services_after.database - services_before.database),
+        retries: 0,
+        seconds,
+    })
+}
+
+/// The invariants: every request answered, nothing failed, the books balance and
+/// one row per accepted request.
+async fn check(
+    args: &Args,
+    variant: &str,
+    db: &Db,
+    statuses: &BTreeMap<String, usize>,
+) -> anyhow::Result<()> {
+    let answered: usize = statuses.values().sum();
+    ensure!(
+        answered == args.jobs,
+        "{variant}: {answered} replies for {} requests",
+        args.jobs
+    );
+    ensure!(
+        !statuses.contains_key("failed"),
+        "{variant}: failures {statuses:?}"
+    );
+    if variant == "broker" {
+        return Ok(());
+    }
+    let totals = handlers::totals(db).await?;
+    ensure!(
+        totals.balance_sum == args.accounts * handlers::INITIAL_BALANCE,
+        "{variant}: the books do not balance"
+    );
+    let ok = statuses.get("ok").copied().unwrap_or(0) as i64;
+    if args.workload == "noop" {
+        ensure!(
+            totals.jobs_logged == ok,
+            "{variant}: {} rows for {ok} jobs",
+            totals.jobs_logged
+        );
+    } else if variant != "db" {
+        ensure!(
+            totals.transfers == ok,
+            "{variant}: {} transfers for {ok} accepted",
+            totals.transfers
+        );
+    }
+    Ok(())
+}
