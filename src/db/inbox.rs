@@ -1,13 +1,17 @@
 //! The inbox: one row per processed message_id, written in the job's own
 //! transaction, so a request's effects and its "done" mark commit together.
 //!
-//! Protocol (see ARCHITECTURE.md): the job *claims* its id first thing in its
-//! transaction with an insert that does nothing on conflict. A committed row means a
-//! duplicate; an uncommitted one (a racing delivery) makes the insert wait on the key
-//! until that transaction ends. On success the row is *completed* with the reply in
-//! the same transaction. Rejections are *recorded* in a transaction of their own
-//! after the job's is rolled back. Failures are not recorded, so a replay from the
-//! dead-letter queue runs again.
+//! Protocol (see ARCHITECTURE.md): on success the job *records* its id and reply as
+//! the last statement of its own transaction, with an insert that does nothing on
+//! conflict. A committed row means a duplicate; an uncommitted one (a racing
+//! delivery) makes the insert wait on the key until that transaction ends; either
+//! way the job rolls back and answers from the row, so its effects never commit
+//! twice. A delivery the broker flags as *redelivered* (the first one may have
+//! committed, or may still be running) instead *claims* its id first thing, so it
+//! waits for a racing delivery before running anything, and *completes* the row at
+//! the end. Rejections are recorded in a transaction of their own after the job's is
+//! rolled back. Failures are not recorded, so a replay from the dead-letter queue
+//! runs again.
 
 use super::{Backend, Db, Tx};
 use crate::with_conn;
@@ -82,24 +86,30 @@ pub(crate) async fn complete(
     Ok(())
 }
 
-/// Records a finished request in a transaction of its own. `false`: a row was
-/// there already (a racing delivery finished first).
-pub(crate) async fn record(
-    db: &Db,
-    message_id: &str,
-    job_type: &str,
-    reply: &StoredReply,
-) -> Result<bool, sqlx::Error> {
-    let q = sql(
-        db.backend(),
+fn record_sql(backend: Backend) -> &'static str {
+    sql(
+        backend,
         "INSERT IGNORE INTO txq_inbox (message_id, job_type, status, reply, attempts, created_at_ms)
          VALUES (?, ?, ?, ?, ?, ?)",
         "INSERT INTO txq_inbox (message_id, job_type, status, reply, attempts, created_at_ms)
          VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (message_id) DO NOTHING",
         "INSERT INTO txq_inbox (message_id, job_type, status, reply, attempts, created_at_ms)
          VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (message_id) DO NOTHING",
-    );
-    let done = crate::on_pool!(db, p => {
+    )
+}
+
+/// Records a finished request inside the job's transaction, as its last statement
+/// before COMMIT. `false`: a row was there already, or a racing transaction
+/// committed one while this insert waited on the key: this transaction must roll
+/// back and answer from the row.
+pub(crate) async fn record_in(
+    tx: &mut Tx,
+    message_id: &str,
+    job_type: &str,
+    reply: &StoredReply,
+) -> Result<bool, sqlx::Error> {
+    let q = record_sql(tx.backend());
+    let done = with_conn!(tx, c => {
         sqlx::query(q)
             .bind(message_id)
             .bind(job_type)
@@ -107,11 +117,25 @@ pub(crate) async fn record(
             .bind(reply.body.as_slice())
             .bind(i64::from(reply.attempts))
             .bind(super::now_ms())
-            .execute(p)
+            .execute(c)
             .await?
             .rows_affected()
     });
     Ok(done == 1)
+}
+
+/// Records a finished request in a transaction of its own (a rejection, whose
+/// job transaction was rolled back). `false`: a row was there already.
+pub(crate) async fn record(
+    db: &Db,
+    message_id: &str,
+    job_type: &str,
+    reply: &StoredReply,
+) -> Result<bool, sqlx::Error> {
+    let mut tx = db.begin(None).await?;
+    let recorded = record_in(&mut tx, message_id, job_type, reply).await?;
+    tx.commit().await?;
+    Ok(recorded)
 }
 
 /// The stored reply of a finished request, if there is one.

@@ -146,7 +146,7 @@ async fn session(
     let connection_lost = CancellationToken::new();
     let ctx = Arc::new(Context {
         shared: shared.clone(),
-        publisher: Publisher::new(conn.clone(), 4, connection_lost.clone()),
+        publisher: Publisher::new(conn.clone(), 1, connection_lost.clone()),
         connection_lost: connection_lost.clone(),
     });
     shared.health.set_consuming(true);

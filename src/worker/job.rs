@@ -129,6 +129,20 @@ pub(crate) async fn execute(
             },
             Err(e) => e,
         };
+        // A first delivery runs before it learns it is a duplicate (the inbox row
+        // is written last), so its handler may trip over what the earlier run
+        // left (a unique key, a changed balance). If a row exists, that run's
+        // answer is the answer. Rejections check the same way when recorded.
+        if let Some(id) = inbox_id
+            && !matches!(error, AttemptError::Job(JobError::Rejected { .. }))
+            && let Ok(Some(stored)) = inbox::lookup(&ctx.db, id).await
+        {
+            return Outcome::Finished {
+                status: stored.status,
+                body: stored.body,
+                duplicate: true,
+            };
+        }
         let (reason, message) = match error {
             AttemptError::Panicked(message) => {
                 return failed(FailureKind::Panic, format!("handler panicked: {message}"));
@@ -178,13 +192,19 @@ async fn attempt_once(
     let limit = spec.timeout + TIMEOUT_MARGIN;
     let work = async {
         let mut tx = ctx.db.begin_job(&spec.begin).await?;
-        if let Some(id) = inbox_id {
-            // Waits here while a racing delivery of the same id holds the row.
-            if !inbox::claim(&mut tx, id, &meta.job_type).await? {
-                let _ = tx.rollback().await;
-                return Ok((None, Done::Duplicate));
+        // A redelivery may race the first delivery, or follow one that committed:
+        // claim the id first and wait on it. A first delivery records it at the
+        // end instead, one statement fewer on the path every job takes.
+        let claimed = match inbox_id {
+            Some(id) if meta.redelivered => {
+                if !inbox::claim(&mut tx, id, &meta.job_type).await? {
+                    let _ = tx.rollback().await;
+                    return Ok((None, Done::Duplicate));
+                }
+                true
             }
-        }
+            _ => false,
+        };
         let result = AssertUnwindSafe(handler.call(&mut tx, payload, meta))
             .catch_unwind()
             .await;
@@ -208,7 +228,14 @@ async fn attempt_once(
                 body: body.clone(),
                 attempts: meta.delivery_attempt,
             };
-            inbox::complete(&mut tx, id, &stored).await?;
+            if claimed {
+                inbox::complete(&mut tx, id, &stored).await?;
+            } else if !inbox::record_in(&mut tx, id, &meta.job_type, &stored).await? {
+                // Done before (or just now, by a racing delivery): undo this
+                // run's effects and answer from the row.
+                let _ = tx.rollback().await;
+                return Ok((None, Done::Duplicate));
+            }
         }
         Ok((Some(tx), Done::Committed(body)))
     };

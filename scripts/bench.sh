@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Runs the benchmark matrix of BENCHMARKS.md (release build, MariaDB, transfer
+# unless noted) and appends every result to bench/results.jsonl; the markdown
+# tables go to bench/*.md. Takes about 15 minutes on 2 cores.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --release --bins --examples
+B=./target/release/examples/bench
+DB=${TXQ_BENCH_DB:-mysql://root@127.0.0.1:3306/test}
+mkdir -p bench
+run() { # name, args...
+  local name=$1; shift
+  echo "== $name" >&2
+  "$B" --database-url "$DB" --json bench/results.jsonl --label "$name" "$@" > "bench/$name.md"
+}
+run headline
+run noop --workload noop
+for c in 1 4 64; do run "concurrency-$c" --concurrency "$c" --variants txq,bare --runs 1 --jobs 5000; done
+run depth-200k --variants txq --runs 1 --jobs 200000
+run payload-64k --variants txq,bare --runs 1 --jobs 5000 --payload-bytes 65536 --workload noop
+run payload-100b --variants txq,bare --runs 1 --jobs 5000 --payload-bytes 100 --workload noop
+run inbox-off --variants txq --no-inbox
