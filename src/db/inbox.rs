@@ -171,7 +171,19 @@ pub async fn prune(db: &Db, older_than_ms: i64) -> Result<u64, sqlx::Error> {
     let mut total = 0;
     loop {
         let n = crate::on_pool!(db, p => {
-            sqlx::query(q).bind(older_than_ms).bind(BATCH).execute(p).await?.rows_affected()
+            let mut conn = p.acquire().await?;
+            if db.backend() == Backend::MySql {
+                // Jobs leave their statement timeout on pooled MySQL/MariaDB
+                // sessions; a batch delete must not inherit the shortest one.
+                // Each server knows one of the two variables.
+                for reset in [
+                    "SET SESSION max_statement_time = DEFAULT",
+                    "SET SESSION max_execution_time = DEFAULT",
+                ] {
+                    let _ = sqlx::query(reset).execute(&mut *conn).await;
+                }
+            }
+            sqlx::query(q).bind(older_than_ms).bind(BATCH).execute(&mut *conn).await?.rows_affected()
         });
         total += n;
         if n < BATCH as u64 {

@@ -125,11 +125,28 @@ async fn reply(
     publish(ctx, to, body, props).await
 }
 
+/// Headers of a copy above this (estimated) size are dropped: with txq's own
+/// headers added, the content header could exceed the broker's frame size, and
+/// RabbitMQ would close the whole connection, over and over for the same request.
+const MAX_COPIED_HEADERS: usize = 64 * 1024;
+
 /// The request's properties for a copy txq keeps (retry, dead-letter): persistent,
 /// and without the producer's per-message `expiration`, which would let the copy
 /// expire unseen (it is kept in `x-txq-original-expiration`).
 fn copy_properties(props: &lapin::BasicProperties) -> lapin::BasicProperties {
     let mut copy = props.clone().with_delivery_mode(2);
+    if props
+        .headers()
+        .as_ref()
+        .is_some_and(|h| headers_size(h) > MAX_COPIED_HEADERS)
+    {
+        let mut note = lapin::types::FieldTable::default();
+        note.insert(
+            "x-txq-headers-dropped".into(),
+            long_string("the request's headers were too large to copy"),
+        );
+        copy = copy.with_headers(note);
+    }
     if let Some(exp) = props.expiration() {
         copy = with_headers(
             &copy,
@@ -139,6 +156,25 @@ fn copy_properties(props: &lapin::BasicProperties) -> lapin::BasicProperties {
         copy = without_expiration(&copy);
     }
     copy
+}
+
+/// A generous estimate of a header table's encoded size.
+fn headers_size(table: &lapin::types::FieldTable) -> usize {
+    fn value_size(v: &AMQPValue) -> usize {
+        match v {
+            AMQPValue::LongString(s) => 5 + s.len(),
+            AMQPValue::ShortString(s) => 2 + s.as_str().len(),
+            AMQPValue::FieldTable(t) => 5 + headers_size(t),
+            AMQPValue::FieldArray(a) => 5 + a.as_slice().iter().map(value_size).sum::<usize>(),
+            AMQPValue::ByteArray(b) => 5 + b.len(),
+            _ => 9,
+        }
+    }
+    table
+        .inner()
+        .iter()
+        .map(|(k, v)| 1 + k.as_str().len() + value_size(v))
+        .sum()
 }
 
 fn without_expiration(p: &lapin::BasicProperties) -> lapin::BasicProperties {

@@ -556,3 +556,60 @@ async fn a_transient_failure_is_retried_later_through_the_broker() {
     worker.stop().await.expect("clean stop");
     assert_eq!(client.depth(&requests).await, 0);
 }
+
+#[tokio::test]
+async fn a_request_with_huge_headers_is_dead_lettered_without_breaking_the_connection() {
+    let (test_db, client, requests, replies) = bank_queues(Backend::Sqlite).await;
+    let worker = RunningWorker::start(
+        Worker::builder(config(&test_db.url, &requests, &replies, 2))
+            .handler("transfer", bank::Transfer)
+            .database(test_db.db.clone()),
+    )
+    .await;
+    // 100 KiB of headers: fits the request's frame, but not with txq's own added.
+    let mut headers = lapin::types::FieldTable::default();
+    headers.insert(
+        "big".into(),
+        txq::broker::long_string(&"x".repeat(100 * 1024)),
+    );
+    let props = lapin::BasicProperties::default()
+        .with_type("nope".into())
+        .with_message_id("huge".into())
+        .with_headers(headers);
+    client
+        .channel
+        .basic_publish(
+            "".into(),
+            requests.as_str().into(),
+            Default::default(),
+            b"{}",
+            props,
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    let reply = client.replies(&replies, 1).await.remove(0);
+    assert_eq!(reply.body["error"]["kind"], "unknown_type");
+    let dead = client
+        .replies(&format!("{requests}.dlq"), 1)
+        .await
+        .remove(0);
+    assert!(
+        dead.header("x-txq-headers-dropped").is_some(),
+        "{:?}",
+        dead.props.headers()
+    );
+    assert!(dead.header("big").is_none());
+    assert_eq!(
+        dead.header_text("x-txq-error-kind").as_deref(),
+        Some("unknown_type")
+    );
+    assert_eq!(
+        worker.health.reconnects(),
+        0,
+        "the connection was never broken"
+    );
+    worker.stop().await.expect("clean stop");
+    assert_eq!(client.depth(&requests).await, 0);
+}
