@@ -140,7 +140,8 @@ async fn session(
         Ok(c) => c,
         Err(e) => return lost(e),
     };
-    // Confirms are pipelined, so a few channels carry all the replies. Jobs of this
+    // Confirms are pipelined, so one channel carries all the replies (and the broker
+    // batches its confirms; BENCHMARKS.md). Jobs of this
     // session publish on this connection only; after a loss, theirs fail and the
     // broker redelivers their requests.
     let connection_lost = CancellationToken::new();
