@@ -369,6 +369,15 @@ impl Config {
             .unwrap_or_else(|| u32::try_from(self.concurrency).unwrap_or(u32::MAX))
     }
 
+    /// The database pool this config describes.
+    pub fn pool_options(&self) -> crate::db::PoolOptions {
+        crate::db::PoolOptions {
+            max_connections: self.db_pool_size(),
+            acquire_timeout: self.db_acquire_timeout,
+            sqlite_busy_timeout: self.sqlite_busy_timeout,
+        }
+    }
+
     /// Settings of `job_type` (defaults where it has no section).
     pub fn job(&self, job_type: &str) -> JobConfig {
         self.jobs.get(job_type).cloned().unwrap_or_default()

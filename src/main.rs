@@ -171,12 +171,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Run(args) => {
             info!(?config, "starting");
-            let options = txq::db::PoolOptions {
-                max_connections: config.db_pool_size(),
-                acquire_timeout: config.db_acquire_timeout,
-                sqlite_busy_timeout: config.sqlite_busy_timeout,
-            };
-            let db = txq::Db::connect(config.database_url.expose(), &options)
+            let db = txq::Db::connect(config.database_url.expose(), &config.pool_options())
                 .await
                 .with_context(|| format!("connecting to {}", config.database_url))?;
             if let Some(path) = &args.init_sql {
@@ -219,16 +214,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 async fn connect_db(config: &Config) -> anyhow::Result<txq::Db> {
     let options = txq::db::PoolOptions {
         max_connections: 1,
-        acquire_timeout: config.db_acquire_timeout,
-        sqlite_busy_timeout: config.sqlite_busy_timeout,
+        ..config.pool_options()
     };
     txq::Db::connect(config.database_url.expose(), &options)
         .await
         .with_context(|| format!("connecting to {}", config.database_url))
 }
 
-/// Built in until job types can be defined in a file: replies with its payload, and
-/// proves the round trip through the database by asking it for the time.
+/// The job type of `txq run` without `--ops`: replies with its payload, and proves
+/// the round trip through the database with a `SELECT 1`.
 struct Echo;
 
 impl Handler for Echo {

@@ -60,15 +60,9 @@ async fn main() -> anyhow::Result<()> {
         },
     )?;
     txq::telemetry::init(config.log_format);
-    let db = txq::Db::connect(
-        config.database_url.expose(),
-        &txq::db::PoolOptions {
-            max_connections: config.db_pool_size(),
-            ..Default::default()
-        },
-    )
-    .await
-    .with_context(|| format!("connecting to {}", config.database_url))?;
+    let db = txq::Db::connect(config.database_url.expose(), &config.pool_options())
+        .await
+        .with_context(|| format!("connecting to {}", config.database_url))?;
     if args.setup {
         handlers::setup(&db, args.accounts)
             .await

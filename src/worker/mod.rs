@@ -17,7 +17,7 @@ use tracing::{info, warn};
 
 use crate::broker::{BrokerError, Publisher, Topology};
 use crate::config::{Config, ConfigError, RetryConfig, SecretUrl};
-use crate::db::{Backend, Db, DbError, PoolOptions};
+use crate::db::{Backend, Db, DbError};
 use crate::handler::{Handler, Registry};
 use crate::health::Health;
 
@@ -101,14 +101,7 @@ impl WorkerBuilder {
         }
         let db = match self.db {
             Some(db) => db,
-            None => {
-                let options = PoolOptions {
-                    max_connections: config.db_pool_size(),
-                    acquire_timeout: config.db_acquire_timeout,
-                    sqlite_busy_timeout: config.sqlite_busy_timeout,
-                };
-                Db::connect(config.database_url.expose(), &options).await?
-            }
+            None => Db::connect(config.database_url.expose(), &config.pool_options()).await?,
         };
         let pool = db.max_connections();
         if (pool as usize) < config.concurrency {

@@ -12,7 +12,7 @@ use serde_json::json;
 use txq::{Backend, Handler, JobError, JobMeta, Tx, Worker, with_conn};
 
 use crate::bank;
-use crate::support::{Client, Request, RunningWorker, TestDb, by_status, config, unique};
+use crate::support::{Client, Request, RunningWorker, TestDb, bank_env, by_status, config, unique};
 
 /// Counts the jobs inside handlers at once.
 #[derive(Clone, Default)]
@@ -192,11 +192,7 @@ async fn a_request_without_reply_to_is_processed_and_acked() {
 
 #[tokio::test]
 async fn bad_input_gets_an_error_reply_and_the_worker_stays_up() {
-    let test_db = TestDb::new(Backend::Sqlite).await;
-    bank::setup(&test_db.db, 2).await.expect("schema");
-    let mut client = Client::new().await;
-    let requests = client.queue(&unique("requests")).await;
-    let replies = client.queue(&unique("replies")).await;
+    let (test_db, client, requests, replies) = bank_env(Backend::Sqlite, 2).await;
     let worker = RunningWorker::start(
         Worker::builder(config(&test_db.url, &requests, &replies, 4))
             .handler("transfer", bank::Transfer)
@@ -314,11 +310,7 @@ impl Handler for WriteThen {
 
 #[tokio::test]
 async fn a_refused_failed_or_panicking_job_rolls_back_everything_it_wrote() {
-    let test_db = TestDb::new(Backend::Sqlite).await;
-    bank::setup(&test_db.db, 2).await.expect("schema");
-    let mut client = Client::new().await;
-    let requests = client.queue(&unique("requests")).await;
-    let replies = client.queue(&unique("replies")).await;
+    let (test_db, client, requests, replies) = bank_env(Backend::Sqlite, 2).await;
     let worker = RunningWorker::start(
         Worker::builder(config(&test_db.url, &requests, &replies, 2))
             .handler("write_then", WriteThen)

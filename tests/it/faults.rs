@@ -11,7 +11,7 @@ use txq::{Backend, Handler, JobError, JobMeta, Tx, Worker, with_conn};
 
 use crate::bank;
 use crate::support::{
-    Client, Collector, Proxy, Reply, Request, RunningWorker, TestDb, by_status, config,
+    Client, Collector, Proxy, Reply, Request, RunningWorker, TestDb, bank_env, by_status, config,
     correlation_ids, spawn_bank, transfers, unique,
 };
 
@@ -54,21 +54,10 @@ async fn assert_exactly_once(
     );
 }
 
-async fn bank_queues(backend: Backend) -> (TestDb, Client, String, String) {
-    let test_db = TestDb::new(backend).await;
-    bank::setup(&test_db.db, ACCOUNTS)
-        .await
-        .expect("bank schema");
-    let mut client = Client::new().await;
-    let requests = client.queue(&unique("requests")).await;
-    let replies = client.queue(&unique("replies")).await;
-    (test_db, client, requests, replies)
-}
-
 #[tokio::test]
 async fn a_worker_killed_nine_times_over_loses_and_repeats_nothing() {
     const N: usize = 5000;
-    let (test_db, client, requests, replies) = bank_queues(Backend::MySql).await;
+    let (test_db, client, requests, replies) = bank_env(Backend::MySql, ACCOUNTS).await;
     client
         .publish_all(&requests, &transfers(N, ACCOUNTS, &replies))
         .await;
@@ -107,7 +96,7 @@ async fn terminate(worker: &mut tokio::process::Child) {
 #[tokio::test]
 async fn sigterm_finishes_jobs_in_flight_exits_zero_and_leaves_the_rest_queued() {
     const N: usize = 3000;
-    let (test_db, client, requests, replies) = bank_queues(Backend::MySql).await;
+    let (test_db, client, requests, replies) = bank_env(Backend::MySql, ACCOUNTS).await;
     client
         .publish_all(&requests, &transfers(N, ACCOUNTS, &replies))
         .await;
@@ -145,7 +134,7 @@ async fn sigterm_finishes_jobs_in_flight_exits_zero_and_leaves_the_rest_queued()
 #[tokio::test]
 async fn cut_broker_connections_are_rebuilt_and_nothing_is_lost() {
     const N: usize = 3000;
-    let (test_db, client, requests, replies) = bank_queues(Backend::Postgres).await;
+    let (test_db, client, requests, replies) = bank_env(Backend::Postgres, ACCOUNTS).await;
     client
         .publish_all(&requests, &transfers(N, ACCOUNTS, &replies))
         .await;
@@ -176,7 +165,7 @@ async fn cut_broker_connections_are_rebuilt_and_nothing_is_lost() {
 
 async fn killed_database_connections_are_retried(backend: Backend) {
     const N: usize = 3000;
-    let (test_db, client, requests, replies) = bank_queues(backend).await;
+    let (test_db, client, requests, replies) = bank_env(backend, ACCOUNTS).await;
     client
         .publish_all(&requests, &transfers(N, ACCOUNTS, &replies))
         .await;
@@ -227,7 +216,7 @@ impl Handler for Boom {
 
 #[tokio::test]
 async fn poison_is_dead_lettered_with_its_reason_and_good_requests_are_answered() {
-    let (test_db, client, requests, replies) = bank_queues(Backend::Sqlite).await;
+    let (test_db, client, requests, replies) = bank_env(Backend::Sqlite, ACCOUNTS).await;
     let dlq = format!("{requests}.dlq");
     let mut cfg = config(&test_db.url, &requests, &replies, 4);
     cfg.max_body_bytes = 2048;
@@ -353,7 +342,7 @@ impl Handler for Hog {
 }
 
 async fn a_timed_out_job_releases_its_locks(backend: Backend) {
-    let (test_db, client, requests, replies) = bank_queues(backend).await;
+    let (test_db, client, requests, replies) = bank_env(backend, ACCOUNTS).await;
     let mut cfg = config(&test_db.url, &requests, &replies, 4);
     cfg.jobs.insert(
         "hog".into(),
@@ -433,7 +422,7 @@ async fn a_timed_out_job_on_postgres_is_rolled_back_and_releases_its_locks() {
 }
 
 async fn duplicates_run_once_and_get_the_same_reply(backend: Backend) {
-    let (test_db, client, requests, replies) = bank_queues(backend).await;
+    let (test_db, client, requests, replies) = bank_env(backend, ACCOUNTS).await;
     let worker = RunningWorker::start(
         Worker::builder(config(&test_db.url, &requests, &replies, 4))
             .handler("transfer", bank::Transfer)
@@ -534,7 +523,7 @@ impl Handler for Flaky {
 
 #[tokio::test]
 async fn a_transient_failure_is_retried_later_through_the_broker() {
-    let (test_db, client, requests, replies) = bank_queues(Backend::Sqlite).await;
+    let (test_db, client, requests, replies) = bank_env(Backend::Sqlite, ACCOUNTS).await;
     let worker = RunningWorker::start(
         Worker::builder(config(&test_db.url, &requests, &replies, 2))
             .handler("flaky", Flaky)
@@ -559,7 +548,7 @@ async fn a_transient_failure_is_retried_later_through_the_broker() {
 
 #[tokio::test]
 async fn a_request_with_huge_headers_is_dead_lettered_without_breaking_the_connection() {
-    let (test_db, client, requests, replies) = bank_queues(Backend::Sqlite).await;
+    let (test_db, client, requests, replies) = bank_env(Backend::Sqlite, ACCOUNTS).await;
     let worker = RunningWorker::start(
         Worker::builder(config(&test_db.url, &requests, &replies, 2))
             .handler("transfer", bank::Transfer)

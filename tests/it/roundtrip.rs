@@ -4,14 +4,10 @@ use serde_json::json;
 use txq::{Backend, Worker};
 
 use crate::bank;
-use crate::support::{Client, Request, RunningWorker, TestDb, config, unique};
+use crate::support::{Request, RunningWorker, bank_env, config};
 
 async fn a_transfer_round_trips(backend: Backend) {
-    let test_db = TestDb::new(backend).await;
-    bank::setup(&test_db.db, 10).await.expect("bank schema");
-    let mut client = Client::new().await;
-    let requests = client.queue(&unique("requests")).await;
-    let replies = client.queue(&unique("replies")).await;
+    let (test_db, client, requests, replies) = bank_env(backend, 10).await;
 
     let worker = RunningWorker::start(
         Worker::builder(config(&test_db.url, &requests, &replies, 4))

@@ -781,3 +781,16 @@ pub fn transfers(n: usize, accounts: i64, replies: &str) -> Vec<Request> {
 pub fn correlation_ids(n: usize) -> std::collections::HashSet<String> {
     (0..n).map(|i| format!("c-{i}")).collect()
 }
+
+/// The set-up most tests share: a database with the bank tables and `accounts`
+/// accounts, a client, and a request and a reply queue of their own.
+pub async fn bank_env(backend: Backend, accounts: i64) -> (TestDb, Client, String, String) {
+    let test_db = TestDb::new(backend).await;
+    crate::bank::setup(&test_db.db, accounts)
+        .await
+        .expect("bank schema");
+    let mut client = Client::new().await;
+    let requests = client.queue(&unique("requests")).await;
+    let replies = client.queue(&unique("replies")).await;
+    (test_db, client, requests, replies)
+}

@@ -10,7 +10,9 @@ use txq::config::JobConfig;
 use txq::{Backend, Handler, Isolation, JobError, JobMeta, Tx, Worker, with_conn};
 
 use crate::bank;
-use crate::support::{Client, Request, RunningWorker, TestDb, by_status, config, exec, unique};
+use crate::support::{
+    Client, Request, RunningWorker, TestDb, bank_env, by_status, config, exec, unique,
+};
 
 /// Few accounts, many concurrent transfers: row locks collide all the time.
 async fn contended_transfers_keep_the_books(
@@ -162,11 +164,7 @@ impl Handler for CrossLock {
 }
 
 async fn a_deadlock_is_retried_in_a_fresh_transaction(backend: Backend) {
-    let test_db = TestDb::new(backend).await;
-    bank::setup(&test_db.db, 2).await.expect("bank schema");
-    let mut client = Client::new().await;
-    let requests = client.queue(&unique("requests")).await;
-    let replies = client.queue(&unique("replies")).await;
+    let (test_db, client, requests, replies) = bank_env(backend, 2).await;
     client
         .publish_all(
             &requests,
