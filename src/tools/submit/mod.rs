@@ -217,8 +217,8 @@ pub struct WaitOptions {
 /// Progress on standard error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProgressMode {
-    /// A progress bar when standard error is a terminal, a line of counts every
-    /// few seconds otherwise.
+    /// A progress bar when standard error is a terminal (and the replies do not go
+    /// to the same terminal), a line of counts every few seconds otherwise.
     Auto,
     /// Nothing.
     Off,
@@ -429,6 +429,7 @@ async fn run(
         options.progress,
         jobs.len(),
         options.wait.is_some(),
+        options.wait.as_ref().is_some_and(|w| w.output.is_none()),
         counters.clone(),
     );
     let (published_tx, published_rx) = watch::channel(None);

@@ -17,7 +17,7 @@ pub(super) struct Counters {
     pub(super) not_ok: AtomicUsize,
 }
 
-/// Plain progress lines this far apart when standard error is not a terminal.
+/// Plain progress lines this far apart when there is no bar.
 const PLAIN_EVERY: Duration = Duration::from_secs(5);
 
 pub(super) struct Progress {
@@ -30,11 +30,16 @@ impl Progress {
         mode: ProgressMode,
         total: usize,
         waiting: bool,
+        records_to_stdout: bool,
         counters: Arc<Counters>,
     ) -> Self {
         let stop = tokio_util::sync::CancellationToken::new();
         let token = stop.clone();
-        let bar = (mode == ProgressMode::Auto && io::stderr().is_terminal()).then(|| {
+        // Records written to the same terminal would tear through a redrawn bar.
+        let records_on_terminal = records_to_stdout && io::stdout().is_terminal();
+        let use_bar =
+            mode == ProgressMode::Auto && io::stderr().is_terminal() && !records_on_terminal;
+        let bar = use_bar.then(|| {
             let bar = indicatif::ProgressBar::new(u64::try_from(total).unwrap_or(u64::MAX));
             if let Ok(style) = indicatif::ProgressStyle::with_template(
                 "{bar:40} {pos}/{len} {msg} [{elapsed_precise}, eta {eta}]",
@@ -67,7 +72,7 @@ impl Progress {
                         bar.set_position(u64::try_from(done).unwrap_or(u64::MAX));
                         if waiting {
                             bar.set_message(format!(
-                                "replies ({published} published, {not_ok} not ok)"
+                                "replies ({published} confirmed, {not_ok} not ok)"
                             ));
                         } else {
                             bar.set_message("published");
