@@ -78,12 +78,19 @@ async fn submit(requests: &str, replies: &str, args: &[&str]) -> Run {
     submit_with(&amqp_url(), requests, replies, args).await
 }
 
-async fn submit_with(amqp: &str, requests: &str, replies: &str, args: &[&str]) -> Run {
+/// `txq submit --json ARGS` configured by `TXQ_*` variables as the test worker is.
+fn submit_command(
+    amqp: &str,
+    requests: &str,
+    replies: &str,
+    args: &[&str],
+) -> tokio::process::Command {
     let delays: Vec<String> = TEST_DELAYS
         .iter()
         .map(|d| format!("\"{}ms\"", d.as_millis()))
         .collect();
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_txq"))
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_txq"));
+    command
         .arg("submit")
         .arg("--json")
         .args(args)
@@ -94,7 +101,12 @@ async fn submit_with(amqp: &str, requests: &str, replies: &str, args: &[&str]) -
         .env("TXQ_RETRY__DELAYS", format!("[{}]", delays.join(",")))
         .env("RUST_LOG", "warn")
         .stdin(std::process::Stdio::null())
-        .kill_on_drop(true)
+        .kill_on_drop(true);
+    command
+}
+
+async fn submit_with(amqp: &str, requests: &str, replies: &str, args: &[&str]) -> Run {
+    let out = submit_command(amqp, requests, replies, args)
         .output()
         .await
         .expect("running txq submit");
@@ -526,6 +538,30 @@ async fn a_bad_line_is_named_and_nothing_is_published() {
     assert!(run.records.is_empty());
     assert_eq!(client.depth(&requests).await, 0);
 
+    let good = scratch.file("good.jsonl", &noops(1..=1));
+    let unwritable = submit(
+        &requests,
+        &replies,
+        &[
+            "--wait",
+            "-o",
+            "no/such/dir/out.jsonl",
+            good.to_str().expect("path"),
+        ],
+    )
+    .await;
+    assert_eq!(unwritable.code, 2, "{}", unwritable.stderr);
+    assert!(
+        unwritable.stderr.contains("no/such/dir/out.jsonl"),
+        "{}",
+        unwritable.stderr
+    );
+    assert_eq!(
+        client.depth(&requests).await,
+        0,
+        "checked before publishing"
+    );
+
     let missing = submit(&requests, &replies, &["no/such/file.jsonl"]).await;
     assert_eq!(missing.code, 2, "{}", missing.stderr);
     assert!(
@@ -551,4 +587,51 @@ async fn an_unreachable_broker_is_a_clear_error_without_the_password() {
     let error = run.summary["error"].as_str().expect("an error message");
     assert!(error.contains("127.0.0.1:1"), "{error}");
     assert!(!run.stderr.contains("hunter2"), "{}", run.stderr);
+}
+
+#[tokio::test]
+async fn a_lost_connection_stops_the_run_and_running_again_answers_everything_once() {
+    const N: usize = 50;
+    let (test_db, client, requests, replies) = bank_env(Backend::MySql, 2).await;
+    let scratch = Scratch::new();
+    let input = scratch.file("jobs.jsonl", &noops(1..=N));
+    let input = input.to_str().expect("path");
+    let proxy = crate::support::Proxy::start().await;
+
+    // No worker yet: the run publishes everything, then waits for replies.
+    let args = ["--wait", "--timeout", "2m", input];
+    let child = submit_command(&proxy.url(), &requests, &replies, &args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawning txq submit");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while client.depth(&requests).await < N as u32 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the requests never reached the queue"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    proxy.cut();
+    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .expect("submit ends when its connection is lost")
+        .expect("submit output");
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.stdout.is_empty(), "no request was answered");
+
+    let worker = bank_worker(&test_db, &requests, &replies, 4).await;
+    let again = submit(&requests, &replies, &["--wait", input]).await;
+    assert_eq!(again.code, 0, "{}", again.stderr);
+    assert_eq!(again.summary["ok"], N);
+    worker.stop().await.expect("clean stop");
+    let totals = bank::totals(&test_db.db).await.expect("totals");
+    assert_eq!(totals.jobs_logged, N as i64, "each request ran once");
+    assert_eq!(client.depth(&requests).await, 0);
 }
