@@ -305,6 +305,10 @@ async fn submit(config: &Config, args: SubmitArgs) -> ExitCode {
         Err(e) => {
             if args.json {
                 eprintln!("{}", serde_json::json!({"error": e.to_string()}));
+            } else if e.exit_code() == submit::exit::BROKER {
+                eprintln!(
+                    "txq submit: {e}\n(running the same input again is safe: the inbox answers what was done)"
+                );
             } else {
                 eprintln!("txq submit: {e}");
             }

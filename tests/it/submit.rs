@@ -625,6 +625,9 @@ async fn a_lost_connection_stops_the_run_and_running_again_answers_everything_on
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(out.stdout.is_empty(), "no request was answered");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{stderr}");
+    assert!(stderr.contains("\"error\":\"rabbitmq"), "{stderr}");
 
     let worker = bank_worker(&test_db, &requests, &replies, 4).await;
     let again = submit(&requests, &replies, &["--wait", input]).await;

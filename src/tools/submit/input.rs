@@ -102,8 +102,9 @@ pub fn derive_message_id(identity: &str, line: usize, job_type: &str, text: &str
 }
 
 /// The identity of a batch, the first part of its derived message_ids:
-/// `batch:<id>` for `--batch-id`, `file:<absolute path>` for a file, and
-/// `stdin:<UUID v5 of the content>` for standard input.
+/// `batch:<id>` for `--batch-id`, `file:<absolute path>` for a regular file, and
+/// `content:<UUID v5 of the content>` for standard input and other streams (a pipe
+/// or process substitution has no lasting name).
 pub fn batch_identity(
     source: &Source,
     content: &[u8],
@@ -112,20 +113,20 @@ pub fn batch_identity(
     if let Some(id) = batch_id {
         return Ok(format!("batch:{id}"));
     }
-    match source {
-        Source::File(path) => {
-            let absolute =
-                std::fs::canonicalize(path).map_err(|source| SubmitError::ReadInput {
-                    path: path.display().to_string(),
-                    source,
-                })?;
-            Ok(format!("file:{}", absolute.display()))
+    if let Source::File(path) = source {
+        let failed = |source| SubmitError::ReadInput {
+            path: path.display().to_string(),
+            source,
+        };
+        if std::fs::metadata(path).map_err(failed)?.is_file() {
+            let absolute = std::fs::canonicalize(path).map_err(failed)?;
+            return Ok(format!("file:{}", absolute.display()));
         }
-        Source::Stdin => Ok(format!(
-            "stdin:{}",
-            Uuid::new_v5(&MESSAGE_ID_NAMESPACE, content)
-        )),
     }
+    Ok(format!(
+        "content:{}",
+        Uuid::new_v5(&MESSAGE_ID_NAMESPACE, content)
+    ))
 }
 
 /// AMQP short strings (type, ids) hold at most 255 bytes.
@@ -359,6 +360,23 @@ mod tests {
             "batch:nightly-1"
         );
     }
+
+    #[test]
+    fn a_regular_file_is_known_by_its_path_and_a_stream_by_its_content() {
+        let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let relative = manifest.join("src/../Cargo.toml");
+        let id = batch_identity(&Source::File(relative), b"", None).expect("identity");
+        let expected = manifest.canonicalize().expect("dir").join("Cargo.toml");
+        assert_eq!(id, format!("file:{}", expected.display()));
+        // A device, like a pipe, has no lasting name: the content stands for it.
+        let stream = Source::File("/dev/null".into());
+        assert_eq!(
+            batch_identity(&stream, b"x\n", None).expect("identity"),
+            batch_identity(&Source::Stdin, b"x\n", None).expect("identity")
+        );
+        assert!(batch_identity(&Source::File("no/such".into()), b"", None).is_err());
+    }
+
     #[test]
     fn every_bad_line_is_named_and_nothing_is_accepted() {
         let input = concat!(
