@@ -168,7 +168,7 @@ pub fn parse_batch(
     let mut correlations: HashMap<String, usize> = HashMap::new();
     if let Some(t) = job_type {
         if let Err(message) = short_text("--type", t) {
-            return Err(SubmitError::Input(vec![LineError { line: 0, message }]));
+            return Err(SubmitError::Usage(message));
         }
     }
     for (i, raw) in content.split(|b| *b == b'\n').enumerate() {
@@ -400,6 +400,10 @@ mod tests {
         assert!(shown.contains("line 3: not JSON"), "{shown}");
         assert!(shown.contains("nothing was published"), "{shown}");
 
+        assert!(matches!(
+            parse_batch(b"{}\n", "i", Some("")),
+            Err(SubmitError::Usage(m)) if m.contains("--type")
+        ));
         let errors = input_errors(parse_batch(b"{}\n{oops\n\xff\n", "i", Some("t")));
         let at: Vec<usize> = errors.iter().map(|e| e.line).collect();
         assert_eq!(at, [2, 3]);

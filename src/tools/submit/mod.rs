@@ -90,6 +90,9 @@ pub enum SubmitError {
         /// What the OS said.
         source: io::Error,
     },
+    /// A flag's value that cannot work.
+    #[error("{0}")]
+    Usage(String),
     /// Lines that are not valid requests; nothing was published.
     #[error("{}", input::LineErrors(.0))]
     Input(Vec<LineError>),
@@ -174,6 +177,7 @@ impl SubmitError {
     pub fn exit_code(&self) -> u8 {
         match self {
             Self::ReadInput { .. }
+            | Self::Usage(_)
             | Self::Input(_)
             | Self::Output { .. }
             | Self::ResumeMismatch { .. } => exit::INPUT,
