@@ -35,6 +35,7 @@ pub mod health;
 pub mod signals;
 pub mod sqlops;
 pub mod telemetry;
+pub mod tools;
 mod worker;
 
 pub use config::Config;

@@ -503,6 +503,12 @@ async fn duplicates_run_once_and_get_the_same_reply(backend: Backend) {
         again.body, first.body,
         "the stored reply, not a second transfer"
     );
+    assert_eq!(first.header("x-txq-duplicate"), None);
+    assert_eq!(
+        again.header("x-txq-duplicate"),
+        Some(lapin::types::AMQPValue::Boolean(true)),
+        "a reply from the inbox says so"
+    );
 
     // Two deliveries of one id at once.
     client

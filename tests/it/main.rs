@@ -12,4 +12,5 @@ mod contract;
 mod faults;
 mod ops;
 mod roundtrip;
+mod submit;
 mod transfers;
