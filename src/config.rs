@@ -77,6 +77,9 @@ pub struct Config {
     pub jobs: BTreeMap<String, JobConfig>,
     /// `text` or `json` log lines. Default `text`.
     pub log_format: LogFormat,
+    /// Where `txq run` serves `/metrics`, `/healthz` and `/readyz`. Default
+    /// `127.0.0.1:9464` (this host only); `0.0.0.0:9464` in a container; `""` off.
+    pub metrics_addr: String,
 }
 
 impl Default for Config {
@@ -102,6 +105,7 @@ impl Default for Config {
             inbox: InboxConfig::default(),
             jobs: BTreeMap::new(),
             log_format: LogFormat::Text,
+            metrics_addr: "127.0.0.1:9464".into(),
         }
     }
 }
@@ -231,6 +235,9 @@ pub struct Overrides {
     /// `--log-format`
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log_format: Option<LogFormat>,
+    /// `--metrics-addr`
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_addr: Option<String>,
 }
 
 /// Why a configuration could not be loaded.
@@ -321,6 +328,14 @@ impl Config {
                 "each must be between 1ms and 49 days",
             ));
         }
+        if !self.metrics_addr.is_empty()
+            && self.metrics_addr.parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err(invalid(
+                "metrics_addr",
+                "must be an IP address and port, like 127.0.0.1:9464, or empty (off)",
+            ));
+        }
         if self.max_body_bytes == 0 {
             return Err(invalid("max_body_bytes", "must be at least 1"));
         }
@@ -377,6 +392,11 @@ impl Config {
             sqlite_busy_timeout: self.sqlite_busy_timeout,
             session_timeout: Some(self.job_timeout),
         }
+    }
+
+    /// Where to serve metrics and health; `None` when off.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metrics_addr.parse().ok()
     }
 
     /// Settings of `job_type` (defaults where it has no section).

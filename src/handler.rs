@@ -32,7 +32,8 @@ pub struct JobMeta {
     pub delivery_attempt: u32,
     /// The broker's redelivered flag: an earlier delivery may have been processed.
     pub redelivered: bool,
-    /// The W3C `traceparent` header, if the producer set one.
+    /// The job's W3C `traceparent`: the request's trace continued, with this job's
+    /// span as parent. Pass it on to whatever the handler calls.
     pub traceparent: Option<String>,
 }
 

@@ -30,8 +30,10 @@
 pub mod broker;
 pub mod config;
 pub mod db;
+pub mod events;
 mod handler;
 pub mod health;
+pub mod http;
 pub mod signals;
 pub mod sqlops;
 pub mod telemetry;

@@ -93,6 +93,9 @@ struct RunArgs {
     /// examples/bank/schema.sqlite.sql)
     #[arg(long)]
     init_sql: Option<PathBuf>,
+    /// Serve /metrics, /healthz and /readyz here; "" turns it off [config: metrics_addr]
+    #[arg(long)]
+    metrics_addr: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -119,9 +122,9 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let concurrency = match &cli.command {
-        Command::Run(args) => args.concurrency,
-        _ => None,
+    let (concurrency, metrics_addr) = match &cli.command {
+        Command::Run(args) => (args.concurrency, args.metrics_addr.clone()),
+        _ => (None, None),
     };
     let overrides = Overrides {
         amqp_url: cli.common.amqp_url,
@@ -129,6 +132,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         queue: cli.common.queue,
         concurrency,
         log_format: cli.common.log_format,
+        metrics_addr,
     };
     let config = Config::load(cli.common.config.as_deref(), &overrides)?;
     txq::telemetry::init(config.log_format);
@@ -179,6 +183,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Submit(args) => Ok(submit(&config, args).await),
         Command::Run(args) => {
             info!(?config, "starting");
+            let metrics_addr = config.metrics_addr();
+            let recorder = match metrics_addr {
+                Some(_) => Some(txq::http::install_recorder()?),
+                None => None,
+            };
             let db = txq::Db::connect(config.database_url.expose(), &config.pool_options())
                 .await
                 .with_context(|| format!("connecting to {}", config.database_url))?;
@@ -207,7 +216,29 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let shutdown = CancellationToken::new();
             txq::signals::cancel_on_signals(shutdown.clone());
             let health = worker.health();
-            worker.run(shutdown).await.context("worker")?;
+            // Outlives the drain: /healthz keeps answering, /readyz says no.
+            let server_stop = CancellationToken::new();
+            let server = match (metrics_addr, recorder) {
+                (Some(addr), Some(recorder)) => {
+                    let (bound, task) = txq::http::serve(
+                        addr,
+                        recorder,
+                        health.clone(),
+                        worker.db().clone(),
+                        server_stop.clone(),
+                    )
+                    .await?;
+                    info!(addr = %bound, "serving /metrics, /healthz and /readyz");
+                    Some(task)
+                }
+                _ => None,
+            };
+            let result = worker.run(shutdown).await.context("worker");
+            server_stop.cancel();
+            if let Some(task) = server {
+                let _ = task.await;
+            }
+            result?;
             // One machine-readable line for scripts and the benchmark driver.
             println!(
                 "txq-stats {{\"settled\":{},\"retries\":{}}}",

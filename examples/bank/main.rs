@@ -57,6 +57,7 @@ async fn main() -> anyhow::Result<()> {
             queue: args.queue,
             concurrency: args.concurrency,
             log_format: None,
+            metrics_addr: None,
         },
     )?;
     txq::telemetry::init(config.log_format);

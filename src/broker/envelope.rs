@@ -62,6 +62,9 @@ pub struct Envelope {
     pub content_type: Option<String>,
     /// Which delivery attempt this is: `x-txq-attempt`, 1 when absent.
     pub attempt: u32,
+    /// The job's trace, set by the worker once it takes the request on; what it
+    /// publishes carries it. `None`: `traceparent` is passed on unchanged.
+    pub trace: Option<super::Trace>,
 }
 
 impl Envelope {
@@ -96,6 +99,18 @@ impl Envelope {
             reply_to: text(props.reply_to()),
             traceparent,
             content_type: text(props.content_type()),
+            trace: None,
+        }
+    }
+}
+
+impl Envelope {
+    /// The `traceparent` of what the job publishes: the job's span as parent, or
+    /// the request's header as it came.
+    pub fn outgoing_traceparent(&self) -> Option<String> {
+        match &self.trace {
+            Some(trace) => Some(trace.traceparent()),
+            None => self.traceparent.clone(),
         }
     }
 }
@@ -163,8 +178,8 @@ pub fn reply_properties(request: &Envelope, reply: ReplyHeaders<'_>) -> BasicPro
     if reply.duplicate {
         table.insert(headers::DUPLICATE.into(), AMQPValue::Boolean(true));
     }
-    if let Some(tp) = &request.traceparent {
-        table.insert(headers::TRACEPARENT.into(), long_string(tp));
+    if let Some(tp) = request.outgoing_traceparent() {
+        table.insert(headers::TRACEPARENT.into(), long_string(&tp));
     }
     let mut props = BasicProperties::default()
         .with_content_type("application/json".into())

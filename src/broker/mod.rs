@@ -6,6 +6,7 @@
 mod envelope;
 mod publisher;
 mod topology;
+mod trace;
 
 use lapin::{Connection, ConnectionProperties};
 
@@ -15,6 +16,7 @@ pub use envelope::{
 };
 pub use publisher::{PublishError, PublishOutcome, Publisher};
 pub use topology::{Topology, declare, retry_queue_name};
+pub use trace::Trace;
 
 /// Errors talking to RabbitMQ.
 #[derive(Debug, thiserror::Error)]

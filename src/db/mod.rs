@@ -385,6 +385,14 @@ impl Db {
         }
     }
 
+    /// One round trip on a pooled connection: does the database answer?
+    pub async fn ping(&self) -> Result<(), sqlx::Error> {
+        crate::on_pool!(self, p => {
+            sqlx::query("SELECT 1").execute(p).await?;
+        });
+        Ok(())
+    }
+
     /// The configured maximum number of connections.
     pub fn max_connections(&self) -> u32 {
         match self {

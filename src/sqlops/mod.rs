@@ -101,7 +101,8 @@ pub fn parse(text: &str) -> Result<Ops, OpsError> {
 
 impl Ops {
     /// Registers one handler per operation on `builder`, compiled for `backend`,
-    /// with each operation's isolation and timeout set in the worker's config.
+    /// with each operation's isolation and timeout as defaults: the config's
+    /// `jobs.<type>` (file or `TXQ_JOBS__<TYPE>__…`) wins where it sets one.
     pub fn register(
         &self,
         mut builder: WorkerBuilder,
@@ -110,7 +111,7 @@ impl Ops {
         for (name, op) in &self.operations {
             let handler = OpsHandler::new(name, op, backend)?;
             builder = builder
-                .job_config(
+                .job_defaults(
                     name,
                     JobConfig {
                         isolation: op.isolation,

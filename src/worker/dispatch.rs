@@ -20,7 +20,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument as _, info, info_span, warn};
 
 use super::{Context, Shared, WorkerError, finish, job};
-use crate::broker::{self, BrokerError, Envelope, Publisher};
+use crate::broker::{self, BrokerError, Envelope, Publisher, Trace};
 
 /// Why a session on one connection ended.
 enum SessionEnd {
@@ -45,6 +45,7 @@ pub(crate) async fn run(
     // Fires when the grace period is over: jobs still running roll back and requeue.
     let hard_stop = CancellationToken::new();
     let mut failures: u32 = 0;
+    crate::events::started(shared.concurrency);
     let (connection, result) = loop {
         let end = session(&shared, &permits, &tracker, &hard_stop, &shutdown).await;
         shared.health.set_consuming(false);
@@ -61,7 +62,7 @@ pub(crate) async fn run(
                     failures.saturating_add(1)
                 };
                 let delay = reconnect_delay(failures);
-                warn!(error = %e, ?delay, "lost the broker; reconnecting");
+                crate::events::reconnecting(&e, delay);
                 shared.health.count_reconnect();
                 tokio::select! {
                     _ = shutdown.cancelled() => break (None, Ok(())),
@@ -234,30 +235,40 @@ async fn process(
     permit: OwnedSemaphorePermit,
     hard_stop: CancellationToken,
 ) {
-    let env = Envelope::from_properties(&delivery.properties, ctx.shared.default_type.as_deref());
+    let started = std::time::Instant::now();
+    crate::events::job_started();
+    let mut env =
+        Envelope::from_properties(&delivery.properties, ctx.shared.default_type.as_deref());
+    let trace = Trace::continue_from(env.traceparent.as_deref());
     let span = info_span!(
         "job",
+        trace_id = trace.trace_id.as_str(),
+        span_id = trace.span_id.as_str(),
+        parent_id = trace.parent_id.as_deref().unwrap_or(""),
         job_type = env.job_type.as_deref().unwrap_or(""),
         message_id = env.message_id.as_deref().unwrap_or(""),
         correlation_id = env.correlation_id.as_deref().unwrap_or(""),
         attempt = env.attempt,
     );
+    env.trace = Some(trace);
     let work = async {
         let outcome = job::execute(&ctx, &env, &delivery.data, delivery.redelivered).await;
         // The connection went back to the pool before the publishes are awaited.
-        finish::finish(&ctx, &env, &delivery, outcome).await;
+        finish::finish(&ctx, &env, &delivery, outcome).await
     };
-    async {
+    let settled = async {
         tokio::select! {
             // Dropping the job drops its transaction, which rolls it back; if its
             // reply was already out, the redelivery gets the inbox's copy.
             _ = hard_stop.cancelled() => {
-                finish::finish(&ctx, &env, &delivery, super::outcome::Outcome::Abandoned).await;
+                finish::finish(&ctx, &env, &delivery, super::outcome::Outcome::Abandoned).await
             }
-            () = work => {}
+            settled = work => settled,
         }
     }
-    .instrument(span)
+    .instrument(span.clone())
     .await;
+    let label = super::type_label(&ctx.shared, &env);
+    span.in_scope(|| crate::events::job_settled(label, settled, started.elapsed()));
     drop(permit);
 }

@@ -17,57 +17,75 @@ use crate::broker::{
     Envelope, PublishError, PublishOutcome, ReplyHeaders, bounded, headers, long_string,
     reply_properties, with_headers,
 };
+use crate::events::{self, JobOutcome};
 
 /// Publishes what `outcome` calls for, then acks, or requeues if a publish was not
-/// confirmed.
-pub(crate) async fn finish(ctx: &Context, env: &Envelope, delivery: &Delivery, outcome: Outcome) {
-    let result = match outcome {
+/// confirmed. Says how the delivery ended, for the metrics.
+pub(crate) async fn finish(
+    ctx: &Context,
+    env: &Envelope,
+    delivery: &Delivery,
+    outcome: Outcome,
+) -> JobOutcome {
+    let job_type = super::type_label(&ctx.shared, env);
+    let (result, settled) = match outcome {
         Outcome::Finished {
             status,
             body,
             duplicate,
         } => {
-            if duplicate {
-                debug!(status, "duplicate delivery: re-publishing the stored reply");
+            let settled = if duplicate {
+                events::duplicate(&status);
+                JobOutcome::Duplicate
             } else {
                 debug!(status, "job done");
-            }
-            reply(ctx, env, &status, &body, duplicate).await
+                if status == "rejected" {
+                    JobOutcome::Rejected
+                } else {
+                    JobOutcome::Ok
+                }
+            };
+            (reply(ctx, env, &status, &body, duplicate).await, settled)
         }
         Outcome::Failed { kind, message } => {
-            warn!(kind = kind.as_str(), error = %message, "job failed; dead-lettering it");
-            fail(ctx, env, delivery, kind.as_str(), &message).await
+            let result = fail(ctx, env, delivery, kind.as_str(), &message, false).await;
+            (result, JobOutcome::Failed)
         }
         Outcome::Transient { reason, message } => {
             let next = env.attempt.saturating_add(1);
             match ctx.topology.retry_queue(env.attempt) {
                 Some((queue, delay)) if env.attempt < ctx.retry.max_attempts => {
-                    warn!(reason = reason.as_str(), error = %message, attempt = env.attempt, ?delay,
-                        "transient failure; retrying later");
                     let props = with_headers(
-                        &copy_properties(&delivery.properties),
+                        &copy_properties(&delivery.properties, env),
                         vec![(headers::ATTEMPT, AMQPValue::LongLongInt(i64::from(next)))],
                     );
-                    publish_routed(ctx, &queue, &delivery.data, props).await
+                    let result = publish_routed(ctx, &queue, &delivery.data, props).await;
+                    if result.is_ok() {
+                        events::delayed_retry(job_type, reason, env.attempt, delay, &message);
+                    }
+                    (result, JobOutcome::Retried)
                 }
                 _ => {
-                    warn!(reason = reason.as_str(), error = %message, attempts = env.attempt,
-                        "transient failures used up the attempts; dead-lettering it");
-                    fail(ctx, env, delivery, reason.as_str(), &message).await
+                    let result = fail(ctx, env, delivery, reason.as_str(), &message, true).await;
+                    (result, JobOutcome::Failed)
                 }
             }
         }
         Outcome::Abandoned => {
             debug!("job abandoned at shutdown; requeueing it");
             settle(ctx, delivery, false).await;
-            return;
+            return JobOutcome::Requeued;
         }
     };
     match result {
-        Ok(()) => settle(ctx, delivery, true).await,
+        Ok(()) => {
+            settle(ctx, delivery, true).await;
+            settled
+        }
         Err(e) => {
-            error!(error = %e, "a publish was not confirmed; requeueing the request");
+            events::publish_unconfirmed(&e);
             settle(ctx, delivery, false).await;
+            JobOutcome::Requeued
         }
     }
 }
@@ -79,10 +97,11 @@ async fn fail(
     delivery: &Delivery,
     kind: &str,
     message: &str,
+    exhausted: bool,
 ) -> Result<(), PublishError> {
     let failed_at = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
     let props = with_headers(
-        &copy_properties(&delivery.properties),
+        &copy_properties(&delivery.properties, env),
         vec![
             (headers::ERROR, long_string(&bounded(message))),
             (headers::ERROR_KIND, long_string(&bounded(kind))),
@@ -98,6 +117,8 @@ async fn fail(
         ],
     );
     publish_routed(ctx, &ctx.topology.dead_letter_queue, &delivery.data, props).await?;
+    let job_type = super::type_label(&ctx.shared, env);
+    events::dead_lettered(job_type, kind, message, env.attempt, exhausted);
     let body = failed_body(kind, message, env.attempt);
     reply(ctx, env, "failed", &body, false).await
 }
@@ -137,7 +158,7 @@ const MAX_COPIED_HEADERS: usize = 64 * 1024;
 /// The request's properties for a copy txq keeps (retry, dead-letter): persistent,
 /// and without the producer's per-message `expiration`, which would let the copy
 /// expire unseen (it is kept in `x-txq-original-expiration`).
-fn copy_properties(props: &lapin::BasicProperties) -> lapin::BasicProperties {
+fn copy_properties(props: &lapin::BasicProperties, env: &Envelope) -> lapin::BasicProperties {
     let mut copy = props.clone().with_delivery_mode(2);
     if props
         .headers()
@@ -150,6 +171,10 @@ fn copy_properties(props: &lapin::BasicProperties) -> lapin::BasicProperties {
             long_string("the request's headers were too large to copy"),
         );
         copy = copy.with_headers(note);
+    }
+    // The copy's next run is a child of this one.
+    if let Some(tp) = env.outgoing_traceparent() {
+        copy = with_headers(&copy, vec![(headers::TRACEPARENT, long_string(&tp))]);
     }
     if let Some(exp) = props.expiration() {
         copy = with_headers(
@@ -248,7 +273,7 @@ async fn publish(
             // The destination queue is gone (a requester that stopped waiting):
             // nobody can be told. The job's effects stand and its reply stays in
             // the inbox, so the request is still settled.
-            warn!(queue, reply = %text, "message could not be routed; dropping it");
+            events::reply_returned(queue, &text);
             Ok(())
         }
     }

@@ -100,7 +100,7 @@ pub(crate) async fn execute(
         attempt: 0,
         delivery_attempt: env.attempt,
         redelivered,
-        traceparent: env.traceparent.clone(),
+        traceparent: env.outgoing_traceparent(),
     };
     let max = ctx.retry.in_process_attempts;
     for attempt in 1..=max {
@@ -175,7 +175,7 @@ pub(crate) async fn execute(
         if attempt == max {
             return Outcome::Transient { reason, message };
         }
-        debug!(error = %message, reason = reason.as_str(), attempt, "transient failure; retrying in a fresh transaction");
+        crate::events::transaction_retry(reason, attempt, &message);
         ctx.health.count_retry();
         tokio::time::sleep(backoff(ctx.retry.base_delay, ctx.retry.max_delay, attempt)).await;
     }

@@ -85,6 +85,19 @@ impl WorkerBuilder {
         self
     }
 
+    /// Settings of `job_type` for what the config leaves unset: an operator's
+    /// `jobs.<type>` in the config file or environment wins over these.
+    pub fn job_defaults(
+        mut self,
+        job_type: impl Into<String>,
+        defaults: crate::config::JobConfig,
+    ) -> Self {
+        let job = self.config.jobs.entry(job_type.into()).or_default();
+        job.isolation = job.isolation.or(defaults.isolation);
+        job.timeout = job.timeout.or(defaults.timeout);
+        self
+    }
+
     /// Uses an existing pool instead of connecting to `config.database_url`.
     pub fn database(mut self, db: Db) -> Self {
         self.db = Some(db);
@@ -285,5 +298,14 @@ impl Deref for Context {
 
     fn deref(&self) -> &Shared {
         &self.shared
+    }
+}
+
+/// The `type` label of a delivery's metrics: a type nobody registered is a
+/// producer's mistake, not a new series.
+pub(crate) fn type_label<'a>(shared: &Shared, env: &'a crate::broker::Envelope) -> &'a str {
+    match env.job_type.as_deref() {
+        Some(t) if shared.specs.contains_key(t) => t,
+        _ => "unknown",
     }
 }

@@ -10,6 +10,7 @@ mod bank;
 mod bench;
 mod contract;
 mod faults;
+mod observe;
 mod ops;
 mod roundtrip;
 mod submit;

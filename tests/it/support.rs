@@ -255,6 +255,7 @@ pub struct Request {
     pub message_id: Option<String>,
     pub correlation_id: Option<String>,
     pub reply_to: Option<String>,
+    pub traceparent: Option<String>,
 }
 
 impl Request {
@@ -281,8 +282,21 @@ impl Request {
         self
     }
 
+    pub fn traceparent(mut self, tp: &str) -> Self {
+        self.traceparent = Some(tp.to_owned());
+        self
+    }
+
     fn properties(&self) -> BasicProperties {
         let mut p = BasicProperties::default().with_delivery_mode(2);
+        if let Some(tp) = &self.traceparent {
+            let mut headers = FieldTable::default();
+            headers.insert(
+                "traceparent".into(),
+                AMQPValue::LongString(tp.as_str().into()),
+            );
+            p = p.with_headers(headers);
+        }
         if let Some(t) = &self.job_type {
             p = p.with_type(t.as_str().into());
         }
@@ -793,4 +807,28 @@ pub async fn bank_env(backend: Backend, accounts: i64) -> (TestDb, Client, Strin
     let requests = client.queue(&unique("requests")).await;
     let replies = client.queue(&unique("replies")).await;
     (test_db, client, requests, replies)
+}
+
+/// A free local port for a child process to bind (released before it starts; the
+/// OS does not hand it out again at once).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free local port")
+        .port()
+}
+
+/// `GET path` on `port`: (status, body); `None` while nothing listens.
+pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.ok()?;
+    let status = response.split(' ').nth(1)?.parse().ok()?;
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
+    Some((status, body))
 }

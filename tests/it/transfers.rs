@@ -203,7 +203,16 @@ async fn a_deadlock_is_retried_in_a_fresh_transaction(backend: Backend) {
         [1, 2],
         "exactly one job was the deadlock victim and ran again"
     );
-    let (size, idle) = test_db.db.pool_state();
+    // sqlx rolls back and returns a dropped transaction's connection in a task of
+    // its own: give it a moment, not forever.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    let (size, idle) = loop {
+        let (size, idle) = test_db.db.pool_state();
+        if size as usize == idle || tokio::time::Instant::now() > deadline {
+            break (size, idle);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
     assert_eq!(
         size as usize, idle,
         "every connection went back to the pool"

@@ -1,0 +1,201 @@
+//! Every event an operator sees, with its log line and its metric defined together,
+//! so the two cannot drift apart. The worker calls these; nothing else emits
+//! `txq_*` metrics.
+//!
+//! Metrics go through the `metrics` facade: without an installed recorder (a
+//! library user who wants none) they cost next to nothing. `txq run` installs the
+//! Prometheus recorder ([`crate::http`]).
+
+use std::time::Duration;
+
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use tracing::{debug, error, warn};
+
+use crate::db::TransientReason;
+
+/// Buckets of `txq_job_duration_seconds`: a job is a transaction and two
+/// broker round trips, from about a millisecond to the default 30 s timeout.
+pub const DURATION_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// How a delivery ended: the `outcome` label of `txq_jobs_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobOutcome {
+    /// Committed and answered.
+    Ok,
+    /// Refused by the handler; answered `rejected`.
+    Rejected,
+    /// Dead-lettered; answered `failed`.
+    Failed,
+    /// Sent to a delayed-retry queue.
+    Retried,
+    /// Already processed: answered from the inbox.
+    Duplicate,
+    /// Requeued: a publish was not confirmed, or shutdown cut the job short.
+    Requeued,
+}
+
+impl JobOutcome {
+    /// Metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::Rejected => "rejected",
+            Self::Failed => "failed",
+            Self::Retried => "retried",
+            Self::Duplicate => "duplicate",
+            Self::Requeued => "requeued",
+        }
+    }
+}
+
+/// Registers the descriptions, so `/metrics` explains each series.
+pub fn describe() {
+    describe_counter!(
+        "txq_jobs_total",
+        "Deliveries settled, by job type and outcome"
+    );
+    describe_histogram!(
+        "txq_job_duration_seconds",
+        metrics::Unit::Seconds,
+        "From delivery to settlement: checks, transaction(s), publishes"
+    );
+    describe_gauge!("txq_jobs_in_flight", "Jobs running now");
+    describe_gauge!("txq_concurrency_limit", "Jobs allowed in flight at most");
+    describe_counter!(
+        "txq_retries_total",
+        "Requests sent to a delayed-retry queue, by job type and transient reason"
+    );
+    describe_counter!(
+        "txq_dead_lettered_total",
+        "Requests dead-lettered, by job type and failure kind"
+    );
+    describe_counter!(
+        "txq_duplicates_total",
+        "Redeliveries answered from the inbox instead of running again"
+    );
+    describe_counter!(
+        "txq_replies_returned_total",
+        "Replies the broker could not route (the reply queue was gone)"
+    );
+    describe_counter!(
+        "txq_broker_reconnects_total",
+        "Times the broker connection was rebuilt"
+    );
+    describe_gauge!(
+        "txq_db_pool_connections",
+        "Database pool connections by state (idle, in_use, max)"
+    );
+    describe_counter!(
+        "txq_db_transaction_retries_total",
+        "In-process retries in a fresh transaction, by transient reason"
+    );
+}
+
+/// The worker started: how many jobs it runs at once.
+pub(crate) fn started(concurrency: usize) {
+    gauge!("txq_concurrency_limit").set(concurrency as f64);
+    gauge!("txq_jobs_in_flight").set(0.0);
+}
+
+/// A job task started.
+pub(crate) fn job_started() {
+    gauge!("txq_jobs_in_flight").increment(1.0);
+}
+
+/// A delivery was settled (or left to the broker); `elapsed` since it arrived.
+pub(crate) fn job_settled(job_type: &str, outcome: JobOutcome, elapsed: Duration) {
+    debug!(
+        outcome = outcome.as_str(),
+        elapsed_ms = elapsed.as_millis() as u64,
+        "settled"
+    );
+    gauge!("txq_jobs_in_flight").decrement(1.0);
+    let job_type = job_type.to_owned();
+    counter!("txq_jobs_total", "type" => job_type.clone(), "outcome" => outcome.as_str())
+        .increment(1);
+    histogram!("txq_job_duration_seconds", "type" => job_type).record(elapsed.as_secs_f64());
+}
+
+/// A redelivery is answered from the inbox.
+pub(crate) fn duplicate(status: &str) {
+    debug!(status, "duplicate delivery: re-publishing the stored reply");
+    counter!("txq_duplicates_total").increment(1);
+}
+
+/// A transient failure is retried at once, in a fresh transaction.
+pub(crate) fn transaction_retry(reason: TransientReason, attempt: u32, error: &str) {
+    debug!(
+        error,
+        reason = reason.as_str(),
+        attempt,
+        "transient failure; retrying in a fresh transaction"
+    );
+    counter!("txq_db_transaction_retries_total", "reason" => reason.as_str()).increment(1);
+}
+
+/// A transient failure goes to a delayed-retry queue.
+pub(crate) fn delayed_retry(
+    job_type: &str,
+    reason: TransientReason,
+    attempt: u32,
+    delay: Duration,
+    error: &str,
+) {
+    warn!(
+        reason = reason.as_str(),
+        error,
+        attempt,
+        ?delay,
+        "transient failure; retrying later"
+    );
+    counter!("txq_retries_total", "type" => job_type.to_owned(), "kind" => reason.as_str())
+        .increment(1);
+}
+
+/// A request is dead-lettered; `exhausted` when transient failures used up the
+/// attempts.
+pub(crate) fn dead_lettered(
+    job_type: &str,
+    kind: &str,
+    error: &str,
+    attempts: u32,
+    exhausted: bool,
+) {
+    if exhausted {
+        warn!(
+            kind,
+            error, attempts, "transient failures used up the attempts; dead-lettering it"
+        );
+    } else {
+        warn!(kind, error, attempts, "job failed; dead-lettering it");
+    }
+    counter!("txq_dead_lettered_total", "type" => job_type.to_owned(), "kind" => kind.to_owned())
+        .increment(1);
+}
+
+/// The broker returned a reply nobody can receive.
+pub(crate) fn reply_returned(queue: &str, text: &str) {
+    warn!(queue, reply = %text, "message could not be routed; dropping it");
+    counter!("txq_replies_returned_total").increment(1);
+}
+
+/// A publish the outcome needed was not confirmed.
+pub(crate) fn publish_unconfirmed(error: &dyn std::fmt::Display) {
+    error!(error = %error, "a publish was not confirmed; requeueing the request");
+}
+
+/// The broker connection is being rebuilt.
+pub(crate) fn reconnecting(error: &dyn std::fmt::Display, delay: Duration) {
+    warn!(error = %error, ?delay, "broker connection lost; reconnecting");
+    counter!("txq_broker_reconnects_total").increment(1);
+}
+
+/// The pool's connections right now; called at each scrape.
+pub fn pool_state(max: u32, size: u32, idle: usize) {
+    let idle = idle as f64;
+    gauge!("txq_db_pool_connections", "state" => "idle").set(idle);
+    gauge!("txq_db_pool_connections", "state" => "in_use").set((f64::from(size) - idle).max(0.0));
+    gauge!("txq_db_pool_connections", "state" => "max").set(f64::from(max));
+}

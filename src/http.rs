@@ -1,0 +1,122 @@
+//! The operator's port: `/metrics` (Prometheus), `/healthz` (the process is alive)
+//! and `/readyz` (a consumer is registered on the request queue and the database
+//! answers). Binds to 127.0.0.1 unless configured otherwise: metrics name queues
+//! and job types, which are nobody else's business.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio_util::sync::CancellationToken;
+
+use crate::Db;
+use crate::events::{self, DURATION_BUCKETS};
+use crate::health::Health;
+
+/// How long `/readyz` waits for the database.
+const DB_CHECK: Duration = Duration::from_secs(2);
+
+/// Why the port could not be served.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    /// A metrics recorder is installed already, or the buckets were refused.
+    #[error("installing the Prometheus recorder: {0}")]
+    Recorder(#[from] BuildError),
+    /// The address is taken or not ours.
+    #[error("binding the metrics/health port {addr}: {source}")]
+    Bind {
+        /// The configured address.
+        addr: SocketAddr,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+}
+
+/// Installs the process-wide Prometheus recorder, with the job-duration buckets,
+/// and describes txq's metrics. Call once, before the worker starts.
+pub fn install_recorder() -> Result<PrometheusHandle, HttpError> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full("txq_job_duration_seconds".into()),
+            DURATION_BUCKETS,
+        )?
+        .install_recorder()?;
+    events::describe();
+    Ok(handle)
+}
+
+#[derive(Clone)]
+struct AppState {
+    metrics: PrometheusHandle,
+    health: Health,
+    db: Db,
+}
+
+/// Binds `addr` now (so a taken port fails the start-up, not a scrape later) and
+/// serves until `shutdown`. Returns the bound address (port 0 picks one).
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: PrometheusHandle,
+    health: Health,
+    db: Db,
+    shutdown: CancellationToken,
+) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), HttpError> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| HttpError::Bind { addr, source })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| HttpError::Bind { addr, source })?;
+    let app = Router::new()
+        .route("/metrics", get(metrics_page))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .with_state(AppState {
+            metrics,
+            health,
+            db,
+        });
+    let task = tokio::spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "the metrics/health server stopped");
+        }
+    });
+    Ok((bound, task))
+}
+
+async fn metrics_page(State(state): State<AppState>) -> impl IntoResponse {
+    let (size, idle) = state.db.pool_state();
+    events::pool_state(state.db.max_connections(), size, idle);
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+}
+
+async fn ready(State(state): State<AppState>) -> (StatusCode, String) {
+    if !state.health.is_consuming() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: no consumer on the request queue (broker down or reconnecting)\n".into(),
+        );
+    }
+    match tokio::time::timeout(DB_CHECK, state.db.ping()).await {
+        Ok(Ok(())) => (StatusCode::OK, "ready\n".into()),
+        Ok(Err(e)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: the database does not answer: {e}\n"),
+        ),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: the database did not answer within {DB_CHECK:?}\n"),
+        ),
+    }
+}

@@ -1,0 +1,370 @@
+//! Metrics, health and trace context, seen from outside: the `txq` binary's
+//! `/metrics`, `/healthz` and `/readyz`, and the `traceparent` of what it publishes.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+use serde_json::json;
+use txq::{Backend, Worker};
+
+use crate::bank;
+use crate::support::{
+    Client, Proxy, Request, RunningWorker, TestDb, bank_env, config, free_port, http_get,
+};
+
+const OPS: &str = include_str!("../../examples/bank/ops.toml");
+
+/// The bank operations plus one that sleeps past its timeout, to cause retries.
+fn ops_file() -> tempfile_path::TempPath {
+    let text = format!(
+        "{OPS}\n[sleepy]\nparams = {{}}\n\n[[sleepy.steps]]\nname = \"nap\"\n\
+         sql = \"SELECT SLEEP(5)\"\nsql_postgres = \"SELECT pg_sleep(5)\"\n"
+    );
+    tempfile_path::TempPath::with(&text)
+}
+
+/// A temporary file removed on drop.
+mod tempfile_path {
+    pub struct TempPath(pub std::path::PathBuf);
+
+    impl TempPath {
+        pub fn with(text: &str) -> TempPath {
+            let path = std::env::temp_dir().join(format!("{}.toml", crate::support::unique("ops")));
+            std::fs::write(&path, text).expect("writing the ops file");
+            TempPath(path)
+        }
+    }
+
+    impl Drop for TempPath {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+}
+
+fn spawn_txq(
+    amqp_url: &str,
+    db_url: &str,
+    requests: &str,
+    replies: &str,
+    ops: &std::path::Path,
+    port: u16,
+) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_txq"))
+        .args(["run", "--concurrency", "4", "--ops"])
+        .arg(ops)
+        .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
+        .env_remove("TXQ_CONFIG")
+        .env("TXQ_AMQP_URL", amqp_url)
+        .env("TXQ_DATABASE_URL", db_url)
+        .env("TXQ_QUEUE", requests)
+        .env("TXQ_REPLY_QUEUE", replies)
+        .env("TXQ_RETRY__DELAYS", "[\"100ms\"]")
+        .env("TXQ_RETRY__MAX_ATTEMPTS", "2")
+        .env("TXQ_RETRY__IN_PROCESS_ATTEMPTS", "2")
+        .env("TXQ_JOBS__SLEEPY__TIMEOUT", "300ms")
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawning txq run")
+}
+
+/// One scrape, as `name{sorted labels}` → value.
+fn parse_metrics(text: &str) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let Ok(value) = value.parse::<f64>() else {
+            continue;
+        };
+        let key = match series.split_once('{') {
+            Some((name, labels)) => {
+                let mut labels: Vec<&str> = labels.trim_end_matches('}').split(',').collect();
+                labels.sort_unstable();
+                format!("{name}{{{}}}", labels.join(","))
+            }
+            None => series.to_owned(),
+        };
+        out.insert(key, value);
+    }
+    out
+}
+
+async fn scrape(port: u16) -> BTreeMap<String, f64> {
+    let (status, body) = http_get(port, "/metrics").await.expect("/metrics answers");
+    assert_eq!(status, 200, "{body}");
+    parse_metrics(&body)
+}
+
+/// Polls until `ready` says so: the HTTP port comes up, or changes its answer,
+/// on the worker's schedule.
+async fn until<F: Fn(Option<(u16, String)>) -> bool>(port: u16, path: &str, ready: F) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if ready(http_get(port, path).await) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{path} never reached the expected state"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn get(m: &BTreeMap<String, f64>, key: &str) -> f64 {
+    m.get(key).copied().unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn metrics_count_what_happened() {
+    let (test_db, client, requests, replies) = bank_env(Backend::MySql, 10).await;
+    let ops = ops_file();
+    let port = free_port();
+    let mut child = spawn_txq(
+        &crate::support::amqp_url(),
+        &test_db.url,
+        &requests,
+        &replies,
+        &ops.0,
+        port,
+    );
+    until(port, "/readyz", |r| r.is_some_and(|(s, _)| s == 200)).await;
+    let (status, _) = http_get(port, "/healthz").await.expect("/healthz");
+    assert_eq!(status, 200);
+
+    const OK: usize = 40;
+    let mut batch: Vec<Request> = (0..OK)
+        .map(|i| {
+            Request::json(
+                "transfer",
+                json!({"from": 1 + i % 5, "to": 6 + i % 5, "amount": 1}),
+            )
+            .id(&format!("ok-{i}"))
+            .reply_to(&replies)
+        })
+        .collect();
+    // Rejected: the same account twice; a missing parameter.
+    for i in 0..3 {
+        batch.push(
+            Request::json("transfer", json!({"from": 2, "to": 2, "amount": 1}))
+                .id(&format!("same-{i}"))
+                .reply_to(&replies),
+        );
+    }
+    for i in 0..2 {
+        batch.push(
+            Request::json("transfer", json!({"from": 2}))
+                .id(&format!("param-{i}"))
+                .reply_to(&replies),
+        );
+    }
+    // Failed and dead-lettered: a type nobody handles.
+    batch.push(
+        Request::json("refund", json!({}))
+            .id("unknown-type")
+            .reply_to(&replies),
+    );
+    // Timed out twice in process on each of two deliveries, then dead-lettered.
+    batch.push(
+        Request::json("sleepy", json!({}))
+            .id("sleepy")
+            .reply_to(&replies),
+    );
+    client.publish_all(&requests, &batch).await;
+    let first = client.replies(&replies, batch.len()).await;
+    assert_eq!(first.len(), batch.len());
+    // A redelivery of a finished request: answered from the inbox.
+    client
+        .publish(
+            &requests,
+            &Request::json("transfer", json!({"from": 1, "to": 6, "amount": 1}))
+                .id("ok-0")
+                .reply_to(&replies),
+        )
+        .await;
+    let dup = client.replies(&replies, 1).await;
+    assert_eq!(
+        dup[0].header("x-txq-duplicate"),
+        Some(lapin::types::AMQPValue::Boolean(true))
+    );
+
+    // Replies go out before the ack, and the count after it: wait for the last.
+    let settled = (OK + 3 + 2 + 1 + 2 + 1) as f64;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let m = loop {
+        let m = scrape(port).await;
+        let total: f64 = m
+            .iter()
+            .filter(|(k, _)| k.starts_with("txq_jobs_total{"))
+            .map(|(_, v)| v)
+            .sum();
+        if total >= settled || tokio::time::Instant::now() > deadline {
+            break m;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let jobs = |t: &str, o: &str| {
+        get(
+            &m,
+            &format!("txq_jobs_total{{outcome=\"{o}\",type=\"{t}\"}}"),
+        )
+    };
+    assert_eq!(jobs("transfer", "ok"), OK as f64, "{m:#?}");
+    assert_eq!(jobs("transfer", "rejected"), 5.0, "{m:#?}");
+    assert_eq!(jobs("transfer", "duplicate"), 1.0, "{m:#?}");
+    assert_eq!(
+        jobs("unknown", "failed"),
+        1.0,
+        "an unknown type is one series: {m:#?}"
+    );
+    assert_eq!(jobs("sleepy", "retried"), 1.0, "{m:#?}");
+    assert_eq!(jobs("sleepy", "failed"), 1.0, "{m:#?}");
+    assert_eq!(get(&m, "txq_duplicates_total"), 1.0);
+    assert_eq!(
+        get(&m, "txq_retries_total{kind=\"timeout\",type=\"sleepy\"}"),
+        1.0,
+        "{m:#?}"
+    );
+    assert_eq!(
+        get(&m, "txq_db_transaction_retries_total{reason=\"timeout\"}"),
+        2.0,
+        "one in-process retry on each delivery: {m:#?}"
+    );
+    assert_eq!(
+        get(
+            &m,
+            "txq_dead_lettered_total{kind=\"unknown_type\",type=\"unknown\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        get(
+            &m,
+            "txq_dead_lettered_total{kind=\"timeout\",type=\"sleepy\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        get(&m, "txq_job_duration_seconds_count{type=\"transfer\"}"),
+        (OK + 5 + 1) as f64
+    );
+    assert_eq!(
+        get(
+            &m,
+            "txq_job_duration_seconds_bucket{le=\"+Inf\",type=\"transfer\"}"
+        ),
+        (OK + 5 + 1) as f64
+    );
+    assert_eq!(get(&m, "txq_concurrency_limit"), 4.0);
+    assert_eq!(get(&m, "txq_jobs_in_flight"), 0.0);
+    assert!(
+        get(&m, "txq_db_pool_connections{state=\"max\"}") >= 4.0,
+        "{m:#?}"
+    );
+    assert_eq!(get(&m, "txq_replies_returned_total"), 0.0);
+    assert_eq!(get(&m, "txq_broker_reconnects_total"), 0.0);
+
+    let totals = bank::totals(&test_db.db).await.expect("totals");
+    assert_eq!(
+        totals.transfers, OK as i64,
+        "the metrics match the database"
+    );
+    child.kill().await.expect("stopping txq");
+}
+
+#[tokio::test]
+async fn readyz_follows_the_broker_connection() {
+    let test_db = TestDb::new(Backend::Sqlite).await;
+    let mut client = Client::new().await;
+    let requests = client.queue(&crate::support::unique("requests")).await;
+    let replies = client.queue(&crate::support::unique("replies")).await;
+    let proxy = Proxy::start().await;
+    let ops = ops_file();
+    let port = free_port();
+    let mut child = spawn_txq(
+        &proxy.url(),
+        &test_db.url,
+        &requests,
+        &replies,
+        &ops.0,
+        port,
+    );
+    let ok = |r: Option<(u16, String)>| r.is_some_and(|(s, _)| s == 200);
+    until(port, "/readyz", ok).await;
+
+    proxy.cut();
+    until(port, "/readyz", |r| r.is_some_and(|(s, _)| s == 503)).await;
+    let (status, _) = http_get(port, "/healthz").await.expect("/healthz");
+    assert_eq!(status, 200, "alive while reconnecting");
+
+    until(port, "/readyz", ok).await;
+    let m = scrape(port).await;
+    assert!(get(&m, "txq_broker_reconnects_total") >= 1.0, "{m:#?}");
+    child.kill().await.expect("stopping txq");
+}
+
+#[tokio::test]
+async fn traceparent_continues_through_the_job_to_reply_and_copies() {
+    let (test_db, client, requests, replies) = bank_env(Backend::Sqlite, 4).await;
+    let worker = RunningWorker::start(
+        Worker::builder(config(&test_db.url, &requests, &replies, 2))
+            .handler("transfer", bank::Transfer)
+            .database(test_db.db.clone()),
+    )
+    .await;
+    const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+    const PARENT: &str = "00f067aa0ba902b7";
+    let tp = format!("00-{TRACE}-{PARENT}-01");
+    client
+        .publish_all(
+            &requests,
+            &[
+                Request::json("transfer", json!({"from": 1, "to": 2, "amount": 1}))
+                    .correlation("ok")
+                    .traceparent(&tp)
+                    .reply_to(&replies),
+                Request::json("nope", json!({}))
+                    .correlation("dead")
+                    .traceparent(&tp)
+                    .reply_to(&replies),
+                Request::json("transfer", json!({"from": 1, "to": 2, "amount": 1}))
+                    .correlation("fresh")
+                    .reply_to(&replies),
+            ],
+        )
+        .await;
+    let got = client.replies(&replies, 3).await;
+    let dead = client.replies(&format!("{requests}.dlq"), 1).await;
+    worker.stop().await.expect("clean stop");
+
+    let parts = |tp: Option<String>| -> Vec<String> {
+        let tp = tp.expect("a traceparent");
+        tp.split('-').map(str::to_owned).collect()
+    };
+    let mut spans = HashSet::new();
+    for reply in got.iter().filter(|r| r.correlation_id() != Some("fresh")) {
+        let p = parts(reply.header_text("traceparent"));
+        assert_eq!(p[1], TRACE, "the request's trace continues");
+        assert_ne!(p[2], PARENT, "with the job's span as parent");
+        assert!(spans.insert(p[2].clone()), "one span per job");
+    }
+    let p = parts(dead[0].header_text("traceparent"));
+    assert_eq!(p[1], TRACE, "the dead-letter copy carries the trace");
+    assert!(spans.contains(&p[2]), "as a child of the job that failed");
+    let fresh = got
+        .iter()
+        .find(|r| r.correlation_id() == Some("fresh"))
+        .expect("fresh reply");
+    let p = parts(fresh.header_text("traceparent"));
+    assert_ne!(p[1], TRACE, "a request without a trace starts one");
+    assert_eq!(p[1].len(), 32);
+}
