@@ -61,6 +61,9 @@ async fn main() -> anyhow::Result<()> {
         },
     )?;
     txq::telemetry::init(config.log_format);
+    // The same metrics as `txq run` are recorded (and so costed in benchmarks);
+    // tests run several of these at once, so none serves a port.
+    let _metrics = txq::http::install_recorder().context("metrics recorder")?;
     let db = txq::Db::connect(config.database_url.expose(), &config.pool_options())
         .await
         .with_context(|| format!("connecting to {}", config.database_url))?;
