@@ -30,6 +30,7 @@
 pub mod broker;
 pub mod config;
 pub mod db;
+pub mod dlq;
 mod handler;
 pub mod health;
 pub mod signals;

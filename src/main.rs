@@ -53,6 +53,8 @@ enum Command {
     /// The inbox of processed message_ids.
     #[command(subcommand)]
     Inbox(InboxCommand),
+    /// The dead-letter queue: list, show, replay, purge (exit codes: README).
+    Dlq(txq::dlq::cli::DlqArgs),
 }
 
 #[derive(Subcommand)]
@@ -126,6 +128,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let config = Config::load(cli.common.config.as_deref(), &overrides)?;
     txq::telemetry::init(config.log_format);
     match cli.command {
+        Command::Dlq(args) => Ok(txq::dlq::cli::run(&config, args).await?),
         Command::Config => {
             println!("{config:#?}");
             Ok(ExitCode::SUCCESS)

@@ -1,0 +1,174 @@
+//! Reading a queue without losing or reordering what is not taken.
+//!
+//! RabbitMQ has no peek. A scan counts the queue's ready messages once (passive
+//! declare) and takes at most that many with `basic.get` and manual ack, so
+//! messages dead-lettered while it runs are left alone. Every message taken stays
+//! *unacked* until the command decides: it acks what it replayed or purged, and
+//! hands every other message back at the end, all at once, by closing its channel. RabbitMQ puts requeued messages of a classic queue back at their original
+//! position; a quorum queue puts them back too, but counts a delivery on each
+//! (`x-delivery-count`). If the tool dies or its connection drops, the broker
+//! requeues every unacked message itself: a scan never loses one.
+//!
+//! Memory stays flat: `basic.get` fetches one message at a time (no prefetch
+//! buffer), and a message not taken is dropped from memory once looked at; only
+//! the broker keeps it, unacked, until the end.
+
+use std::sync::Arc;
+
+use futures_util::StreamExt as _;
+use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
+use lapin::types::{FieldTable, ShortString};
+use lapin::{Channel, Connection, Event};
+use tokio_util::sync::CancellationToken;
+
+use super::DlqError;
+use super::message::DeadLetter;
+use crate::broker::{self, Publisher};
+
+/// A message taken from the queue and not yet settled.
+#[derive(Debug)]
+pub struct Taken {
+    /// Its delivery tag on the scan's channel.
+    pub tag: u64,
+    /// What it says.
+    pub message: DeadLetter,
+}
+
+/// One connection reading one queue.
+pub struct Scan {
+    connection: Arc<Connection>,
+    channel: Channel,
+    queue: String,
+    /// Messages still to take, of those ready at the start.
+    remaining: u32,
+    /// The depth seen at the start.
+    depth: u32,
+    lost: CancellationToken,
+}
+
+impl std::fmt::Debug for Scan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scan")
+            .field("queue", &self.queue)
+            .field("depth", &self.depth)
+            .field("remaining", &self.remaining)
+            .finish()
+    }
+}
+
+impl Scan {
+    /// Connects and counts `queue`'s ready messages; an absent queue is
+    /// [`DlqError::QueueNotFound`].
+    pub async fn open(amqp_url: &str, queue: &str) -> Result<Self, DlqError> {
+        let name =
+            ShortString::try_new(queue).map_err(|_| DlqError::InvalidName(queue.to_owned()))?;
+        let connection = Arc::new(broker::connect(amqp_url, "txq dlq").await?);
+        let lost = CancellationToken::new();
+        let mut events = connection.events_listener();
+        let watch = lost.clone();
+        tokio::spawn(async move {
+            while let Some(event) = events.next().await {
+                if matches!(event, Event::Error(_)) {
+                    watch.cancel();
+                    break;
+                }
+            }
+        });
+        // A passive declare only checks that the queue exists (its type and
+        // arguments, as txq's topology set them, are not compared). A missing queue
+        // closes the channel, so it gets its own.
+        let probe = connection.create_channel().await?;
+        let options = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        let depth = match probe
+            .queue_declare(name.clone(), options, FieldTable::default())
+            .await
+        {
+            Ok(q) => q.message_count(),
+            Err(e) if e.is_amqp_soft_error() => {
+                return Err(DlqError::QueueNotFound(queue.to_owned()));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let _ = probe.close(200, "done".into()).await;
+        let channel = connection.create_channel().await?;
+        Ok(Self {
+            connection,
+            channel,
+            queue: queue.to_owned(),
+            remaining: depth,
+            depth,
+            lost,
+        })
+    }
+
+    /// Ready messages when the scan started.
+    pub fn depth(&self) -> u32 {
+        self.depth
+    }
+
+    /// A publisher in confirm mode on the scan's connection.
+    pub fn publisher(&self) -> Publisher {
+        Publisher::new(self.connection.clone(), 1, self.lost.clone())
+    }
+
+    /// Fails fast with [`DlqError::ConnectionLost`] once the connection is gone.
+    pub(crate) async fn guard<T>(
+        &self,
+        fut: impl std::future::Future<Output = Result<T, lapin::Error>>,
+    ) -> Result<T, DlqError> {
+        tokio::select! {
+            _ = self.lost.cancelled() => Err(DlqError::ConnectionLost),
+            r = fut => r.map_err(|e| if self.lost.is_cancelled() || e.is_io_error() {
+                DlqError::ConnectionLost
+            } else {
+                e.into()
+            }),
+        }
+    }
+
+    /// The next message, unacked; `None` once as many as were ready at the start
+    /// were taken, or the queue is empty.
+    pub async fn next(&mut self) -> Result<Option<Taken>, DlqError> {
+        if self.remaining == 0 {
+            return Ok(None);
+        }
+        let name = ShortString::from(self.queue.as_str());
+        let got = self
+            .guard(
+                self.channel
+                    .basic_get(name, BasicGetOptions { no_ack: false }),
+            )
+            .await?;
+        let Some(got) = got else {
+            self.remaining = 0;
+            return Ok(None);
+        };
+        self.remaining -= 1;
+        let delivery = got.delivery;
+        Ok(Some(Taken {
+            tag: delivery.delivery_tag,
+            message: DeadLetter::new(delivery.properties, delivery.data),
+        }))
+    }
+
+    /// Removes one taken message from the queue.
+    pub async fn ack(&self, tag: u64) -> Result<(), DlqError> {
+        self.guard(self.channel.basic_ack(tag, BasicAckOptions::default()))
+            .await
+    }
+
+    /// Hands every taken, unsettled message back to the queue at once, and closes.
+    pub async fn finish(self) -> Result<(), DlqError> {
+        // Closing the channel requeues all its unacked deliveries, exactly as a
+        // crash would; close-ok says the broker has done it. (A `basic.nack
+        // multiple` would need the highest *unsettled* tag, and naming an acked
+        // one is a channel error.)
+        self.guard(self.channel.close(200, "txq dlq done".into()))
+            .await?;
+        let _ = self.connection.close(200, "txq dlq done".into()).await;
+        Ok(())
+    }
+}
