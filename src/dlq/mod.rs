@@ -103,6 +103,7 @@ pub async fn inspect(
                 counts.matched += 1;
                 each(&taken.message);
             }
+            scan.keep(taken.tag);
         }
         Ok(())
     }
@@ -197,10 +198,12 @@ pub async fn replay(
             report.counts.scanned += 1;
             let m = &taken.message;
             if !options.filter.matches(m) {
+                scan.keep(taken.tag);
                 continue;
             }
             report.counts.matched += 1;
             let Some(to) = options.to.as_deref().or(m.original_queue.as_deref()) else {
+                scan.keep(taken.tag);
                 report.skipped += 1;
                 on_event(ReplayEvent::Skipped {
                     message: m,
@@ -209,6 +212,7 @@ pub async fn replay(
                 continue;
             };
             if to == target.dlq {
+                scan.keep(taken.tag);
                 report.skipped += 1;
                 on_event(ReplayEvent::Skipped {
                     message: m,
@@ -217,6 +221,7 @@ pub async fn replay(
                 continue;
             }
             if options.dry_run {
+                scan.keep(taken.tag);
                 report.replayed += 1;
                 on_event(ReplayEvent::WouldReplay { message: m, to });
                 continue;
@@ -228,6 +233,7 @@ pub async fn replay(
             match publisher.publish(to, &m.body, props).await {
                 Ok(PublishOutcome::Confirmed) => {}
                 Ok(PublishOutcome::Returned(text)) => {
+                    scan.keep(taken.tag);
                     report.skipped += 1;
                     on_event(ReplayEvent::Skipped {
                         message: m,
@@ -235,7 +241,9 @@ pub async fn replay(
                     });
                     continue;
                 }
-                Err(PublishError::ConnectionLost) => return Err(DlqError::ConnectionLost),
+                // Whatever the publisher saw (pool, channel, I/O), a dead
+                // connection is the cause to report.
+                Err(_) if scan.connection_gone() => return Err(DlqError::ConnectionLost),
                 Err(PublishError::Amqp(e)) if e.is_io_error() => {
                     return Err(DlqError::ConnectionLost);
                 }
@@ -296,16 +304,20 @@ pub async fn purge<F: std::future::Future<Output = Result<bool, DlqError>>>(
                 report.counts.matched += 1;
                 each(&taken.message);
                 tags.push(taken.tag);
+            } else {
+                scan.keep(taken.tag);
             }
         }
         if tags.is_empty() {
             return Ok(());
         }
         report.confirmed = confirm(report.counts.matched).await?;
-        if report.confirmed {
-            for tag in tags {
+        for tag in tags {
+            if report.confirmed {
                 scan.ack(tag).await?;
                 report.purged += 1;
+            } else {
+                scan.keep(tag);
             }
         }
         Ok(())

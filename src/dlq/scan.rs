@@ -4,10 +4,12 @@
 //! declare) and takes at most that many with `basic.get` and manual ack, so
 //! messages dead-lettered while it runs are left alone. Every message taken stays
 //! *unacked* until the command decides: it acks what it replayed or purged, and
-//! hands every other message back at the end, all at once, by closing its channel. RabbitMQ puts requeued messages of a classic queue back at their original
-//! position; a quorum queue puts them back too, but counts a delivery on each
-//! (`x-delivery-count`). If the tool dies or its connection drops, the broker
-//! requeues every unacked message itself: a scan never loses one.
+//! hands every other message back at the end, in queue order. A classic queue
+//! puts each back at its original position; a quorum queue serves returned
+//! messages first, in the order returned, so the order holds there too, but it
+//! counts a delivery on each (`x-delivery-count`, which a delivery limit acts on).
+//! If the tool dies or its connection drops, the broker requeues every unacked
+//! message itself: a scan never loses one (a quorum queue may then reorder them).
 //!
 //! Memory stays flat: `basic.get` fetches one message at a time (no prefetch
 //! buffer), and a message not taken is dropped from memory once looked at; only
@@ -16,7 +18,7 @@
 use std::sync::Arc;
 
 use futures_util::StreamExt as _;
-use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
+use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions, QueueDeclareOptions};
 use lapin::types::{FieldTable, ShortString};
 use lapin::{Channel, Connection, Event};
 use tokio_util::sync::CancellationToken;
@@ -44,6 +46,10 @@ pub struct Scan {
     /// The depth seen at the start.
     depth: u32,
     lost: CancellationToken,
+    /// Delivery tags of messages to hand back: 8 bytes a message.
+    kept: Vec<u64>,
+    /// Messages acked (replayed or purged).
+    acked: u32,
 }
 
 impl std::fmt::Debug for Scan {
@@ -101,6 +107,8 @@ impl Scan {
             remaining: depth,
             depth,
             lost,
+            kept: Vec::new(),
+            acked: 0,
         })
     }
 
@@ -121,12 +129,53 @@ impl Scan {
     ) -> Result<T, DlqError> {
         tokio::select! {
             _ = self.lost.cancelled() => Err(DlqError::ConnectionLost),
-            r = fut => r.map_err(|e| if self.lost.is_cancelled() || e.is_io_error() {
+            r = fut => r.map_err(|e| if self.connection_gone() || e.is_io_error() {
                 DlqError::ConnectionLost
             } else {
                 e.into()
             }),
         }
+    }
+
+    /// Waits (a few seconds at most) until the queue shows as many ready messages
+    /// as it had, less those acked. The broker requeues asynchronously; without
+    /// this, a command run right after this one could count the queue before all
+    /// of them are back, and miss some.
+    async fn wait_until_back(&self) -> Result<(), DlqError> {
+        let expected = self.depth.saturating_sub(self.acked);
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        let options = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        loop {
+            let name = ShortString::from(self.queue.as_str());
+            let q = self
+                .guard(
+                    self.channel
+                        .queue_declare(name, options, FieldTable::default()),
+                )
+                .await?;
+            if q.message_count() >= expected {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                // Someone else consumes the queue; nothing of ours is lost.
+                tracing::warn!(
+                    queue = %self.queue,
+                    ready = q.message_count(),
+                    expected,
+                    "the queue has fewer messages than this command left in it"
+                );
+                return Ok(());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Whether the connection is lost (or closing).
+    pub fn connection_gone(&self) -> bool {
+        self.lost.is_cancelled() || !self.connection.status().connected()
     }
 
     /// The next message, unacked; `None` once as many as were ready at the start
@@ -155,17 +204,36 @@ impl Scan {
     }
 
     /// Removes one taken message from the queue.
-    pub async fn ack(&self, tag: u64) -> Result<(), DlqError> {
+    pub async fn ack(&mut self, tag: u64) -> Result<(), DlqError> {
         self.guard(self.channel.basic_ack(tag, BasicAckOptions::default()))
-            .await
+            .await?;
+        self.acked = self.acked.saturating_add(1);
+        Ok(())
     }
 
-    /// Hands every taken, unsettled message back to the queue at once, and closes.
-    pub async fn finish(self) -> Result<(), DlqError> {
-        // Closing the channel requeues all its unacked deliveries, exactly as a
-        // crash would; close-ok says the broker has done it. (A `basic.nack
-        // multiple` would need the highest *unsettled* tag, and naming an acked
-        // one is a channel error.)
+    /// Leaves a taken message in the queue: it goes back at [`finish`](Self::finish).
+    pub fn keep(&mut self, tag: u64) {
+        self.kept.push(tag);
+    }
+
+    /// Hands the kept messages back to the queue, in the order they were taken,
+    /// and closes.
+    pub async fn finish(mut self) -> Result<(), DlqError> {
+        // One requeue each, in queue order: a classic queue puts each back at its
+        // old position anyway, and a quorum queue serves returned messages first,
+        // in the order they came back. (Closing the channel would requeue them
+        // too, as after a crash, but a quorum queue then shuffles them.)
+        self.kept.sort_unstable();
+        let requeue = BasicNackOptions {
+            multiple: false,
+            requeue: true,
+        };
+        for tag in std::mem::take(&mut self.kept) {
+            self.guard(self.channel.basic_nack(tag, requeue)).await?;
+        }
+        self.wait_until_back().await?;
+        // close-ok comes after the broker handled the nacks, and requeues
+        // anything still unacked.
         self.guard(self.channel.close(200, "txq dlq done".into()))
             .await?;
         let _ = self.connection.close(200, "txq dlq done".into()).await;

@@ -777,3 +777,30 @@ async fn list_show_group_and_purge_print_what_they_did_and_exit_meaningfully() {
     let empty = txq(&queue, &["dlq", "list", "--json"]).await;
     assert_eq!((empty.code, empty.stdout.as_str()), (Some(0), ""));
 }
+
+#[tokio::test]
+async fn a_quorum_dead_letter_queue_keeps_its_order_through_list_and_replay() {
+    let mut client = Client::new().await;
+    let queue = client.queue(&unique("requests")).await;
+    let dlq = format!("{queue}.dlq");
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    declare_with(&client, &dlq, args).await;
+    publish_dead(&client, &dlq, &sample(&queue)).await;
+    let all: Vec<String> = (0..10).map(|i| format!("d-{i}")).collect();
+    assert_eq!(listed_ids(&queue).await, all);
+    assert_eq!(listed_ids(&queue).await, all);
+    let run = txq(&queue, &["dlq", "replay", "--type", "odd"]).await;
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert_eq!(
+        ids_of(&client.replies(&queue, 5).await),
+        ["d-1", "d-3", "d-5", "d-7", "d-9"]
+    );
+    assert_eq!(
+        listed_ids(&queue).await,
+        ["d-0", "d-2", "d-4", "d-6", "d-8"]
+    );
+}
