@@ -247,7 +247,11 @@ pub async fn replay(
                 Err(PublishError::Amqp(e)) if e.is_io_error() => {
                     return Err(DlqError::ConnectionLost);
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => {
+                    // Nacked: the broker did not take it; it stays in its place.
+                    scan.keep(taken.tag);
+                    return Err(e.into());
+                }
             }
             // Only now: a crash before this line leaves a copy in both queues, and
             // the kept message_id lets the inbox answer the second one.
