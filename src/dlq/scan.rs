@@ -93,7 +93,7 @@ impl Scan {
             .await
         {
             Ok(q) => q.message_count(),
-            Err(e) if e.is_amqp_soft_error() => {
+            Err(e) if is_not_found(&e) => {
                 return Err(DlqError::QueueNotFound(queue.to_owned()));
             }
             Err(e) => return Err(e.into()),
@@ -137,39 +137,46 @@ impl Scan {
         }
     }
 
-    /// Waits (a few seconds at most) until the queue shows as many ready messages
-    /// as it had, less those acked. The broker requeues asynchronously; without
-    /// this, a command run right after this one could count the queue before all
-    /// of them are back, and miss some.
+    /// Waits until the queue shows as many ready messages as it had, less those
+    /// acked. The broker requeues asynchronously, and slowly (RabbitMQ 3.10 here:
+    /// a few hundred a second into a classic queue); without this, a command run
+    /// right after this one would count the queue before they are all back, and
+    /// miss some. Gives up after 10s without progress (someone else consumes the
+    /// queue): nothing of ours is lost either way.
     async fn wait_until_back(&self) -> Result<(), DlqError> {
+        const STALL: std::time::Duration = std::time::Duration::from_secs(10);
         let expected = self.depth.saturating_sub(self.acked);
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
         let options = QueueDeclareOptions {
             passive: true,
             ..QueueDeclareOptions::default()
         };
+        let mut best = 0;
+        let mut progress_at = tokio::time::Instant::now();
         loop {
             let name = ShortString::from(self.queue.as_str());
-            let q = self
+            let ready = self
                 .guard(
                     self.channel
                         .queue_declare(name, options, FieldTable::default()),
                 )
-                .await?;
-            if q.message_count() >= expected {
+                .await?
+                .message_count();
+            if ready >= expected {
                 return Ok(());
             }
-            if tokio::time::Instant::now() >= deadline {
-                // Someone else consumes the queue; nothing of ours is lost.
+            if ready > best {
+                best = ready;
+                progress_at = tokio::time::Instant::now();
+            } else if progress_at.elapsed() >= STALL {
                 tracing::warn!(
                     queue = %self.queue,
-                    ready = q.message_count(),
+                    ready,
                     expected,
-                    "the queue has fewer messages than this command left in it"
+                    "the queue has fewer ready messages than this command left in it"
                 );
                 return Ok(());
             }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
     }
 
@@ -216,20 +223,24 @@ impl Scan {
         self.kept.push(tag);
     }
 
-    /// Hands the kept messages back to the queue, in the order they were taken,
-    /// and closes.
-    pub async fn finish(mut self) -> Result<(), DlqError> {
-        // One requeue each, in queue order: a classic queue puts each back at its
-        // old position anyway, and a quorum queue serves returned messages first,
-        // in the order they came back. (Closing the channel would requeue them
-        // too, as after a crash, but a quorum queue then shuffles them.)
-        self.kept.sort_unstable();
-        let requeue = BasicNackOptions {
-            multiple: false,
-            requeue: true,
-        };
-        for tag in std::mem::take(&mut self.kept) {
-            self.guard(self.channel.basic_nack(tag, requeue)).await?;
+    /// Hands the kept messages back to the queue, each to its place, waits until
+    /// they show, and closes.
+    pub async fn finish(self) -> Result<(), DlqError> {
+        // One `basic.nack(multiple, requeue)` naming the highest kept tag hands
+        // back every unacked delivery up to it, in one batch: all the kept ones
+        // (the others were acked; naming an acked tag would be a channel error).
+        // A classic queue puts each back at its old position; a quorum queue
+        // serves returned messages first, in tag order. One nack a message would
+        // be requeued slowly, one at a time (RabbitMQ 3.10: ~500/s on 10,000).
+        // (Closing the channel requeues too, as after a crash, but a quorum queue
+        // then shuffles them.)
+        if let Some(highest) = self.kept.iter().copied().max() {
+            let requeue = BasicNackOptions {
+                multiple: true,
+                requeue: true,
+            };
+            self.guard(self.channel.basic_nack(highest, requeue))
+                .await?;
         }
         self.wait_until_back().await?;
         // close-ok comes after the broker handled the nacks, and requeues
@@ -239,4 +250,12 @@ impl Scan {
         let _ = self.connection.close(200, "txq dlq done".into()).await;
         Ok(())
     }
+}
+
+/// The broker's 404 NOT_FOUND (other soft errors, such as ACCESS_REFUSED, are
+/// reported as they are).
+fn is_not_found(e: &lapin::Error) -> bool {
+    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(p)
+        if matches!(p.kind(), AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND)))
 }

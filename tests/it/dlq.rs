@@ -803,4 +803,11 @@ async fn a_quorum_dead_letter_queue_keeps_its_order_through_list_and_replay() {
         listed_ids(&queue).await,
         ["d-0", "d-2", "d-4", "d-6", "d-8"]
     );
+    // Each pass counted as a delivery: what a delivery limit on the DLQ acts on.
+    let show = txq(&queue, &["dlq", "show", "d-0", "--json"]).await;
+    assert_eq!(
+        show.json_lines()[0]["headers"]["x-delivery-count"],
+        4,
+        "{show:?}"
+    );
 }
