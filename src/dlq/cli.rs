@@ -138,13 +138,13 @@ pub async fn run(config: &Config, args: DlqArgs) -> Result<ExitCode, DlqError> {
             group: false,
             select,
         } => {
-            if !json {
-                println!(
-                    "{:<36}  {:<12}  {:<20}  {:>8}  {:<24}  ERROR",
-                    "MESSAGE_ID", "TYPE", "ERROR_KIND", "ATTEMPTS", "FAILED_AT"
-                );
-            }
+            // The header comes with the first row (or at the end), so that an
+            // error leaves no table behind.
+            let mut header = !json;
             let counts = super::inspect(&target, &select.filter(), select.limit, |m| {
+                if std::mem::take(&mut header) {
+                    print_header();
+                }
                 if json {
                     print_json(&m.summary());
                 } else {
@@ -152,6 +152,9 @@ pub async fn run(config: &Config, args: DlqArgs) -> Result<ExitCode, DlqError> {
                 }
             })
             .await?;
+            if header {
+                print_header();
+            }
             eprintln!(
                 "{} of {} message(s) in `{}`",
                 counts.matched, counts.depth, target.dlq
@@ -303,6 +306,13 @@ fn cut(s: &str, width: usize) -> String {
     let mut out: String = one_line.chars().take(width.saturating_sub(1)).collect();
     out.push('…');
     out
+}
+
+fn print_header() {
+    println!(
+        "{:<36}  {:<12}  {:<20}  {:>8}  {:<24}  ERROR",
+        "MESSAGE_ID", "TYPE", "ERROR_KIND", "ATTEMPTS", "FAILED_AT"
+    );
 }
 
 fn print_row(m: &DeadLetter) {

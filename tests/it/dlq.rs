@@ -811,3 +811,49 @@ async fn a_quorum_dead_letter_queue_keeps_its_order_through_list_and_replay() {
         "{show:?}"
     );
 }
+
+/// `txq dlq purge` on a terminal (util-linux `script` gives it one), answering
+/// `answer` at the prompt.
+async fn purge_on_a_terminal(queue: &str, answer: &str) -> (Option<i32>, String) {
+    use tokio::io::AsyncWriteExt as _;
+    let command = format!("{} dlq purge --type even", env!("CARGO_BIN_EXE_txq"));
+    let mut child = tokio::process::Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .env("TXQ_AMQP_URL", amqp_url())
+        .env("TXQ_QUEUE", queue)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("util-linux script");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin.write_all(answer.as_bytes()).await.expect("answer");
+    // stdin stays open until the end: script ends the session at its EOF.
+    let out = child.wait_with_output().await.expect("script ends");
+    drop(stdin);
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn purge_asks_on_a_terminal_and_a_no_keeps_everything() {
+    let mut client = Client::new().await;
+    let queue = client.queue(&unique("requests")).await;
+    let dlq = client.queue(&format!("{queue}.dlq")).await;
+    publish_dead(&client, &dlq, &sample(&queue)).await;
+
+    let (code, out) = purge_on_a_terminal(&queue, "n\n").await;
+    assert_eq!(code, Some(5), "{out}");
+    assert!(out.contains("purge 5 message(s)"), "{out}");
+    assert_eq!(listed_ids(&queue).await.len(), 10, "declined: all kept");
+
+    let (code, out) = purge_on_a_terminal(&queue, "y\n").await;
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(
+        listed_ids(&queue).await,
+        ["d-1", "d-3", "d-5", "d-7", "d-9"]
+    );
+}
