@@ -115,7 +115,16 @@ impl DeadLetter {
                 .map(|s| s.as_str().to_owned())
                 .filter(|s| !s.is_empty())
         };
-        let death = latest_death(table);
+        // Without `x-death` (stripped by a shovel or a client), the
+        // `x-first-death-*` headers still say it.
+        let death = latest_death(table).or_else(|| {
+            Some(Death {
+                reason: text("x-first-death-reason")?,
+                queue: text("x-first-death-queue").unwrap_or_default(),
+                count: 1,
+                time: None,
+            })
+        });
         let (origin, error_kind, error) = match (text(headers::ERROR_KIND), &death) {
             (Some(kind), _) => (Origin::Txq, kind, text(headers::ERROR).unwrap_or_default()),
             (None, Some(d)) => (
@@ -395,6 +404,20 @@ mod tests {
         assert_eq!(d.error_kind, "rabbitmq:delivery_limit");
         assert_eq!(d.original_queue.as_deref(), Some("q"));
         assert_eq!(d.failed_at.as_deref(), Some("1970-01-01T00:00:00.000Z"));
+    }
+
+    #[test]
+    fn first_death_headers_alone_are_understood() {
+        let d = DeadLetter::new(
+            props(vec![
+                ("x-first-death-reason", long_string("rejected")),
+                ("x-first-death-queue", long_string("q")),
+            ]),
+            vec![],
+        );
+        assert_eq!(d.origin, Origin::Rabbitmq);
+        assert_eq!(d.error_kind, "rabbitmq:rejected");
+        assert_eq!(d.original_queue.as_deref(), Some("q"));
     }
 
     #[test]
