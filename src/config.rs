@@ -375,6 +375,7 @@ impl Config {
             max_connections: self.db_pool_size(),
             acquire_timeout: self.db_acquire_timeout,
             sqlite_busy_timeout: self.sqlite_busy_timeout,
+            session_timeout: Some(self.job_timeout),
         }
     }
 

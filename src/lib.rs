@@ -30,12 +30,12 @@
 pub mod broker;
 pub mod config;
 pub mod db;
-pub mod dlq;
 mod handler;
 pub mod health;
 pub mod signals;
 pub mod sqlops;
 pub mod telemetry;
+pub mod tools;
 mod worker;
 
 pub use config::Config;

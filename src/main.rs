@@ -54,7 +54,9 @@ enum Command {
     #[command(subcommand)]
     Inbox(InboxCommand),
     /// The dead-letter queue: list, show, replay, purge (exit codes: README).
-    Dlq(txq::dlq::cli::DlqArgs),
+    Dlq(txq::tools::dlq::cli::DlqArgs),
+    /// Publish a file of JSON-lines requests; with --wait, collect the replies.
+    Submit(SubmitArgs),
 }
 
 #[derive(Subcommand)]
@@ -108,7 +110,12 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("txq: {e:#}");
-            ExitCode::FAILURE
+            // A bad configuration is a usage error, as clap's own are.
+            if e.downcast_ref::<txq::config::ConfigError>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
@@ -133,7 +140,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         _ => txq::telemetry::init(config.log_format),
     }
     match cli.command {
-        Command::Dlq(args) => Ok(txq::dlq::cli::run(&config, args).await?),
+        Command::Dlq(args) => Ok(txq::tools::dlq::cli::run(&config, args).await),
         Command::Config => {
             println!("{config:#?}");
             Ok(ExitCode::SUCCESS)
@@ -177,6 +184,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{:#}", txq::sqlops::schemas(&ops.operations));
             Ok(ExitCode::SUCCESS)
         }
+        Command::Submit(args) => Ok(submit(&config, args).await),
         Command::Run(args) => {
             info!(?config, "starting");
             let db = txq::Db::connect(config.database_url.expose(), &config.pool_options())
@@ -215,6 +223,104 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 health.retries()
             );
             Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// `txq submit`; exit codes in `txq::tools::submit::exit`.
+#[derive(Args)]
+struct SubmitArgs {
+    /// JSON-lines file of requests; `-` or nothing reads standard input
+    file: Option<PathBuf>,
+    /// Job type of every line; each line is then a bare payload (otherwise a line is
+    /// {"type":…,"payload":…,"message_id"?:…,"correlation_id"?:…})
+    #[arg(long = "type", value_name = "TYPE")]
+    job_type: Option<String>,
+    /// Identity derived message_ids are made from [default: the file's absolute
+    /// path; a hash of the input for standard input]
+    #[arg(long)]
+    batch_id: Option<String>,
+    /// Unconfirmed publishes at most
+    #[arg(long, default_value_t = txq::tools::submit::DEFAULT_WINDOW,
+        value_parser = clap::value_parser!(u16).range(1..))]
+    window: u16,
+    /// Publish at most this fast: 100/s, 600/m, 1000/h
+    #[arg(long)]
+    rate: Option<txq::tools::submit::Rate>,
+    /// Collect the replies; write one JSON line per request to stdout (or --output)
+    #[arg(long)]
+    wait: bool,
+    /// Receive replies through RabbitMQ direct reply-to instead of an exclusive queue
+    #[arg(long, requires = "wait")]
+    direct_reply_to: bool,
+    /// Once all are published, give up on missing replies after this long without one
+    #[arg(long, default_value_t = txq::tools::submit::DEFAULT_TIMEOUT.into(), requires = "wait")]
+    timeout: humantime::Duration,
+    /// Write the replies in input order (each waits for the lines before it)
+    #[arg(long, requires = "wait")]
+    ordered: bool,
+    /// Write the replies to this file (replaced, unless --resume) instead of stdout
+    #[arg(long, short, requires = "wait")]
+    output: Option<PathBuf>,
+    /// Skip the lines --output already has a reply for, and append to it
+    #[arg(long, requires = "output")]
+    resume: bool,
+    /// Summary (and errors) as one JSON object on stderr; no periodic counts
+    #[arg(long)]
+    json: bool,
+    /// No progress bar or periodic counts
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+async fn submit(config: &Config, args: SubmitArgs) -> ExitCode {
+    use txq::tools::submit::{self, ProgressMode, ReplyMode, Source, SubmitOptions, WaitOptions};
+    let options = SubmitOptions {
+        source: match args.file {
+            Some(path) if path.as_os_str() != "-" => Source::File(path),
+            _ => Source::Stdin,
+        },
+        job_type: args.job_type,
+        batch_id: args.batch_id,
+        window: usize::from(args.window),
+        rate: args.rate,
+        wait: args.wait.then_some(WaitOptions {
+            mode: if args.direct_reply_to {
+                ReplyMode::DirectReplyTo
+            } else {
+                ReplyMode::ExclusiveQueue
+            },
+            timeout: args.timeout.into(),
+            ordered: args.ordered,
+            output: args.output,
+            resume: args.resume,
+        }),
+        progress: if args.quiet || args.json {
+            ProgressMode::Off
+        } else {
+            ProgressMode::Auto
+        },
+    };
+    match submit::submit(config, &options).await {
+        Ok(summary) => {
+            if args.json {
+                eprintln!("{}", serde_json::json!(summary));
+            } else {
+                eprintln!("txq submit: {summary}");
+            }
+            ExitCode::from(summary.exit_code())
+        }
+        Err(e) => {
+            if args.json {
+                eprintln!("{}", serde_json::json!({"error": e.to_string()}));
+            } else if e.exit_code() == submit::exit::BROKER {
+                eprintln!(
+                    "txq submit: {e}\n(running the same input again is safe: the inbox answers what was done)"
+                );
+            } else {
+                eprintln!("txq submit: {e}");
+            }
+            ExitCode::from(e.exit_code())
         }
     }
 }

@@ -12,6 +12,9 @@ pub mod headers {
     pub const REQUEST_ID: &str = "x-txq-request-id";
     /// Reply: attempts the job took.
     pub const ATTEMPTS: &str = "x-txq-attempts";
+    /// Reply: `true` when an earlier delivery of the same message_id did the work
+    /// and this is its stored reply from the inbox (absent otherwise).
+    pub const DUPLICATE: &str = "x-txq-duplicate";
     /// W3C trace context, propagated from request to reply.
     pub const TRACEPARENT: &str = "traceparent";
     /// Request: which delivery attempt this is (1 when absent).
@@ -141,6 +144,8 @@ pub struct ReplyHeaders<'a> {
     pub status: &'a str,
     /// Attempts the job took.
     pub attempts: u32,
+    /// Answered from the inbox: an earlier delivery did the work.
+    pub duplicate: bool,
 }
 
 /// Properties of a reply to `request`: its correlation_id, JSON content type, a fresh
@@ -155,6 +160,9 @@ pub fn reply_properties(request: &Envelope, reply: ReplyHeaders<'_>) -> BasicPro
         headers::ATTEMPTS.into(),
         AMQPValue::LongLongInt(i64::from(reply.attempts)),
     );
+    if reply.duplicate {
+        table.insert(headers::DUPLICATE.into(), AMQPValue::Boolean(true));
+    }
     if let Some(tp) = &request.traceparent {
         table.insert(headers::TRACEPARENT.into(), long_string(tp));
     }
@@ -251,6 +259,7 @@ mod tests {
             ReplyHeaders {
                 status: "ok",
                 attempts: 2,
+                duplicate: false,
             },
         );
         assert_eq!(
@@ -268,5 +277,17 @@ mod tests {
         );
         assert_eq!(h.inner()[headers::ATTEMPTS], AMQPValue::LongLongInt(2));
         assert!(props.message_id().is_some());
+        assert!(!h.inner().contains_key(headers::DUPLICATE));
+
+        let dup = reply_properties(
+            &request,
+            ReplyHeaders {
+                status: "ok",
+                attempts: 1,
+                duplicate: true,
+            },
+        );
+        let h = dup.headers().as_ref().expect("headers");
+        assert_eq!(h.inner()[headers::DUPLICATE], AMQPValue::Boolean(true));
     }
 }

@@ -86,29 +86,52 @@ fn level_sql(level: Isolation) -> &'static str {
     }
 }
 
-/// The statement (one round trip) that opens a job's transaction at `isolation`
-/// and pushes `timeout` into the database, so that a statement or lock wait running
-/// past it fails there and the transaction's locks are released. The numbers come
-/// from the validated config, never from a request.
+/// `SET SESSION` of the MySQL/MariaDB variables that bound statements and lock waits
+/// to `timeout`. The numbers come from the validated config, never from a request.
+pub(crate) fn mysql_session_timeouts(mariadb: bool, timeout: Duration) -> String {
+    // innodb_lock_wait_timeout takes whole seconds, at least 1.
+    let lock_secs = mysql_lock_wait_secs(timeout);
+    if mariadb {
+        format!(
+            "SET SESSION innodb_lock_wait_timeout = {lock_secs}, SESSION max_statement_time = {:.3}",
+            timeout.as_secs_f64()
+        )
+    } else {
+        // MySQL's limit applies to SELECTs only.
+        format!(
+            "SET SESSION innodb_lock_wait_timeout = {lock_secs}, SESSION max_execution_time = {}",
+            millis(timeout)
+        )
+    }
+}
+
+pub(crate) fn mysql_lock_wait_secs(timeout: Duration) -> u64 {
+    timeout.as_secs().max(1) + u64::from(timeout.subsec_nanos() > 0)
+}
+
+pub(crate) fn millis(timeout: Duration) -> u128 {
+    timeout.as_millis().max(1)
+}
+
+/// The statement (one round trip) that opens a job's transaction at `isolation`.
+/// Unless the pool's sessions already carry `timeout` (`on_session`, see
+/// [`Db::session_timeout_is`](super::Db::session_timeout_is)), it also pushes
+/// `timeout` into the database, so that a statement or lock wait running past it
+/// fails there and the transaction's locks are released.
 pub(crate) fn job_begin_statement(
     backend: Backend,
     mariadb: bool,
     isolation: Option<Isolation>,
     timeout: Duration,
+    on_session: bool,
 ) -> String {
-    let ms = timeout.as_millis().max(1);
     match backend {
         Backend::MySql => {
-            // innodb_lock_wait_timeout takes whole seconds, at least 1.
-            let lock_secs = timeout.as_secs().max(1) + u64::from(timeout.subsec_nanos() > 0);
-            let statement_limit = if mariadb {
-                format!("SESSION max_statement_time = {:.3}", timeout.as_secs_f64())
-            } else {
-                // MySQL's limit applies to SELECTs only.
-                format!("SESSION max_execution_time = {ms}")
-            };
-            let mut sql =
-                format!("SET SESSION innodb_lock_wait_timeout = {lock_secs}, {statement_limit}; ");
+            let mut sql = String::new();
+            if !on_session {
+                sql.push_str(&mysql_session_timeouts(mariadb, timeout));
+                sql.push_str("; ");
+            }
             if let Some(level) = isolation {
                 sql.push_str("SET TRANSACTION ISOLATION LEVEL ");
                 sql.push_str(level_sql(level));
@@ -123,9 +146,12 @@ pub(crate) fn job_begin_statement(
                 sql.push_str(" ISOLATION LEVEL ");
                 sql.push_str(level_sql(level));
             }
-            sql.push_str(&format!(
-                "; SET LOCAL statement_timeout = {ms}; SET LOCAL lock_timeout = {ms}"
-            ));
+            if !on_session {
+                let ms = millis(timeout);
+                sql.push_str(&format!(
+                    "; SET LOCAL statement_timeout = {ms}; SET LOCAL lock_timeout = {ms}"
+                ));
+            }
             sql
         }
         // SQLite has no statement timeout; the worker's own timeout drops the
@@ -198,22 +224,49 @@ mod tests {
     fn job_begin_statements_carry_isolation_and_timeouts() {
         let t = Duration::from_millis(2500);
         assert_eq!(
-            job_begin_statement(Backend::Postgres, false, Some(Isolation::Serializable), t),
+            job_begin_statement(
+                Backend::Postgres,
+                false,
+                Some(Isolation::Serializable),
+                t,
+                false
+            ),
             "BEGIN ISOLATION LEVEL SERIALIZABLE; SET LOCAL statement_timeout = 2500; \
              SET LOCAL lock_timeout = 2500"
         );
         assert_eq!(
-            job_begin_statement(Backend::MySql, true, None, t),
+            job_begin_statement(Backend::MySql, true, None, t, false),
             "SET SESSION innodb_lock_wait_timeout = 3, SESSION max_statement_time = 2.500; BEGIN"
         );
         assert_eq!(
-            job_begin_statement(Backend::MySql, false, Some(Isolation::ReadCommitted), t),
+            job_begin_statement(
+                Backend::MySql,
+                false,
+                Some(Isolation::ReadCommitted),
+                t,
+                false
+            ),
             "SET SESSION innodb_lock_wait_timeout = 3, SESSION max_execution_time = 2500; \
              SET TRANSACTION ISOLATION LEVEL READ COMMITTED; BEGIN"
         );
         assert_eq!(
-            job_begin_statement(Backend::Sqlite, false, None, t),
+            job_begin_statement(Backend::Sqlite, false, None, t, false),
             "BEGIN IMMEDIATE"
+        );
+        // Sessions that already carry the timeout begin with no SET at all.
+        assert_eq!(
+            job_begin_statement(
+                Backend::MySql,
+                true,
+                Some(Isolation::ReadCommitted),
+                t,
+                true
+            ),
+            "SET TRANSACTION ISOLATION LEVEL READ COMMITTED; BEGIN"
+        );
+        assert_eq!(
+            job_begin_statement(Backend::Postgres, false, None, t, true),
+            "BEGIN"
         );
     }
 }

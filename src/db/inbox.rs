@@ -173,9 +173,11 @@ pub async fn prune(db: &Db, older_than_ms: i64) -> Result<u64, sqlx::Error> {
         let n = crate::on_pool!(db, p => {
             let mut conn = p.acquire().await?;
             if db.backend() == Backend::MySql {
-                // Jobs leave their statement timeout on pooled MySQL/MariaDB
-                // sessions; a batch delete must not inherit the shortest one.
+                // Pooled MySQL/MariaDB sessions carry a job's statement timeout;
+                // a batch delete must not inherit it. The session then differs
+                // from its pool-mates, so it is closed rather than returned.
                 // Each server knows one of the two variables.
+                conn.close_on_drop();
                 for reset in [
                     "SET SESSION max_statement_time = DEFAULT",
                     "SET SESSION max_execution_time = DEFAULT",

@@ -114,6 +114,10 @@ pub struct PoolOptions {
     pub acquire_timeout: Duration,
     /// SQLite only: how long a writer waits for the database lock.
     pub sqlite_busy_timeout: Duration,
+    /// Statement and lock-wait limit set on every new MySQL/MariaDB/PostgreSQL
+    /// session. Job types whose timeout equals it begin with no `SET` of their own;
+    /// `None` leaves the server's defaults (and every job sets its own).
+    pub session_timeout: Option<Duration>,
 }
 
 impl Default for PoolOptions {
@@ -122,6 +126,7 @@ impl Default for PoolOptions {
             max_connections: 16,
             acquire_timeout: Duration::from_secs(30),
             sqlite_busy_timeout: Duration::from_secs(30),
+            session_timeout: None,
         }
     }
 }
@@ -150,18 +155,43 @@ impl Db {
                     .strip_prefix("mariadb")
                     .map_or_else(|| url.to_owned(), |rest| format!("mysql{rest}"));
                 let connect = MySqlConnectOptions::from_str(&url)?;
-                let pool = MySqlPoolOptions::new()
+                let mut pool = MySqlPoolOptions::new()
                     .max_connections(options.max_connections)
                     .acquire_timeout(options.acquire_timeout)
-                    .connect_with(connect)
-                    .await?;
+                    // A ping per acquire is a round trip per job; a dead
+                    // connection fails the job's BEGIN instead, which is retried.
+                    .test_before_acquire(false);
+                if let Some(timeout) = options.session_timeout {
+                    pool = pool.after_connect(move |conn, _| {
+                        Box::pin(async move {
+                            use sqlx::Executor as _;
+                            // Each server knows one of the two statement limits.
+                            let mariadb = dialect::mysql_session_timeouts(true, timeout);
+                            if conn.execute(AssertSqlSafe(mariadb)).await.is_err() {
+                                let mysql = dialect::mysql_session_timeouts(false, timeout);
+                                conn.execute(AssertSqlSafe(mysql)).await?;
+                            }
+                            Ok(())
+                        })
+                    });
+                }
+                let pool = pool.connect_with(connect).await?;
                 Self::MySql(pool)
             }
             Backend::Postgres => {
-                let connect = PgConnectOptions::from_str(url)?;
+                let mut connect = PgConnectOptions::from_str(url)?;
+                if let Some(timeout) = options.session_timeout {
+                    // Sent in the startup packet: no round trip at all.
+                    let ms = dialect::millis(timeout).to_string();
+                    connect = connect.options([
+                        ("statement_timeout", ms.as_str()),
+                        ("lock_timeout", ms.as_str()),
+                    ]);
+                }
                 let pool = PgPoolOptions::new()
                     .max_connections(options.max_connections)
                     .acquire_timeout(options.acquire_timeout)
+                    .test_before_acquire(false)
                     .connect_with(connect)
                     .await?;
                 Self::Postgres(pool)
@@ -239,14 +269,55 @@ impl Db {
     }
 
     /// The statement that begins a job's transaction at `isolation` with `timeout`
-    /// pushed into the database.
+    /// pushed into the database, unless the sessions carry it already (`on_session`).
     pub(crate) fn job_begin_statement(
         &self,
         mariadb: bool,
         isolation: Option<Isolation>,
         timeout: Duration,
+        on_session: bool,
     ) -> Arc<str> {
-        dialect::job_begin_statement(self.backend(), mariadb, isolation, timeout).into()
+        dialect::job_begin_statement(self.backend(), mariadb, isolation, timeout, on_session).into()
+    }
+
+    /// Whether this pool's sessions already bound statements and lock waits to
+    /// `timeout` ([`PoolOptions::session_timeout`]), read back from the server so
+    /// that a pool built some other way is never trusted blindly. Every connection
+    /// of a pool is set up alike, so one answers for all. SQLite has nothing to set.
+    pub async fn session_timeout_is(
+        &self,
+        mariadb: bool,
+        timeout: Duration,
+    ) -> Result<bool, sqlx::Error> {
+        let ms = i64::try_from(dialect::millis(timeout)).unwrap_or(i64::MAX);
+        match self {
+            Self::MySql(pool) => {
+                let q = if mariadb {
+                    "SELECT CAST(@@SESSION.innodb_lock_wait_timeout AS SIGNED), \
+                     CAST(ROUND(@@SESSION.max_statement_time * 1000) AS SIGNED)"
+                } else {
+                    "SELECT CAST(@@SESSION.innodb_lock_wait_timeout AS SIGNED), \
+                     CAST(@@SESSION.max_execution_time AS SIGNED)"
+                };
+                let (lock, statement): (i64, i64) = sqlx::query_as(q).fetch_one(pool).await?;
+                let lock_secs =
+                    i64::try_from(dialect::mysql_lock_wait_secs(timeout)).unwrap_or(i64::MAX);
+                Ok(lock == lock_secs && statement == ms)
+            }
+            Self::Postgres(pool) => {
+                let (statement, lock): (bool, bool) = sqlx::query_as(
+                    "SELECT current_setting('statement_timeout')::interval \
+                       = make_interval(secs => $1::float8 / 1000), \
+                     current_setting('lock_timeout')::interval \
+                       = make_interval(secs => $1::float8 / 1000)",
+                )
+                .bind(ms)
+                .fetch_one(pool)
+                .await?;
+                Ok(statement && lock)
+            }
+            Self::Sqlite(_) => Ok(true),
+        }
     }
 
     /// Runs statements outside any job, for schema set-up. Each string is one

@@ -32,7 +32,7 @@ pub(crate) async fn finish(ctx: &Context, env: &Envelope, delivery: &Delivery, o
             } else {
                 debug!(status, "job done");
             }
-            reply(ctx, env, &status, &body).await
+            reply(ctx, env, &status, &body, duplicate).await
         }
         Outcome::Failed { kind, message } => {
             warn!(kind = kind.as_str(), error = %message, "job failed; dead-lettering it");
@@ -98,15 +98,18 @@ async fn fail(
         ],
     );
     publish_routed(ctx, &ctx.topology.dead_letter_queue, &delivery.data, props).await?;
-    reply(ctx, env, "failed", &failed_body(kind, message, env.attempt)).await
+    let body = failed_body(kind, message, env.attempt);
+    reply(ctx, env, "failed", &body, false).await
 }
 
-/// Publishes the reply to `reply_to`, or the default reply queue, if any.
+/// Publishes the reply to `reply_to`, or the default reply queue, if any;
+/// `duplicate` marks a stored reply from the inbox (`x-txq-duplicate`).
 async fn reply(
     ctx: &Context,
     env: &Envelope,
     status: &str,
     body: &[u8],
+    duplicate: bool,
 ) -> Result<(), PublishError> {
     let Some(to) = env
         .reply_to
@@ -120,6 +123,7 @@ async fn reply(
         ReplyHeaders {
             status,
             attempts: env.attempt,
+            duplicate,
         },
     );
     publish(ctx, to, body, props).await

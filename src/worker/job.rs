@@ -111,37 +111,44 @@ pub(crate) async fn execute(
             Ok(p) => p,
             Err(e) => return failed(json_failure_kind(&e), e.to_string()),
         };
-        let error = match attempt_once(ctx, handler.as_ref(), spec, inbox_id, payload, &meta).await
-        {
-            Ok(Done::Committed(body)) => {
-                return Outcome::Finished {
-                    status: "ok".into(),
-                    body,
-                    duplicate: false,
-                };
-            }
-            Ok(Done::Duplicate) => match inbox_id {
-                Some(id) => match stored_reply(ctx, id).await {
-                    Ok(outcome) => return outcome,
-                    Err(e) => AttemptError::from(e),
+        let mut error =
+            match attempt_once(ctx, handler.as_ref(), spec, inbox_id, payload, &meta).await {
+                Ok(Done::Committed(body)) => {
+                    return Outcome::Finished {
+                        status: "ok".into(),
+                        body,
+                        duplicate: false,
+                    };
+                }
+                Ok(Done::Duplicate) => match inbox_id {
+                    Some(id) => match stored_reply(ctx, id).await {
+                        Ok(outcome) => return outcome,
+                        Err(e) => AttemptError::from(e),
+                    },
+                    None => continue,
                 },
-                None => continue,
-            },
-            Err(e) => e,
-        };
+                Err(e) => e,
+            };
         // A first delivery runs before it learns it is a duplicate (the inbox row
         // is written last), so its handler may trip over what the earlier run
         // left (a unique key, a changed balance). If a row exists, that run's
         // answer is the answer. Rejections check the same way when recorded.
+        // Without an answer from the inbox a duplicate cannot be told from a real
+        // failure, so a failed lookup makes the attempt transient.
         if let Some(id) = inbox_id
             && !matches!(error, AttemptError::Job(JobError::Rejected { .. }))
-            && let Ok(Some(stored)) = inbox::lookup(&ctx.db, id).await
         {
-            return Outcome::Finished {
-                status: stored.status,
-                body: stored.body,
-                duplicate: true,
-            };
+            match inbox::lookup(&ctx.db, id).await {
+                Ok(Some(stored)) => {
+                    return Outcome::Finished {
+                        status: stored.status,
+                        body: stored.body,
+                        duplicate: true,
+                    };
+                }
+                Ok(None) => {}
+                Err(e) => error = AttemptError::from(e),
+            }
         }
         let (reason, message) = match error {
             AttemptError::Panicked(message) => {

@@ -205,7 +205,7 @@ async fn replay_filters_take_only_what_they_name_and_dry_run_changes_nothing() {
         let run = txq(&queue, &argv).await;
         if expected.is_empty() {
             // --grep needle only matches d-7, already replayed by --type odd.
-            assert_eq!(run.code, Some(3), "nothing matched: {run:?}");
+            assert_eq!(run.code, Some(4), "nothing matched: {run:?}");
             continue;
         }
         assert_eq!(run.code, Some(0), "{args:?}: {run:?}");
@@ -426,7 +426,7 @@ async fn an_interrupted_replay_loses_nothing(backend: Backend, how: Interruption
     match how {
         Interruption::Kill => assert_eq!(out.status.code(), None, "killed by a signal"),
         Interruption::Cut => {
-            assert_eq!(out.status.code(), Some(1), "{stderr}");
+            assert_eq!(out.status.code(), Some(3), "{stderr}");
             assert!(stderr.contains("lost the connection"), "{stderr}");
         }
     }
@@ -660,7 +660,7 @@ async fn list_show_group_and_purge_print_what_they_did_and_exit_meaningfully() {
     let queue = client.queue(&unique("requests")).await;
 
     let missing = txq(&queue, &["dlq", "list"]).await;
-    assert_eq!(missing.code, Some(1), "{missing:?}");
+    assert_eq!(missing.code, Some(2), "{missing:?}");
     assert!(missing.stderr.contains("does not exist"), "{missing:?}");
 
     let dlq = client.queue(&format!("{queue}.dlq")).await;
@@ -734,17 +734,17 @@ async fn list_show_group_and_purge_print_what_they_did_and_exit_meaningfully() {
         assert!(show.stdout.contains(needle), "{needle} in {show:?}");
     }
     let none = txq(&queue, &["dlq", "show", "nope"]).await;
-    assert_eq!(none.code, Some(3), "{none:?}");
+    assert_eq!(none.code, Some(4), "{none:?}");
 
     // Replay: one has no original queue; --to the DLQ itself is refused.
     let orphan = txq(&queue, &["dlq", "replay", "--id", "orphan", "--json"]).await;
-    assert_eq!(orphan.code, Some(4), "{orphan:?}");
+    assert_eq!(orphan.code, Some(1), "{orphan:?}");
     assert_eq!(orphan.json_lines()[0]["action"], "skipped");
     let to_self = txq(&queue, &["dlq", "replay", "--to", &dlq]).await;
-    assert_eq!(to_self.code, Some(1), "{to_self:?}");
+    assert_eq!(to_self.code, Some(2), "{to_self:?}");
     let gone = unique("no-such-queue");
     let unroutable = txq(&queue, &["dlq", "replay", "--id", "d-1", "--to", &gone]).await;
-    assert_eq!(unroutable.code, Some(4), "{unroutable:?}");
+    assert_eq!(unroutable.code, Some(1), "{unroutable:?}");
     assert!(
         unroutable.stdout.contains("does not exist"),
         "{unroutable:?}"
@@ -770,7 +770,7 @@ async fn list_show_group_and_purge_print_what_they_did_and_exit_meaningfully() {
         ["d-1", "d-3", "d-5", "d-7", "d-9", "orphan"]
     );
     let nothing = txq(&queue, &["dlq", "purge", "--type", "even", "--yes"]).await;
-    assert_eq!(nothing.code, Some(3), "{nothing:?}");
+    assert_eq!(nothing.code, Some(4), "{nothing:?}");
     let rest = txq(&queue, &["dlq", "purge", "--yes"]).await;
     assert_eq!(rest.code, Some(0), "{rest:?}");
     assert_eq!(client.depth(&dlq).await, 0);

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use txq::config::JobConfig;
-use txq::{Backend, Handler, JobError, JobMeta, Tx, Worker, with_conn};
+use txq::{Backend, Db, Handler, JobError, JobMeta, Tx, Worker, with_conn};
 
 use crate::bank;
 use crate::support::{
@@ -341,23 +341,51 @@ impl Handler for Hog {
     }
 }
 
-async fn a_timed_out_job_releases_its_locks(backend: Backend) {
+/// Where the job's database-side timeout is set: in each BEGIN (job types with
+/// different timeouts), or once per session when the pool was connected with the
+/// one timeout every type uses.
+#[derive(Clone, Copy, PartialEq)]
+enum TimeoutVia {
+    Begin,
+    Session,
+}
+
+async fn a_timed_out_job_releases_its_locks(backend: Backend, via: TimeoutVia) {
     let (test_db, client, requests, replies) = bank_env(backend, ACCOUNTS).await;
     let mut cfg = config(&test_db.url, &requests, &replies, 4);
-    cfg.jobs.insert(
-        "hog".into(),
-        JobConfig {
-            timeout: Some(Duration::from_secs(1)),
-            ..JobConfig::default()
-        },
-    );
+    let db = match via {
+        TimeoutVia::Begin => {
+            cfg.jobs.insert(
+                "hog".into(),
+                JobConfig {
+                    timeout: Some(Duration::from_secs(1)),
+                    ..JobConfig::default()
+                },
+            );
+            test_db.db.clone()
+        }
+        TimeoutVia::Session => {
+            cfg.job_timeout = Duration::from_secs(1);
+            let db = Db::connect(&test_db.url, &cfg.pool_options())
+                .await
+                .expect("pool with session timeouts");
+            let mariadb = db.is_mariadb().await.expect("version");
+            assert!(
+                db.session_timeout_is(mariadb, Duration::from_secs(1))
+                    .await
+                    .expect("read back"),
+                "the sessions carry the timeout, so BEGIN sets none"
+            );
+            db
+        }
+    };
     cfg.retry.in_process_attempts = 1;
     cfg.retry.max_attempts = 2;
     let worker = RunningWorker::start(
         Worker::builder(cfg)
             .handler("hog", Hog)
             .handler("transfer", bank::Transfer)
-            .database(test_db.db.clone()),
+            .database(db.clone()),
     )
     .await;
     client
@@ -388,37 +416,67 @@ async fn a_timed_out_job_releases_its_locks(backend: Backend) {
         hog.body["error"]["attempts"], 2,
         "retried once through the retry queue"
     );
-    assert_eq!(
-        by_status(&got).get("ok"),
-        Some(&20),
-        "jobs on the same rows proceeded"
-    );
+    let ok = by_status(&got).get("ok").copied().unwrap_or(0);
+    match via {
+        TimeoutVia::Begin => assert_eq!(ok, 20, "jobs on the same rows proceeded"),
+        // Every job waits on locks for the one timeout at most (lock wait or
+        // statement limit, whichever ends first), and the hog holds its lock for
+        // as long: a transfer queued right behind it may give up first.
+        // Had the database not ended the hog, none could have proceeded.
+        TimeoutVia::Session => {
+            assert!(ok >= 1, "jobs on the same rows proceeded");
+            for r in got.iter().filter(|r| r.correlation_id() != Some("hog")) {
+                let kind = &r.body["error"]["kind"];
+                assert!(
+                    r.status() == "ok" || kind == "lock_timeout" || kind == "timeout",
+                    "{:?}",
+                    r.body
+                );
+            }
+        }
+    }
     let totals = bank::totals(&test_db.db).await.expect("totals");
     assert_eq!(
         totals.balance_sum,
         ACCOUNTS * bank::INITIAL_BALANCE,
         "the hog's update was rolled back"
     );
-    assert_eq!(totals.transfers, 20);
-    let dead = client.replies(&format!("{requests}.dlq"), 1).await;
+    assert_eq!(totals.transfers, ok as i64);
+    let dead = client
+        .replies(&format!("{requests}.dlq"), got.len() - ok)
+        .await;
+    let hog = dead
+        .iter()
+        .find(|r| r.correlation_id() == Some("hog"))
+        .expect("the hog was dead-lettered");
     assert_eq!(
-        dead[0].header_text("x-txq-error-kind").as_deref(),
+        hog.header_text("x-txq-error-kind").as_deref(),
         Some("timeout")
     );
     assert_eq!(
-        dead[0].header("x-txq-attempts"),
+        hog.header("x-txq-attempts"),
         Some(lapin::types::AMQPValue::LongLongInt(2))
     );
 }
 
 #[tokio::test]
 async fn a_timed_out_job_on_mariadb_is_rolled_back_and_releases_its_locks() {
-    a_timed_out_job_releases_its_locks(Backend::MySql).await;
+    a_timed_out_job_releases_its_locks(Backend::MySql, TimeoutVia::Begin).await;
+}
+
+#[tokio::test]
+async fn a_session_timeout_on_mariadb_rolls_back_and_releases_locks() {
+    a_timed_out_job_releases_its_locks(Backend::MySql, TimeoutVia::Session).await;
+}
+
+#[tokio::test]
+async fn a_session_timeout_on_postgres_rolls_back_and_releases_locks() {
+    a_timed_out_job_releases_its_locks(Backend::Postgres, TimeoutVia::Session).await;
 }
 
 #[tokio::test]
 async fn a_timed_out_job_on_postgres_is_rolled_back_and_releases_its_locks() {
-    a_timed_out_job_releases_its_locks(Backend::Postgres).await;
+    a_timed_out_job_releases_its_locks(Backend::Postgres, TimeoutVia::Begin).await;
 }
 
 async fn duplicates_run_once_and_get_the_same_reply(backend: Backend) {
@@ -444,6 +502,12 @@ async fn duplicates_run_once_and_get_the_same_reply(backend: Backend) {
     assert_eq!(
         again.body, first.body,
         "the stored reply, not a second transfer"
+    );
+    assert_eq!(first.header("x-txq-duplicate"), None);
+    assert_eq!(
+        again.header("x-txq-duplicate"),
+        Some(lapin::types::AMQPValue::Boolean(true)),
+        "a reply from the inbox says so"
     );
 
     // Two deliveries of one id at once.

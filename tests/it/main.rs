@@ -13,4 +13,5 @@ mod dlq;
 mod faults;
 mod ops;
 mod roundtrip;
+mod submit;
 mod transfers;

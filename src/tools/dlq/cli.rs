@@ -1,12 +1,5 @@
 //! `txq dlq …`: its flags, its output (a table, or JSON lines with `--json`), and
-//! its exit codes.
-//!
-//! Exit codes: 0 done; 1 an error (broker unreachable, queue missing, connection
-//! lost: nothing is lost, run it again); 2 bad usage (clap), or `purge` without
-//! `--yes` and no terminal to ask on; 3 nothing matched (`show` found no such id,
-//! `replay`/`purge` selected nothing); 4 `replay` left some selected messages in
-//! the dead-letter queue (no known original queue, or the target queue does not
-//! exist); 5 `purge` was declined at the prompt.
+//! its exit codes ([`exit`]).
 
 use std::io::{IsTerminal as _, Write as _};
 use std::process::ExitCode;
@@ -17,15 +10,44 @@ use super::{
     DeadLetter, DlqError, Filter, Grouper, ReplayEvent, ReplayOptions, Target, purge, replay,
 };
 use crate::Config;
+use crate::tools::submit::Rate;
 
-/// Nothing matched.
-pub const EXIT_NO_MATCH: u8 = 3;
-/// Some selected messages stayed in the dead-letter queue.
-pub const EXIT_PARTIAL: u8 = 4;
-/// The purge was declined.
-pub const EXIT_DECLINED: u8 = 5;
-/// Bad usage.
-pub const EXIT_USAGE: u8 = 2;
+/// Exit codes of `txq dlq`, in line with `txq submit`'s.
+pub mod exit {
+    /// Done.
+    pub const OK: u8 = 0;
+    /// `replay` left some selected messages in the dead-letter queue (no original
+    /// queue recorded, or the target queue does not exist).
+    pub const NOT_ALL: u8 = 1;
+    /// Bad flags or configuration, a dead-letter queue that does not exist, or
+    /// `purge` without `--yes` when stdin is not a terminal: nothing was changed.
+    pub const USAGE: u8 = 2;
+    /// The broker failed mid-way (unreachable, connection lost, a publish nacked):
+    /// nothing is lost; run the command again.
+    pub const BROKER: u8 = 3;
+    /// Nothing matched: `show` found no such message_id, `replay` or `purge`
+    /// selected nothing.
+    pub const NO_MATCH: u8 = 4;
+    /// `purge` was declined at the prompt.
+    pub const DECLINED: u8 = 5;
+}
+
+impl DlqError {
+    /// The exit code this error ends `txq dlq` with.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::QueueNotFound(_)
+            | Self::InvalidName(_)
+            | Self::ToIsDlq(_)
+            | Self::NeedsConfirmation => exit::USAGE,
+            Self::Broker(_)
+            | Self::Amqp(_)
+            | Self::ConnectionLost
+            | Self::Publish(_)
+            | Self::Io(_) => exit::BROKER,
+        }
+    }
+}
 
 /// `txq dlq`: the dead-letter queue (default: the worker's, `<queue>.dlq`).
 #[derive(Debug, Args)]
@@ -66,9 +88,9 @@ pub enum DlqCommand {
         /// Republish here instead of each message's original queue
         #[arg(long)]
         to: Option<String>,
-        /// At most this many per second, e.g. 50/s
-        #[arg(long, value_parser = parse_rate)]
-        rate: Option<f64>,
+        /// At most this fast: 50/s, 600/m, 1000/h
+        #[arg(long)]
+        rate: Option<Rate>,
         /// Only say what would be replayed
         #[arg(long)]
         dry_run: bool,
@@ -114,17 +136,24 @@ impl Select {
     }
 }
 
-/// `50/s` or `50`: messages per second.
-fn parse_rate(s: &str) -> Result<f64, String> {
-    let n = s.strip_suffix("/s").unwrap_or(s).trim();
-    match n.parse::<f64>() {
-        Ok(r) if r.is_finite() && r > 0.0 => Ok(r),
-        _ => Err(format!("`{s}` is not a rate like 50/s")),
+/// Runs a `dlq` command, prints what it did (or its error) and returns its exit
+/// code.
+pub async fn run(config: &Config, args: DlqArgs) -> ExitCode {
+    let json = args.json;
+    match run_command(config, args).await {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            if json {
+                eprintln!("{}", serde_json::json!({ "error": e.to_string() }));
+            } else {
+                eprintln!("txq: {e}");
+            }
+            ExitCode::from(e.exit_code())
+        }
     }
 }
 
-/// Runs a `dlq` command; `Err` is exit code 1.
-pub async fn run(config: &Config, args: DlqArgs) -> Result<ExitCode, DlqError> {
+async fn run_command(config: &Config, args: DlqArgs) -> Result<u8, DlqError> {
     let target = Target {
         amqp_url: config.amqp_url.clone(),
         dlq: args
@@ -159,7 +188,7 @@ pub async fn run(config: &Config, args: DlqArgs) -> Result<ExitCode, DlqError> {
                 "{} of {} message(s) in `{}`",
                 counts.matched, counts.depth, target.dlq
             );
-            Ok(ExitCode::SUCCESS)
+            Ok(exit::OK)
         }
         DlqCommand::List {
             group: true,
@@ -194,7 +223,7 @@ pub async fn run(config: &Config, args: DlqArgs) -> Result<ExitCode, DlqError> {
                 counts.depth,
                 target.dlq
             );
-            Ok(ExitCode::SUCCESS)
+            Ok(exit::OK)
         }
         DlqCommand::Show { id } => {
             let filter = Filter {
@@ -211,9 +240,9 @@ pub async fn run(config: &Config, args: DlqArgs) -> Result<ExitCode, DlqError> {
             .await?;
             if counts.matched == 0 {
                 eprintln!("no message with message_id `{id}` in `{}`", target.dlq);
-                return Ok(ExitCode::from(EXIT_NO_MATCH));
+                return Ok(exit::NO_MATCH);
             }
-            Ok(ExitCode::SUCCESS)
+            Ok(exit::OK)
         }
         DlqCommand::Replay {
             select,
@@ -225,7 +254,7 @@ pub async fn run(config: &Config, args: DlqArgs) -> Result<ExitCode, DlqError> {
                 filter: select.filter(),
                 limit: select.limit,
                 to,
-                rate,
+                rate: rate.map(|r| r.per_second()),
                 dry_run,
             };
             let report = replay(&target, &options, |event| print_event(json, &event)).await?;
@@ -243,17 +272,16 @@ pub async fn run(config: &Config, args: DlqArgs) -> Result<ExitCode, DlqError> {
                 target.dlq
             );
             Ok(if report.counts.matched == 0 {
-                ExitCode::from(EXIT_NO_MATCH)
+                exit::NO_MATCH
             } else if report.skipped > 0 {
-                ExitCode::from(EXIT_PARTIAL)
+                exit::NOT_ALL
             } else {
-                ExitCode::SUCCESS
+                exit::OK
             })
         }
         DlqCommand::Purge { select, yes } => {
             if !yes && !std::io::stdin().is_terminal() {
-                eprintln!("txq: {}", DlqError::NeedsConfirmation);
-                return Ok(ExitCode::from(EXIT_USAGE));
+                return Err(DlqError::NeedsConfirmation);
             }
             let queue = target.dlq.clone();
             let confirm = |n: u64| async move {
@@ -279,11 +307,11 @@ pub async fn run(config: &Config, args: DlqArgs) -> Result<ExitCode, DlqError> {
                 report.purged, report.counts.matched, report.counts.depth, target.dlq
             );
             Ok(if report.counts.matched == 0 {
-                ExitCode::from(EXIT_NO_MATCH)
+                exit::NO_MATCH
             } else if !report.confirmed {
-                ExitCode::from(EXIT_DECLINED)
+                exit::DECLINED
             } else {
-                ExitCode::SUCCESS
+                exit::OK
             })
         }
     }

@@ -1,0 +1,640 @@
+//! `txq submit`, run as the real binary against the real broker and a worker
+//! running in this process.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+use txq::{Backend, Handler, JobError, JobMeta, Tx, Worker};
+
+use crate::bank;
+use crate::support::{
+    Client, RunningWorker, TEST_DELAYS, TestDb, amqp_url, bank_env, config, unique,
+};
+
+/// A scratch directory of one test, removed pass or fail.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new() -> Scratch {
+        let dir = std::env::temp_dir().join(unique("submit"));
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        Scratch(dir)
+    }
+
+    /// Writes `lines` as a JSON-lines file and returns its path.
+    fn file(&self, name: &str, lines: &[Value]) -> PathBuf {
+        let path = self.0.join(name);
+        let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+        std::fs::write(&path, text).expect("write input");
+        path
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// How one `txq submit` run ended.
+#[derive(Debug)]
+struct Run {
+    code: i32,
+    /// The records on stdout (or read back from `--output`).
+    records: Vec<Value>,
+    /// The `--json` summary (`{"error":…}` on errors).
+    summary: Value,
+    stderr: String,
+}
+
+impl Run {
+    fn lines(&self) -> Vec<u64> {
+        self.records
+            .iter()
+            .map(|r| r["line"].as_u64().expect("line"))
+            .collect()
+    }
+
+    fn statuses(&self) -> HashMap<u64, String> {
+        self.records
+            .iter()
+            .map(|r| {
+                let line = r["line"].as_u64().expect("line");
+                (line, r["status"].as_str().expect("status").to_owned())
+            })
+            .collect()
+    }
+}
+
+/// Runs `txq submit --json ARGS` with the worker's queues from `TXQ_*` variables.
+async fn submit(requests: &str, replies: &str, args: &[&str]) -> Run {
+    submit_with(&amqp_url(), requests, replies, args).await
+}
+
+/// `txq submit --json ARGS` configured by `TXQ_*` variables as the test worker is.
+fn submit_command(
+    amqp: &str,
+    requests: &str,
+    replies: &str,
+    args: &[&str],
+) -> tokio::process::Command {
+    let delays: Vec<String> = TEST_DELAYS
+        .iter()
+        .map(|d| format!("\"{}ms\"", d.as_millis()))
+        .collect();
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_txq"));
+    command
+        .arg("submit")
+        .arg("--json")
+        .args(args)
+        .env_remove("TXQ_CONFIG")
+        .env("TXQ_AMQP_URL", amqp)
+        .env("TXQ_QUEUE", requests)
+        .env("TXQ_REPLY_QUEUE", replies)
+        .env("TXQ_RETRY__DELAYS", format!("[{}]", delays.join(",")))
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    command
+}
+
+async fn submit_with(amqp: &str, requests: &str, replies: &str, args: &[&str]) -> Run {
+    let out = submit_command(amqp, requests, replies, args)
+        .output()
+        .await
+        .expect("running txq submit");
+    let stdout = String::from_utf8(out.stdout).expect("UTF-8 stdout");
+    let stderr = String::from_utf8(out.stderr).expect("UTF-8 stderr");
+    let records = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("record {l:?}: {e}")))
+        .collect();
+    let summary = stderr
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .unwrap_or(Value::Null);
+    Run {
+        code: out.status.code().expect("exited, not killed"),
+        records,
+        summary,
+        stderr,
+    }
+}
+
+/// Records in an output file; unreadable lines are counted, not parsed.
+fn read_output(path: &Path) -> (Vec<Value>, usize) {
+    let text = std::fs::read_to_string(path).expect("output file");
+    let mut records = Vec::new();
+    let mut unreadable = 0;
+    for line in text.lines() {
+        match serde_json::from_str(line) {
+            Ok(v) => records.push(v),
+            Err(_) => unreadable += 1,
+        }
+    }
+    (records, unreadable)
+}
+
+fn summary(total: usize, ok: usize, rejected: usize, failed: usize, timed_out: usize) -> Value {
+    json!({
+        "total": total, "skipped": 0, "published": total, "waited": true,
+        "ok": ok, "rejected": rejected, "failed": failed, "timed_out": timed_out, "duplicate": 0,
+    })
+}
+
+fn noops(range: std::ops::RangeInclusive<usize>) -> Vec<Value> {
+    range
+        .map(|i| json!({"type": "noop", "payload": {"i": i}}))
+        .collect()
+}
+
+async fn bank_worker(test_db: &TestDb, requests: &str, replies: &str, n: usize) -> RunningWorker {
+    RunningWorker::start(
+        Worker::builder(config(&test_db.url, requests, replies, n))
+            .handler("transfer", bank::Transfer)
+            .handler("noop", bank::Noop)
+            .database(test_db.db.clone()),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn ten_thousand_jobs_are_all_answered_and_counted() {
+    const N: usize = 10_000;
+    let (test_db, client, requests, replies) = bank_env(Backend::Postgres, 2).await;
+    let worker = bank_worker(&test_db, &requests, &replies, 16).await;
+    let scratch = Scratch::new();
+    let input = scratch.file("jobs.jsonl", &noops(1..=N));
+
+    let started = std::time::Instant::now();
+    let run = submit(
+        &requests,
+        &replies,
+        &["--wait", input.to_str().expect("path")],
+    )
+    .await;
+    let took = started.elapsed();
+    eprintln!("submit --wait of {N} noops took {took:?}");
+
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(run.summary, summary(N, N, 0, 0, 0));
+    let lines: BTreeSet<u64> = run.lines().into_iter().collect();
+    assert_eq!(run.records.len(), N, "one record per request");
+    assert_eq!(lines, (1..=N as u64).collect(), "every line answered once");
+    for r in &run.records {
+        assert_eq!(r["status"], "ok", "{r}");
+        assert_eq!(r["reply"], json!({"status": "ok", "result": null}), "{r}");
+        assert_eq!(r["correlation_id"], r["message_id"], "{r}");
+    }
+    worker.stop().await.expect("clean stop");
+    let totals = bank::totals(&test_db.db).await.expect("totals");
+    assert_eq!(totals.jobs_logged, N as i64, "each job ran once");
+    assert_eq!(client.depth(&requests).await, 0);
+}
+
+#[tokio::test]
+async fn rejected_and_failed_requests_are_counted_and_the_exit_code_says_so() {
+    let (test_db, _client, requests, replies) = bank_env(Backend::MySql, 10).await;
+    let worker = bank_worker(&test_db, &requests, &replies, 4).await;
+    let scratch = Scratch::new();
+    let mut lines = Vec::new();
+    let mut expected = HashMap::new();
+    for i in 0..40 {
+        let (line, status) = match i % 8 {
+            5 => (
+                json!({"type": "transfer", "payload": {"from": 1, "to": 2, "amount": 10 * bank::INITIAL_BALANCE}}),
+                "rejected",
+            ),
+            6 => (json!({"type": "no_such_type", "payload": {}}), "failed"),
+            7 => (
+                json!({"type": "transfer", "payload": {"from": "one", "to": 2}}),
+                "failed",
+            ),
+            _ => (
+                json!({"type": "transfer", "payload": {"from": 3, "to": 4, "amount": 1}}),
+                "ok",
+            ),
+        };
+        lines.push(line);
+        expected.insert(i as u64 + 1, status.to_owned());
+    }
+    let input = scratch.file("mixed.jsonl", &lines);
+
+    let run = submit(
+        &requests,
+        &replies,
+        &["--wait", input.to_str().expect("path")],
+    )
+    .await;
+
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert_eq!(run.summary, summary(40, 25, 5, 10, 0));
+    assert_eq!(run.statuses(), expected);
+    let kinds: BTreeSet<&str> = run
+        .records
+        .iter()
+        .filter(|r| r["status"] == "failed")
+        .map(|r| r["reply"]["error"]["kind"].as_str().expect("kind"))
+        .collect();
+    assert_eq!(kinds, BTreeSet::from(["invalid_payload", "unknown_type"]));
+    worker.stop().await.expect("clean stop");
+    let totals = bank::totals(&test_db.db).await.expect("totals");
+    assert_eq!(totals.transfers, 25);
+    assert_eq!(totals.balance_sum, 10 * bank::INITIAL_BALANCE);
+}
+
+#[tokio::test]
+async fn a_second_run_of_the_same_file_is_answered_from_the_inbox() {
+    const N: usize = 200;
+    let (test_db, client, requests, replies) = bank_env(Backend::MySql, 20).await;
+    let worker = bank_worker(&test_db, &requests, &replies, 8).await;
+    let scratch = Scratch::new();
+    // Bare payloads with --type: their message_ids are derived, not written.
+    let payloads: Vec<Value> = (0..N)
+        .map(|i| json!({"from": i % 20 + 1, "to": (i + 1) % 20 + 1, "amount": i + 1}))
+        .collect();
+    let input = scratch.file("transfers.jsonl", &payloads);
+    let args = [
+        "--type",
+        "transfer",
+        "--wait",
+        input.to_str().expect("path"),
+    ];
+
+    let first = submit(&requests, &replies, &args).await;
+    assert_eq!(first.code, 0, "{}", first.stderr);
+    assert_eq!(first.summary, summary(N, N, 0, 0, 0));
+    assert!(first.records.iter().all(|r| r["duplicate"] == false));
+
+    let second = submit(&requests, &replies, &args).await;
+    assert_eq!(
+        second.code, 0,
+        "answered ok, if by the first run: {}",
+        second.stderr
+    );
+    assert_eq!(second.summary["ok"], N);
+    assert_eq!(second.summary["duplicate"], N, "{}", second.summary);
+    let ids = |run: &Run| -> HashMap<u64, (String, Value)> {
+        run.records
+            .iter()
+            .map(|r| {
+                let id = r["message_id"].as_str().expect("message_id").to_owned();
+                (r["line"].as_u64().expect("line"), (id, r["reply"].clone()))
+            })
+            .collect()
+    };
+    assert_eq!(
+        ids(&first),
+        ids(&second),
+        "the same message_ids, and the first run's replies"
+    );
+    assert!(second.records.iter().all(|r| r["duplicate"] == true));
+
+    worker.stop().await.expect("clean stop");
+    let totals = bank::totals(&test_db.db).await.expect("totals");
+    assert_eq!(totals.transfers, N as i64, "no transfer applied twice");
+    assert_eq!(totals.balance_sum, 20 * bank::INITIAL_BALANCE);
+    assert_eq!(client.depth(&requests).await, 0);
+}
+
+#[tokio::test]
+async fn resume_skips_the_lines_already_answered_in_the_output() {
+    let (test_db, _client, requests, replies) = bank_env(Backend::MySql, 2).await;
+    let worker = bank_worker(&test_db, &requests, &replies, 4).await;
+    let scratch = Scratch::new();
+    let input = scratch.file("jobs.jsonl", &noops(1..=30));
+    let output = scratch.path("replies.jsonl");
+    let (input_arg, output_arg) = (
+        input.to_str().expect("path"),
+        output.to_str().expect("path"),
+    );
+
+    let first = submit(
+        &requests,
+        &replies,
+        &["--wait", "-o", output_arg, input_arg],
+    )
+    .await;
+    assert_eq!(first.code, 0, "{}", first.stderr);
+    assert!(first.records.is_empty(), "the replies went to the file");
+    let (written, _) = read_output(&output);
+    assert_eq!(written.len(), 30);
+
+    // As if that run had been killed after 10 replies, mid-way through the 11th;
+    // meanwhile 5 lines were added to the input.
+    let text = std::fs::read_to_string(&output).expect("output");
+    let kept: Vec<&str> = text.lines().take(10).collect();
+    let answered: BTreeSet<u64> = kept
+        .iter()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).expect("record")["line"]
+                .as_u64()
+                .expect("line")
+        })
+        .collect();
+    std::fs::write(&output, format!("{}\n{{\"line\":", kept.join("\n"))).expect("truncate");
+    scratch.file("jobs.jsonl", &noops(1..=35));
+
+    let resumed = submit(
+        &requests,
+        &replies,
+        &["--wait", "--resume", "-o", output_arg, input_arg],
+    )
+    .await;
+    assert_eq!(resumed.code, 0, "{}", resumed.stderr);
+    assert_eq!(resumed.summary["total"], 35);
+    assert_eq!(resumed.summary["skipped"], 10);
+    assert_eq!(resumed.summary["published"], 25);
+    assert_eq!(resumed.summary["ok"], 25);
+    assert_eq!(
+        resumed.summary["duplicate"], 20,
+        "the unanswered old lines ran in the first run; the 5 new ones did not"
+    );
+    let (records, unreadable) = read_output(&output);
+    assert_eq!(unreadable, 1, "the torn line stays, on a line of its own");
+    let appended: BTreeSet<u64> = records[10..]
+        .iter()
+        .map(|r| r["line"].as_u64().expect("line"))
+        .collect();
+    assert_eq!(appended.len(), 25);
+    assert!(
+        appended.is_disjoint(&answered),
+        "answered lines were skipped"
+    );
+    let all: BTreeSet<u64> = answered.union(&appended).copied().collect();
+    assert_eq!(all, (1..=35).collect());
+
+    // Once everything has a reply, there is nothing to do.
+    let again = submit(
+        &requests,
+        &replies,
+        &["--wait", "--resume", "-o", output_arg, input_arg],
+    )
+    .await;
+    assert_eq!(again.code, 0, "{}", again.stderr);
+    assert_eq!(again.summary["skipped"], 35);
+    assert_eq!(again.summary["published"], 0);
+
+    worker.stop().await.expect("clean stop");
+    let totals = bank::totals(&test_db.db).await.expect("totals");
+    assert_eq!(totals.jobs_logged, 35, "each line ran once");
+}
+
+#[derive(Deserialize)]
+struct Nap {
+    ms: u64,
+}
+
+/// Sleeps as long as its payload says: replies that overtake each other.
+struct Sleepy;
+
+impl Handler for Sleepy {
+    type Payload = Nap;
+    type Output = u64;
+
+    async fn handle(&self, _tx: &mut Tx, nap: Nap, _: &JobMeta) -> Result<u64, JobError> {
+        tokio::time::sleep(Duration::from_millis(nap.ms)).await;
+        Ok(nap.ms)
+    }
+}
+
+#[tokio::test]
+async fn ordered_output_follows_the_input_and_direct_reply_to_works() {
+    // Row locks would not matter, but SQLite runs one job at a time.
+    let test_db = TestDb::new(Backend::Postgres).await;
+    let mut client = Client::new().await;
+    let requests = client.queue(&unique("requests")).await;
+    let replies = client.queue(&unique("replies")).await;
+    let worker = RunningWorker::start(
+        Worker::builder(config(&test_db.url, &requests, &replies, 4))
+            .handler("nap", Sleepy)
+            .database(test_db.db.clone()),
+    )
+    .await;
+    let scratch = Scratch::new();
+    // Line 1 takes a second, the others none: its reply comes last.
+    let naps: Vec<Value> = (1..=20)
+        .map(|i| json!({"ms": if i == 1 { 1000 } else { 0 }}))
+        .collect();
+    let input = scratch.file("naps.jsonl", &naps);
+    let input = input.to_str().expect("path");
+
+    let unordered = submit(
+        &requests,
+        &replies,
+        &[
+            "--type",
+            "nap",
+            "--wait",
+            "--direct-reply-to",
+            "--batch-id",
+            "a",
+            input,
+        ],
+    )
+    .await;
+    assert_eq!(unordered.code, 0, "{}", unordered.stderr);
+    assert_eq!(unordered.summary, summary(20, 20, 0, 0, 0));
+    assert_eq!(
+        unordered.lines().last(),
+        Some(&1),
+        "as they arrive: the slow line 1 last"
+    );
+
+    let ordered = submit(
+        &requests,
+        &replies,
+        &[
+            "--type",
+            "nap",
+            "--wait",
+            "--ordered",
+            "--batch-id",
+            "b",
+            input,
+        ],
+    )
+    .await;
+    assert_eq!(ordered.code, 0, "{}", ordered.stderr);
+    assert_eq!(ordered.summary, summary(20, 20, 0, 0, 0));
+    assert_eq!(ordered.lines(), (1..=20).collect::<Vec<u64>>());
+    assert_eq!(
+        ordered.records[0]["reply"],
+        json!({"status": "ok", "result": 1000})
+    );
+    worker.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn without_a_worker_every_request_times_out() {
+    let mut client = Client::new().await;
+    let requests = client.queue(&unique("requests")).await;
+    let replies = client.queue(&unique("replies")).await;
+    let scratch = Scratch::new();
+    let input = scratch.file("jobs.jsonl", &noops(1..=5));
+
+    let started = std::time::Instant::now();
+    let run = submit(
+        &requests,
+        &replies,
+        &[
+            "--wait",
+            "--ordered",
+            "--timeout",
+            "500ms",
+            input.to_str().expect("path"),
+        ],
+    )
+    .await;
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "the timeout ended it"
+    );
+    assert_eq!(run.summary, summary(5, 0, 0, 0, 5));
+    assert_eq!(run.lines(), [1, 2, 3, 4, 5]);
+    for r in &run.records {
+        assert_eq!(r["status"], "timed_out");
+        assert_eq!(r["reply"], Value::Null);
+    }
+    assert_eq!(
+        client.depth(&requests).await,
+        5,
+        "published, waiting for a worker"
+    );
+}
+
+#[tokio::test]
+async fn a_bad_line_is_named_and_nothing_is_published() {
+    let mut client = Client::new().await;
+    let requests = client.queue(&unique("requests")).await;
+    let replies = client.queue(&unique("replies")).await;
+    let scratch = Scratch::new();
+    let input = scratch.path("bad.jsonl");
+    std::fs::write(
+        &input,
+        "{\"type\":\"noop\",\"payload\":{}}\n\n{\"type\":\"noop\",\"payload\":{}\n",
+    )
+    .expect("write");
+
+    let run = submit(
+        &requests,
+        &replies,
+        &["--wait", input.to_str().expect("path")],
+    )
+    .await;
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    let error = run.summary["error"].as_str().expect("an error message");
+    assert!(error.contains("line 3"), "{error}");
+    assert!(error.contains("nothing was published"), "{error}");
+    assert!(run.records.is_empty());
+    assert_eq!(client.depth(&requests).await, 0);
+
+    let good = scratch.file("good.jsonl", &noops(1..=1));
+    let unwritable = submit(
+        &requests,
+        &replies,
+        &[
+            "--wait",
+            "-o",
+            "no/such/dir/out.jsonl",
+            good.to_str().expect("path"),
+        ],
+    )
+    .await;
+    assert_eq!(unwritable.code, 2, "{}", unwritable.stderr);
+    assert!(
+        unwritable.stderr.contains("no/such/dir/out.jsonl"),
+        "{}",
+        unwritable.stderr
+    );
+    assert_eq!(
+        client.depth(&requests).await,
+        0,
+        "checked before publishing"
+    );
+
+    let missing = submit(&requests, &replies, &["no/such/file.jsonl"]).await;
+    assert_eq!(missing.code, 2, "{}", missing.stderr);
+    assert!(
+        missing.stderr.contains("no/such/file.jsonl"),
+        "{}",
+        missing.stderr
+    );
+}
+
+#[tokio::test]
+async fn an_unreachable_broker_is_a_clear_error_without_the_password() {
+    let scratch = Scratch::new();
+    let input = scratch.file("jobs.jsonl", &noops(1..=1));
+    // Port 1 on loopback: nothing listens there.
+    let run = submit_with(
+        "amqp://guest:hunter2@127.0.0.1:1/%2f",
+        "q",
+        "r",
+        &[input.to_str().expect("path")],
+    )
+    .await;
+    assert_eq!(run.code, 3, "{}", run.stderr);
+    let error = run.summary["error"].as_str().expect("an error message");
+    assert!(error.contains("127.0.0.1:1"), "{error}");
+    assert!(!run.stderr.contains("hunter2"), "{}", run.stderr);
+}
+
+#[tokio::test]
+async fn a_lost_connection_stops_the_run_and_running_again_answers_everything_once() {
+    const N: usize = 50;
+    let (test_db, client, requests, replies) = bank_env(Backend::MySql, 2).await;
+    let scratch = Scratch::new();
+    let input = scratch.file("jobs.jsonl", &noops(1..=N));
+    let input = input.to_str().expect("path");
+    let proxy = crate::support::Proxy::start().await;
+
+    // No worker yet: the run publishes everything, then waits for replies.
+    let args = ["--wait", "--timeout", "2m", input];
+    let child = submit_command(&proxy.url(), &requests, &replies, &args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawning txq submit");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while client.depth(&requests).await < N as u32 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the requests never reached the queue"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    proxy.cut();
+    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .expect("submit ends when its connection is lost")
+        .expect("submit output");
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.stdout.is_empty(), "no request was answered");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{stderr}");
+    assert!(stderr.contains("\"error\":\"rabbitmq"), "{stderr}");
+
+    let worker = bank_worker(&test_db, &requests, &replies, 4).await;
+    let again = submit(&requests, &replies, &["--wait", input]).await;
+    assert_eq!(again.code, 0, "{}", again.stderr);
+    assert_eq!(again.summary["ok"], N);
+    worker.stop().await.expect("clean stop");
+    let totals = bank::totals(&test_db.db).await.expect("totals");
+    assert_eq!(totals.jobs_logged, N as i64, "each request ran once");
+    assert_eq!(client.depth(&requests).await, 0);
+}
