@@ -659,6 +659,19 @@ async fn list_show_group_and_purge_print_what_they_did_and_exit_meaningfully() {
     let mut client = Client::new().await;
     let queue = client.queue(&unique("requests")).await;
 
+    let down = txq_command(
+        "amqp://guest:hunter2@127.0.0.1:1/%2f",
+        &queue,
+        &["dlq", "list"],
+    )
+    .output()
+    .await
+    .expect("running txq");
+    let stderr = String::from_utf8_lossy(&down.stderr);
+    assert_eq!(down.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("guest:***@127.0.0.1:1"), "{stderr}");
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+
     let missing = txq(&queue, &["dlq", "list"]).await;
     assert_eq!(missing.code, Some(2), "{missing:?}");
     assert!(missing.stderr.contains("does not exist"), "{missing:?}");

@@ -40,7 +40,7 @@ impl DlqError {
             | Self::InvalidName(_)
             | Self::ToIsDlq(_)
             | Self::NeedsConfirmation => exit::USAGE,
-            Self::Broker(_)
+            Self::Connect { .. }
             | Self::Amqp(_)
             | Self::ConnectionLost
             | Self::Publish(_)
@@ -52,7 +52,7 @@ impl DlqError {
 /// `txq dlq`: the dead-letter queue (default: the worker's, `<queue>.dlq`).
 #[derive(Debug, Args)]
 pub struct DlqArgs {
-    /// The dead-letter queue [default: config `dead_letter_queue`, or `<queue>.dlq`]
+    /// The dead-letter queue (default: config `dead_letter_queue`, or `<queue>.dlq`)
     #[arg(long, global = true)]
     pub dlq: Option<String>,
     /// JSON lines on stdout instead of text

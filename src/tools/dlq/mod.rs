@@ -2,7 +2,7 @@
 //! dead-letter queue holds, txq's own failures and RabbitMQ's (`x-death`) alike.
 //!
 //! **Invariant:** a `dlq` command never loses or duplicates a message it did not
-//! act on. It takes messages unacked ([`scan`]), acks one only after it was
+//! act on. It takes messages unacked (`scan.rs`), acks one only after it was
 //! replayed (publish confirmed) or purged, and requeues the rest. A replayed copy
 //! keeps its message_id, so if the tool dies between the confirm and the ack, the
 //! second copy that a re-run replays is answered from the worker's inbox instead of
@@ -26,8 +26,13 @@ use crate::broker::{BrokerError, PublishError, PublishOutcome};
 #[derive(Debug, thiserror::Error)]
 pub enum DlqError {
     /// Connecting failed.
-    #[error(transparent)]
-    Broker(#[from] BrokerError),
+    #[error("connecting to {url}: {source}")]
+    Connect {
+        /// The AMQP URL, password redacted.
+        url: String,
+        /// What failed.
+        source: BrokerError,
+    },
     /// The broker refused an operation.
     #[error("rabbitmq: {0}")]
     Amqp(#[from] lapin::Error),

@@ -68,7 +68,13 @@ impl Scan {
     pub async fn open(amqp_url: &str, queue: &str) -> Result<Self, DlqError> {
         let name =
             ShortString::try_new(queue).map_err(|_| DlqError::InvalidName(queue.to_owned()))?;
-        let connection = Arc::new(broker::connect(amqp_url, "txq dlq").await?);
+        let connection = broker::connect(amqp_url, "txq dlq")
+            .await
+            .map_err(|source| DlqError::Connect {
+                url: crate::config::redact_url(amqp_url),
+                source,
+            })?;
+        let connection = Arc::new(connection);
         let lost = CancellationToken::new();
         let mut events = connection.events_listener();
         let watch = lost.clone();
