@@ -39,8 +39,8 @@ pub enum DlqError {
     /// The dead-letter queue does not exist.
     #[error("queue `{0}` does not exist (is --dlq / the config's queue right?)")]
     QueueNotFound(String),
-    /// A queue name longer than AMQP's 255 bytes.
-    #[error("`{0}` is longer than 255 bytes")]
+    /// A queue name that is empty or longer than AMQP's 255 bytes.
+    #[error("`{0}` is not a queue name (1 to 255 bytes)")]
     InvalidName(String),
     /// The connection dropped mid-way. Nothing is lost: the broker requeued the
     /// unacked messages; a replayed message whose ack did not arrive is in both
@@ -178,8 +178,13 @@ pub async fn replay(
     options: &ReplayOptions,
     mut on_event: impl FnMut(ReplayEvent<'_>),
 ) -> Result<ReplayReport, DlqError> {
-    if options.to.as_deref() == Some(target.dlq.as_str()) {
-        return Err(DlqError::ToIsDlq(target.dlq.clone()));
+    if let Some(to) = &options.to {
+        if to == &target.dlq {
+            return Err(DlqError::ToIsDlq(target.dlq.clone()));
+        }
+        if to.is_empty() || to.len() > 255 {
+            return Err(DlqError::InvalidName(to.clone()));
+        }
     }
     let mut scan = Scan::open(target.amqp_url.expose(), &target.dlq).await?;
     let publisher = scan.publisher();

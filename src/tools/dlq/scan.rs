@@ -66,8 +66,10 @@ impl Scan {
     /// Connects and counts `queue`'s ready messages; an absent queue is
     /// [`DlqError::QueueNotFound`].
     pub async fn open(amqp_url: &str, queue: &str) -> Result<Self, DlqError> {
-        let name =
-            ShortString::try_new(queue).map_err(|_| DlqError::InvalidName(queue.to_owned()))?;
+        let name = ShortString::try_new(queue)
+            .ok()
+            .filter(|_| !queue.is_empty())
+            .ok_or_else(|| DlqError::InvalidName(queue.to_owned()))?;
         let connection = broker::connect(amqp_url, "txq dlq")
             .await
             .map_err(|source| DlqError::Connect {
