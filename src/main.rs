@@ -53,6 +53,8 @@ enum Command {
     /// The inbox of processed message_ids.
     #[command(subcommand)]
     Inbox(InboxCommand),
+    /// The dead-letter queue: list, show, replay, purge (exit codes: README).
+    Dlq(txq::tools::dlq::cli::DlqArgs),
     /// Publish a file of JSON-lines requests; with --wait, collect the replies.
     Submit(SubmitArgs),
 }
@@ -135,8 +137,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         metrics_addr,
     };
     let config = Config::load(cli.common.config.as_deref(), &overrides)?;
-    txq::telemetry::init(config.log_format);
     match cli.command {
+        // Its stderr is for its own counts and errors; lapin logs the 404 of a
+        // missing queue and a lost connection, which the command reports itself.
+        Command::Dlq(_) => txq::telemetry::init_with(config.log_format, "warn,lapin=off"),
+        _ => txq::telemetry::init(config.log_format),
+    }
+    match cli.command {
+        Command::Dlq(args) => Ok(txq::tools::dlq::cli::run(&config, args).await),
         Command::Config => {
             println!("{config:#?}");
             Ok(ExitCode::SUCCESS)

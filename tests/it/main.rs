@@ -9,6 +9,7 @@ mod bank;
 
 mod bench;
 mod contract;
+mod dlq;
 mod faults;
 mod observe;
 mod ops;

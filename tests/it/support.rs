@@ -405,6 +405,12 @@ impl Client {
         name.to_owned()
     }
 
+    /// Deletes `name` with the client's other queues (for queues declared with
+    /// arguments of their own).
+    pub fn own(&mut self, name: &str) {
+        self.queues.push(name.to_owned());
+    }
+
     /// Publishes and waits for the broker's confirm.
     pub async fn publish(&self, queue: &str, request: &Request) {
         self.publish_all(queue, std::slice::from_ref(request)).await;

@@ -1,0 +1,409 @@
+//! `txq dlq …`: its flags, its output (a table, or JSON lines with `--json`), and
+//! its exit codes ([`exit`]).
+
+use std::io::{IsTerminal as _, Write as _};
+use std::process::ExitCode;
+
+use clap::{Args, Subcommand};
+
+use super::{
+    DeadLetter, DlqError, Filter, Grouper, ReplayEvent, ReplayOptions, Target, purge, replay,
+};
+use crate::Config;
+use crate::tools::submit::Rate;
+
+/// Exit codes of `txq dlq`, in line with `txq submit`'s.
+pub mod exit {
+    /// Done.
+    pub const OK: u8 = 0;
+    /// `replay` left some selected messages in the dead-letter queue (no original
+    /// queue recorded, or the target queue does not exist).
+    pub const NOT_ALL: u8 = 1;
+    /// Bad flags or configuration, a dead-letter queue that does not exist, or
+    /// `purge` without `--yes` when stdin is not a terminal: nothing was changed.
+    pub const USAGE: u8 = 2;
+    /// The broker failed mid-way (unreachable, connection lost, a publish nacked):
+    /// nothing is lost; run the command again.
+    pub const BROKER: u8 = 3;
+    /// Nothing matched: `show` found no such message_id, `replay` or `purge`
+    /// selected nothing.
+    pub const NO_MATCH: u8 = 4;
+    /// `purge` was declined at the prompt.
+    pub const DECLINED: u8 = 5;
+}
+
+impl DlqError {
+    /// The exit code this error ends `txq dlq` with.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::QueueNotFound(_)
+            | Self::InvalidName(_)
+            | Self::ToIsDlq(_)
+            | Self::NeedsConfirmation => exit::USAGE,
+            Self::Connect { .. }
+            | Self::Amqp(_)
+            | Self::ConnectionLost
+            | Self::Publish(_)
+            | Self::Io(_) => exit::BROKER,
+        }
+    }
+}
+
+/// `txq dlq`: the dead-letter queue (default: the worker's, `<queue>.dlq`).
+#[derive(Debug, Args)]
+pub struct DlqArgs {
+    /// The dead-letter queue (default: config `dead_letter_queue`, or `<queue>.dlq`)
+    #[arg(long, global = true)]
+    pub dlq: Option<String>,
+    /// JSON lines on stdout instead of text
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: DlqCommand,
+}
+
+/// The `dlq` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// A table of the dead letters: message_id, type, error kind, attempts,
+    /// failed-at, error. Every message keeps its place.
+    List {
+        /// Count by job type + error kind + normalised error instead
+        #[arg(long)]
+        group: bool,
+        #[command(flatten)]
+        select: Select,
+    },
+    /// Full properties, headers and body of the message(s) with this message_id.
+    Show {
+        /// The message_id.
+        id: String,
+    },
+    /// Republish to the original queue (or --to) with confirms, then remove from
+    /// the DLQ. Attempts start over; the message_id is kept, so the inbox still
+    /// prevents a double effect.
+    Replay {
+        #[command(flatten)]
+        select: Select,
+        /// Republish here instead of each message's original queue
+        #[arg(long)]
+        to: Option<String>,
+        /// At most this fast: 50/s, 600/m, 1000/h
+        #[arg(long)]
+        rate: Option<Rate>,
+        /// Only say what would be replayed
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Remove dead letters for good (asks first, unless --yes).
+    Purge {
+        #[command(flatten)]
+        select: Select,
+        /// Do not ask for confirmation
+        #[arg(long, short = 'y')]
+        yes: bool,
+    },
+}
+
+/// Which messages; all conditions must hold.
+#[derive(Debug, Args)]
+pub struct Select {
+    /// Job type (the AMQP `type`)
+    #[arg(long = "type")]
+    pub job_type: Option<String>,
+    /// Error kind, e.g. database_error, timeout, rabbitmq:expired
+    #[arg(long)]
+    pub error_kind: Option<String>,
+    /// Substring of the error, the message_id or the body
+    #[arg(long)]
+    pub grep: Option<String>,
+    /// These message_ids (repeat, or list several)
+    #[arg(long = "id", num_args = 1..)]
+    pub ids: Vec<String>,
+    /// At most this many messages
+    #[arg(long)]
+    pub limit: Option<u64>,
+}
+
+impl Select {
+    fn filter(&self) -> Filter {
+        Filter {
+            job_type: self.job_type.clone(),
+            error_kind: self.error_kind.clone(),
+            grep: self.grep.clone(),
+            ids: self.ids.clone(),
+        }
+    }
+}
+
+/// Runs a `dlq` command, prints what it did (or its error) and returns its exit
+/// code.
+pub async fn run(config: &Config, args: DlqArgs) -> ExitCode {
+    let json = args.json;
+    match run_command(config, args).await {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            if json {
+                eprintln!("{}", serde_json::json!({ "error": e.to_string() }));
+            } else {
+                eprintln!("txq: {e}");
+            }
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+async fn run_command(config: &Config, args: DlqArgs) -> Result<u8, DlqError> {
+    let target = Target {
+        amqp_url: config.amqp_url.clone(),
+        dlq: args
+            .dlq
+            .clone()
+            .unwrap_or_else(|| config.dead_letter_queue()),
+    };
+    let json = args.json;
+    match args.command {
+        DlqCommand::List {
+            group: false,
+            select,
+        } => {
+            // The header comes with the first row (or at the end), so that an
+            // error leaves no table behind.
+            let mut header = !json;
+            let counts = super::inspect(&target, &select.filter(), select.limit, |m| {
+                if std::mem::take(&mut header) {
+                    print_header();
+                }
+                if json {
+                    print_json(&m.summary());
+                } else {
+                    print_row(m);
+                }
+            })
+            .await?;
+            if header {
+                print_header();
+            }
+            eprintln!(
+                "{} of {} message(s) in `{}`",
+                counts.matched, counts.depth, target.dlq
+            );
+            Ok(exit::OK)
+        }
+        DlqCommand::List {
+            group: true,
+            select,
+        } => {
+            let mut grouper = Grouper::default();
+            let counts =
+                super::inspect(&target, &select.filter(), select.limit, |m| grouper.add(m)).await?;
+            let groups = grouper.into_groups();
+            if json {
+                groups.iter().for_each(print_json);
+            } else {
+                println!(
+                    "{:>7}  {:<12}  {:<20}  {:<36}  FINGERPRINT",
+                    "COUNT", "TYPE", "ERROR_KIND", "EXAMPLE"
+                );
+                for g in &groups {
+                    println!(
+                        "{:>7}  {:<12}  {:<20}  {:<36}  {}",
+                        g.count,
+                        cut(g.job_type.as_deref().unwrap_or("-"), 12),
+                        cut(&g.error_kind, 20),
+                        cut(g.example_message_id.as_deref().unwrap_or("-"), 36),
+                        g.fingerprint
+                    );
+                }
+            }
+            eprintln!(
+                "{} group(s), {} of {} message(s) in `{}`",
+                groups.len(),
+                counts.matched,
+                counts.depth,
+                target.dlq
+            );
+            Ok(exit::OK)
+        }
+        DlqCommand::Show { id } => {
+            let filter = Filter {
+                ids: vec![id.clone()],
+                ..Filter::default()
+            };
+            let counts = super::inspect(&target, &filter, None, |m| {
+                if json {
+                    print_json(&m.to_json());
+                } else {
+                    print_full(m);
+                }
+            })
+            .await?;
+            if counts.matched == 0 {
+                eprintln!("no message with message_id `{id}` in `{}`", target.dlq);
+                return Ok(exit::NO_MATCH);
+            }
+            Ok(exit::OK)
+        }
+        DlqCommand::Replay {
+            select,
+            to,
+            rate,
+            dry_run,
+        } => {
+            let options = ReplayOptions {
+                filter: select.filter(),
+                limit: select.limit,
+                to,
+                rate: rate.map(|r| r.per_second()),
+                dry_run,
+            };
+            let report = replay(&target, &options, |event| print_event(json, &event)).await?;
+            if json {
+                print_json(&serde_json::json!({ "summary": report }));
+            }
+            let verb = if dry_run { "would replay" } else { "replayed" };
+            eprintln!(
+                "{verb} {}, skipped {}, of {} selected ({} scanned, {} in `{}` at the start)",
+                report.replayed,
+                report.skipped,
+                report.counts.matched,
+                report.counts.scanned,
+                report.counts.depth,
+                target.dlq
+            );
+            Ok(if report.counts.matched == 0 {
+                exit::NO_MATCH
+            } else if report.skipped > 0 {
+                exit::NOT_ALL
+            } else {
+                exit::OK
+            })
+        }
+        DlqCommand::Purge { select, yes } => {
+            if !yes && !std::io::stdin().is_terminal() {
+                return Err(DlqError::NeedsConfirmation);
+            }
+            let queue = target.dlq.clone();
+            let confirm = |n: u64| async move {
+                if yes {
+                    return Ok(true);
+                }
+                let answer = tokio::task::spawn_blocking(move || {
+                    eprint!("purge {n} message(s) from `{queue}` for good? [y/N] ");
+                    let _ = std::io::stderr().flush();
+                    let mut line = String::new();
+                    std::io::stdin().read_line(&mut line).map(|_| line)
+                })
+                .await
+                .map_err(|e| DlqError::Io(std::io::Error::other(e)))??;
+                Ok(matches!(answer.trim(), "y" | "Y" | "yes" | "YES" | "Yes"))
+            };
+            let report = purge(&target, &select.filter(), select.limit, |_| {}, confirm).await?;
+            if json {
+                print_json(&serde_json::json!({ "summary": report }));
+            }
+            eprintln!(
+                "purged {} of {} selected ({} in `{}` at the start)",
+                report.purged, report.counts.matched, report.counts.depth, target.dlq
+            );
+            Ok(if report.counts.matched == 0 {
+                exit::NO_MATCH
+            } else if !report.confirmed {
+                exit::DECLINED
+            } else {
+                exit::OK
+            })
+        }
+    }
+}
+
+fn print_json(value: &impl serde::Serialize) {
+    match serde_json::to_string(value) {
+        Ok(line) => println!("{line}"),
+        // Only maps with non-string keys fail, and none are printed.
+        Err(e) => eprintln!("txq: cannot print JSON: {e}"),
+    }
+}
+
+/// `s` in at most `width` characters, cut with `…`.
+fn cut(s: &str, width: usize) -> String {
+    let one_line = s.replace(['\n', '\r', '\t'], " ");
+    if one_line.chars().count() <= width {
+        return one_line;
+    }
+    let mut out: String = one_line.chars().take(width.saturating_sub(1)).collect();
+    out.push('…');
+    out
+}
+
+fn print_header() {
+    println!(
+        "{:<36}  {:<12}  {:<20}  {:>8}  {:<24}  ERROR",
+        "MESSAGE_ID", "TYPE", "ERROR_KIND", "ATTEMPTS", "FAILED_AT"
+    );
+}
+
+fn print_row(m: &DeadLetter) {
+    println!(
+        "{:<36}  {:<12}  {:<20}  {:>8}  {:<24}  {}",
+        cut(m.message_id.as_deref().unwrap_or("-"), 36),
+        cut(m.job_type.as_deref().unwrap_or("-"), 12),
+        cut(&m.error_kind, 20),
+        m.attempts.map_or_else(|| "-".to_owned(), |a| a.to_string()),
+        m.failed_at.as_deref().unwrap_or("-"),
+        cut(&m.error, 80)
+    );
+}
+
+fn print_full(m: &DeadLetter) {
+    let v = m.to_json();
+    println!("message_id:     {}", m.message_id.as_deref().unwrap_or("-"));
+    println!("type:           {}", m.job_type.as_deref().unwrap_or("-"));
+    println!("origin:         {}", serde_json::json!(m.origin));
+    println!("error_kind:     {}", m.error_kind);
+    println!("error:          {}", m.error);
+    println!(
+        "original_queue: {}",
+        m.original_queue.as_deref().unwrap_or("-")
+    );
+    println!("properties:");
+    if let Some(props) = v["properties"].as_object() {
+        for (k, val) in props.iter().filter(|(_, val)| !val.is_null()) {
+            println!("  {k}: {val}");
+        }
+    }
+    println!("headers:");
+    if let Some(headers) = v["headers"].as_object() {
+        for (k, val) in headers {
+            println!("  {k}: {val}");
+        }
+    }
+    println!("body ({} bytes):", m.body.len());
+    println!("{}", String::from_utf8_lossy(&m.body));
+    println!();
+}
+
+fn print_event(json: bool, event: &ReplayEvent<'_>) {
+    let (action, m, to, reason) = match event {
+        ReplayEvent::Replayed { message, to } => ("replayed", message, Some(*to), None),
+        ReplayEvent::WouldReplay { message, to } => ("would_replay", message, Some(*to), None),
+        ReplayEvent::Skipped { message, reason } => ("skipped", message, None, Some(reason)),
+    };
+    if json {
+        print_json(&serde_json::json!({
+            "action": action,
+            "message_id": m.message_id,
+            "type": m.job_type,
+            "error_kind": m.error_kind,
+            "to": to,
+            "reason": reason,
+        }));
+    } else {
+        let id = m.message_id.as_deref().unwrap_or("-");
+        match (to, reason) {
+            (Some(to), _) => println!("{action} {id} -> {to}"),
+            (None, Some(reason)) => println!("{action} {id}: {reason}"),
+            (None, None) => println!("{action} {id}"),
+        }
+    }
+}

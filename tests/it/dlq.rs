@@ -1,0 +1,872 @@
+//! `txq dlq`: the binary against a real broker, worker and databases.
+
+use std::collections::{HashMap, HashSet};
+use std::process::Stdio;
+use std::time::Duration;
+
+use lapin::BasicProperties;
+use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use serde_json::{Value, json};
+use txq::{Backend, Db, Worker, with_conn};
+
+use crate::bank;
+use crate::support::{
+    Client, Collector, Proxy, Reply, Request, RunningWorker, TestDb, amqp_url, bank_env, config,
+    exec, transfers, unique,
+};
+
+/// What a run of the `txq` binary left.
+struct Run {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn json_lines(&self) -> Vec<Value> {
+        self.stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}")))
+            .collect()
+    }
+
+    fn summary(&self) -> Value {
+        self.json_lines()
+            .into_iter()
+            .find_map(|v| v.get("summary").cloned())
+            .unwrap_or_else(|| panic!("no summary line in {}", self.stdout))
+    }
+}
+
+impl std::fmt::Debug for Run {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+}
+
+/// `txq` with the test broker (or `amqp`) and `queue` as the worker's queue, so
+/// the dead-letter queue is `<queue>.dlq`.
+fn txq_command(amqp: &str, queue: &str, args: &[&str]) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_txq"));
+    cmd.args(args)
+        .env("TXQ_AMQP_URL", amqp)
+        .env("TXQ_QUEUE", queue)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    cmd
+}
+
+async fn txq(queue: &str, args: &[&str]) -> Run {
+    let out = txq_command(&amqp_url(), queue, args)
+        .output()
+        .await
+        .expect("running txq");
+    Run {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// A dead letter as a txq worker writes it.
+struct Dead {
+    id: String,
+    job_type: &'static str,
+    kind: &'static str,
+    error: String,
+    original_queue: Option<String>,
+}
+
+async fn publish_dead(client: &Client, dlq: &str, dead: &[Dead]) {
+    for d in dead {
+        let mut h = FieldTable::default();
+        let text = |s: &str| AMQPValue::LongString(s.into());
+        h.insert("x-txq-error-kind".into(), text(d.kind));
+        h.insert("x-txq-error".into(), text(&d.error));
+        h.insert("x-txq-attempts".into(), AMQPValue::LongLongInt(3));
+        h.insert("x-txq-attempt".into(), AMQPValue::LongLongInt(3));
+        h.insert("x-txq-failed-at".into(), text("2026-01-02T03:04:05.000Z"));
+        if let Some(q) = &d.original_queue {
+            h.insert("x-txq-original-queue".into(), text(q));
+        }
+        let props = BasicProperties::default()
+            .with_message_id(d.id.as_str().into())
+            .with_type(d.job_type.into())
+            .with_correlation_id(format!("c-{}", d.id).as_str().into())
+            .with_delivery_mode(2)
+            .with_headers(h);
+        let body = serde_json::to_vec(&json!({"id": d.id})).expect("JSON");
+        let confirm = client
+            .channel
+            .basic_publish(
+                "".into(),
+                dlq.into(),
+                BasicPublishOptions::default(),
+                &body,
+                props,
+            )
+            .await
+            .expect("publish");
+        assert!(confirm.await.expect("confirm").is_ack());
+    }
+}
+
+/// The message_ids `dlq list --json` shows, in queue order.
+async fn listed_ids(queue: &str) -> Vec<String> {
+    let run = txq(queue, &["dlq", "list", "--json"]).await;
+    assert_eq!(run.code, Some(0), "{run:?}");
+    run.json_lines()
+        .iter()
+        .map(|v| v["message_id"].as_str().expect("message_id").to_owned())
+        .collect()
+}
+
+fn ids_of(replies: &[Reply]) -> Vec<String> {
+    replies
+        .iter()
+        .map(|r| {
+            r.props
+                .message_id()
+                .as_ref()
+                .expect("message_id kept")
+                .to_string()
+        })
+        .collect()
+}
+
+/// Ten dead letters of two types and two kinds, back from `original`.
+fn sample(original: &str) -> Vec<Dead> {
+    (0..10)
+        .map(|i| Dead {
+            id: format!("d-{i}"),
+            job_type: if i % 2 == 0 { "even" } else { "odd" },
+            kind: if i < 5 { "database_error" } else { "timeout" },
+            error: if i == 7 {
+                "needle in the haystack".into()
+            } else {
+                format!("Table 'db_{i}.t' doesn't exist (row {i})")
+            },
+            original_queue: Some(original.to_owned()),
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn replay_filters_take_only_what_they_name_and_dry_run_changes_nothing() {
+    let mut client = Client::new().await;
+    let queue = client.queue(&unique("requests")).await;
+    let dlq = client.queue(&format!("{queue}.dlq")).await;
+    publish_dead(&client, &dlq, &sample(&queue)).await;
+    let all: Vec<String> = (0..10).map(|i| format!("d-{i}")).collect();
+    assert_eq!(
+        listed_ids(&queue).await,
+        all,
+        "list keeps every message in its place"
+    );
+    assert_eq!(listed_ids(&queue).await, all, "and again");
+
+    let dry = txq(
+        &queue,
+        &["dlq", "replay", "--type", "even", "--dry-run", "--json"],
+    )
+    .await;
+    assert_eq!(dry.code, Some(0), "{dry:?}");
+    let would: Vec<String> = dry
+        .json_lines()
+        .iter()
+        .filter(|v| v["action"] == "would_replay")
+        .map(|v| v["message_id"].as_str().unwrap_or("").to_owned())
+        .collect();
+    assert_eq!(would, ["d-0", "d-2", "d-4", "d-6", "d-8"]);
+    assert_eq!(dry.summary()["replayed"], 5);
+    assert_eq!(client.depth(&queue).await, 0, "dry run published nothing");
+    assert_eq!(listed_ids(&queue).await, all, "dry run took nothing");
+
+    // Each filter alone, then the rest stays in order.
+    let cases: [(&[&str], &[&str]); 5] = [
+        (&["--type", "odd"], &["d-1", "d-3", "d-5", "d-7", "d-9"]),
+        (&["--limit", "1"], &["d-0"]),
+        (&["--error-kind", "database_error"], &["d-2", "d-4"]),
+        (&["--grep", "needle"], &[]),
+        (&["--id", "d-6", "d-8"], &["d-6", "d-8"]),
+    ];
+    let mut left = all.clone();
+    for (args, expected) in cases {
+        let mut argv = vec!["dlq", "replay"];
+        argv.extend_from_slice(args);
+        let run = txq(&queue, &argv).await;
+        if expected.is_empty() {
+            // --grep needle only matches d-7, already replayed by --type odd.
+            assert_eq!(run.code, Some(4), "nothing matched: {run:?}");
+            continue;
+        }
+        assert_eq!(run.code, Some(0), "{args:?}: {run:?}");
+        let got = client.replies(&queue, expected.len()).await;
+        assert_eq!(ids_of(&got), expected, "{args:?} replayed in DLQ order");
+        assert_eq!(client.depth(&queue).await, 0, "{args:?} replayed no more");
+        left.retain(|id| !expected.contains(&id.as_str()));
+        assert_eq!(
+            listed_ids(&queue).await,
+            left,
+            "{args:?}: the rest kept their place"
+        );
+    }
+    assert!(left.is_empty(), "{left:?}");
+
+    // The grep case, on a fresh copy: the error, the body and the id are searched.
+    publish_dead(&client, &dlq, &sample(&queue)).await;
+    let run = txq(&queue, &["dlq", "replay", "--grep", "needle", "--json"]).await;
+    assert_eq!(run.code, Some(0), "{run:?}");
+    let got = client.replies(&queue, 1).await;
+    assert_eq!(ids_of(&got), ["d-7"]);
+    let h = |name: &str| got[0].header(name);
+    assert_eq!(h("x-txq-replayed"), Some(AMQPValue::LongLongInt(1)));
+    assert!(got[0].header_text("x-txq-replayed-at").is_some());
+    for gone in [
+        "x-txq-error",
+        "x-txq-error-kind",
+        "x-txq-attempt",
+        "x-txq-attempts",
+        "x-txq-failed-at",
+        "x-txq-original-queue",
+    ] {
+        assert_eq!(h(gone), None, "{gone} dropped");
+    }
+    assert_eq!(got[0].correlation_id(), Some("c-d-7"));
+    assert_eq!(got[0].body, json!({"id": "d-7"}));
+    assert_eq!(*got[0].props.delivery_mode(), Some(2));
+    let left: Vec<String> = all.iter().filter(|i| *i != "d-7").cloned().collect();
+    assert_eq!(listed_ids(&queue).await, left);
+}
+
+/// Balances of every account.
+async fn balances(db: &Db) -> HashMap<i64, i64> {
+    let mut tx = db.begin(None).await.expect("tx");
+    let rows: Vec<(i64, i64)> = with_conn!(tx, c => {
+        txq::sqlx::query_as("SELECT id, balance FROM accounts").fetch_all(c).await.expect("balances")
+    });
+    tx.commit().await.expect("commit");
+    rows.into_iter().collect()
+}
+
+/// The balances `requests` lead to when each is applied once.
+fn expected_balances(accounts: i64, requests: &[Request]) -> HashMap<i64, i64> {
+    let mut b: HashMap<i64, i64> = (1..=accounts).map(|i| (i, bank::INITIAL_BALANCE)).collect();
+    for r in requests {
+        let v: Value = serde_json::from_slice(&r.body).expect("JSON");
+        let (from, to, amount) = (
+            v["from"].as_i64().expect("from"),
+            v["to"].as_i64().expect("to"),
+            v["amount"].as_i64().expect("amount"),
+        );
+        *b.entry(from).or_default() -= amount;
+        *b.entry(to).or_default() += amount;
+    }
+    b
+}
+
+/// `jobs` transfers fail because their table is missing and land in the DLQ,
+/// with a `failed` reply each; the worker keeps running.
+async fn fail_for_a_missing_table(
+    backend: Backend,
+    jobs: usize,
+) -> (TestDb, Client, String, String, Vec<Request>, RunningWorker) {
+    const ACCOUNTS: i64 = 100;
+    let (test_db, client, requests, replies) = bank_env(backend, ACCOUNTS).await;
+    exec(
+        &test_db.db,
+        "ALTER TABLE transfers RENAME TO transfers_parked",
+    )
+    .await;
+    let worker = RunningWorker::start(
+        Worker::builder(config(&test_db.url, &requests, &replies, 8))
+            .handler("transfer", bank::Transfer)
+            .database(test_db.db.clone()),
+    )
+    .await;
+    let batch = transfers(jobs, ACCOUNTS, &replies);
+    client.publish_all(&requests, &batch).await;
+    let failed = client.replies(&replies, jobs).await;
+    for r in &failed {
+        assert_eq!(r.status(), "failed", "{:?}", r.body);
+        assert_eq!(r.body["error"]["kind"], "database_error", "{:?}", r.body);
+    }
+    // Each dead-letter copy was confirmed before its reply was sent.
+    assert_eq!(client.depth(&format!("{requests}.dlq")).await, jobs as u32);
+    (test_db, client, requests, replies, batch, worker)
+}
+
+/// Every request applied exactly once, each answered `ok`, nothing left behind.
+async fn assert_applied_once(
+    test_db: &TestDb,
+    client: &Client,
+    requests: &str,
+    batch: &[Request],
+    collector: &mut Collector,
+) {
+    let ids: HashSet<String> = (0..batch.len()).map(|i| format!("c-{i}")).collect();
+    collector.wait_for_ids(&ids).await;
+    let totals = bank::totals(&test_db.db).await.expect("totals");
+    assert_eq!(totals.transfers, batch.len() as i64, "one row per transfer");
+    assert_eq!(totals.distinct_transfer_ids, batch.len() as i64);
+    assert_eq!(totals.balance_sum, 100 * bank::INITIAL_BALANCE);
+    assert_eq!(balances(&test_db.db).await, expected_balances(100, batch));
+    for r in collector.snapshot() {
+        assert_eq!(r.status(), "ok", "{:?}", r.body);
+    }
+    assert_eq!(
+        client.depth(&format!("{requests}.dlq")).await,
+        0,
+        "DLQ empty"
+    );
+}
+
+#[tokio::test]
+async fn a_thousand_jobs_failed_for_a_missing_table_are_applied_once_after_replay() {
+    let (test_db, client, requests, replies, batch, worker) =
+        fail_for_a_missing_table(Backend::MySql, 1000).await;
+    let mut collector = Collector::start(&client, &replies).await;
+
+    let group = txq(&requests, &["dlq", "list", "--group", "--json"]).await;
+    assert_eq!(group.code, Some(0), "{group:?}");
+    let groups = group.json_lines();
+    assert_eq!(groups.len(), 1, "one cause: {groups:?}");
+    assert_eq!(groups[0]["count"], 1000);
+    assert_eq!(groups[0]["type"], "transfer");
+    assert_eq!(groups[0]["error_kind"], "database_error");
+
+    // Fix the cause, then replay.
+    exec(
+        &test_db.db,
+        "ALTER TABLE transfers_parked RENAME TO transfers",
+    )
+    .await;
+    let run = txq(&requests, &["dlq", "replay", "--json"]).await;
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert_eq!(run.summary()["replayed"], 1000);
+    assert_applied_once(&test_db, &client, &requests, &batch, &mut collector).await;
+    assert_eq!(collector.snapshot().len(), 1000, "no second reply");
+    worker.stop().await.expect("clean stop");
+}
+
+/// Waits until the broker has taken back what a dead tool held unacked (its
+/// connection close is handled asynchronously).
+async fn wait_until_nothing_unacked(queue: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = tokio::process::Command::new("rabbitmqctl")
+            .args([
+                "list_queues",
+                "-q",
+                "--no-table-headers",
+                "name",
+                "messages_unacknowledged",
+            ])
+            .output()
+            .await
+            .expect("rabbitmqctl");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let unacked = text
+            .lines()
+            .filter_map(|l| l.split_once('\t'))
+            .find(|(name, _)| name.trim() == queue)
+            .map(|(_, n)| n.trim().parse::<u64>().expect("a count"));
+        if unacked == Some(0) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{queue}: still unacked: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+enum Interruption {
+    Kill,
+    Cut,
+}
+
+async fn an_interrupted_replay_loses_nothing(backend: Backend, how: Interruption) {
+    const JOBS: usize = 200;
+    let (test_db, client, requests, replies, batch, worker) =
+        fail_for_a_missing_table(backend, JOBS).await;
+    let dlq = format!("{requests}.dlq");
+    let mut collector = Collector::start(&client, &replies).await;
+    exec(
+        &test_db.db,
+        "ALTER TABLE transfers_parked RENAME TO transfers",
+    )
+    .await;
+
+    let proxy = Proxy::start().await;
+    let url = match how {
+        Interruption::Kill => amqp_url(),
+        Interruption::Cut => proxy.url(),
+    };
+    let mut child = txq_command(&url, &requests, &["dlq", "replay", "--rate", "100/s"])
+        .spawn()
+        .expect("spawning txq");
+    // Mid-replay: some replied to, most not yet.
+    collector.wait_for(40).await;
+    match how {
+        Interruption::Kill => child.start_kill().expect("kill -9"),
+        Interruption::Cut => proxy.cut(),
+    }
+    let out = child.wait_with_output().await.expect("txq ends");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    match how {
+        Interruption::Kill => assert_eq!(out.status.code(), None, "killed by a signal"),
+        Interruption::Cut => {
+            assert_eq!(out.status.code(), Some(3), "{stderr}");
+            assert!(stderr.contains("lost the connection"), "{stderr}");
+        }
+    }
+    let before = collector.snapshot().len();
+    assert!(
+        before < JOBS,
+        "the interruption came mid-replay ({before} replies)"
+    );
+
+    wait_until_nothing_unacked(&dlq).await;
+    let run = txq(&requests, &["dlq", "replay", "--json"]).await;
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert_applied_once(&test_db, &client, &requests, &batch, &mut collector).await;
+    worker.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn a_kill_9_of_the_tool_mid_replay_loses_nothing() {
+    an_interrupted_replay_loses_nothing(Backend::Postgres, Interruption::Kill).await;
+}
+
+#[tokio::test]
+async fn a_broker_connection_cut_mid_replay_loses_nothing() {
+    an_interrupted_replay_loses_nothing(Backend::MySql, Interruption::Cut).await;
+}
+
+/// Declares `name` with `args` (durable), publishing the `count` noop requests
+/// `r-0…` to it.
+async fn declare_with(client: &Client, name: &str, args: FieldTable) {
+    client
+        .channel
+        .queue_declare(
+            name.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            args,
+        )
+        .await
+        .expect("queue.declare");
+}
+
+async fn wait_for_depth(client: &Client, queue: &str, n: u32) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while client.depth(queue).await < n {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{queue} never reached {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn messages_rabbitmq_dead_lettered_after_a_ttl_are_replayed_and_applied_once() {
+    let (test_db, mut client, requests, replies) = bank_env(Backend::Sqlite, 10).await;
+    let dlq = client.queue(&format!("{requests}.dlq")).await;
+    // A staging queue whose messages expire into the DLQ (RabbitMQ dead-letters
+    // them with x-death), as when nobody consumed them in time.
+    let staging = unique("staging");
+    let mut args = FieldTable::default();
+    args.insert("x-message-ttl".into(), AMQPValue::LongUInt(20));
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString("".into()),
+    );
+    args.insert(
+        "x-dead-letter-routing-key".into(),
+        AMQPValue::LongString(dlq.as_str().into()),
+    );
+    declare_with(&client, &staging, args).await;
+    let jobs: Vec<Request> = (0..20)
+        .map(|i| {
+            Request::json("noop", json!({}))
+                .id(&format!("r-{i}-{}", unique("x")))
+                .correlation(&format!("c-{i}"))
+                .reply_to(&replies)
+        })
+        .collect();
+    client.publish_all(&staging, &jobs).await;
+    wait_for_depth(&client, &dlq, 20).await;
+
+    let list = txq(&requests, &["dlq", "list", "--json"]).await;
+    assert_eq!(list.code, Some(0), "{list:?}");
+    let lines = list.json_lines();
+    assert_eq!(lines.len(), 20);
+    for l in &lines {
+        assert_eq!(l["origin"], "rabbitmq", "{l}");
+        assert_eq!(l["error_kind"], "rabbitmq:expired", "{l}");
+        assert_eq!(l["original_queue"], staging.as_str(), "{l}");
+        assert!(l["failed_at"].is_string(), "{l}");
+    }
+    let dry = txq(&requests, &["dlq", "replay", "--dry-run"]).await;
+    assert_eq!(dry.code, Some(0), "{dry:?}");
+    assert!(dry.stdout.contains(&format!("-> {staging}")), "{dry:?}");
+
+    // Two to an inspection queue: the copy has no trace of its death.
+    let inspect = client.queue(&unique("inspect")).await;
+    let run = txq(
+        &requests,
+        &["dlq", "replay", "--limit", "2", "--to", &inspect],
+    )
+    .await;
+    assert_eq!(run.code, Some(0), "{run:?}");
+    for r in client.replies(&inspect, 2).await {
+        for gone in [
+            "x-death",
+            "x-first-death-queue",
+            "x-first-death-reason",
+            "x-first-death-exchange",
+        ] {
+            assert_eq!(r.header(gone), None, "{gone} dropped");
+        }
+        assert_eq!(r.header("x-txq-replayed"), Some(AMQPValue::LongLongInt(1)));
+        assert_eq!(r.props.expiration(), &None);
+        // Back into the DLQ-to-be-replayed, as if they had never left.
+        client
+            .channel
+            .basic_publish(
+                "".into(),
+                dlq.as_str().into(),
+                BasicPublishOptions::default(),
+                &r.data,
+                r.props.clone(),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+    }
+
+    // The rest (and those two, replayed once before) to the worker's queue.
+    let worker = RunningWorker::start(
+        Worker::builder(config(&test_db.url, &requests, &replies, 4))
+            .handler("noop", bank::Noop)
+            .database(test_db.db.clone()),
+    )
+    .await;
+    let mut collector = Collector::start(&client, &replies).await;
+    let run = txq(&requests, &["dlq", "replay", "--to", &requests, "--json"]).await;
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert_eq!(run.summary()["replayed"], 20);
+    let ids: HashSet<String> = (0..20).map(|i| format!("c-{i}")).collect();
+    collector.wait_for_ids(&ids).await;
+    worker.stop().await.expect("clean stop");
+    let totals = bank::totals(&test_db.db).await.expect("totals");
+    assert_eq!(totals.jobs_logged, 20, "each applied once");
+    for r in collector.stop() {
+        assert_eq!(r.status(), "ok", "{:?}", r.body);
+    }
+    assert_eq!(client.depth(&dlq).await, 0);
+    let mut client = client;
+    client.own(&staging);
+}
+
+#[tokio::test]
+async fn messages_over_a_quorum_delivery_limit_are_understood_and_replayed() {
+    let mut client = Client::new().await;
+    let queue = client.queue(&unique("requests")).await;
+    let dlq = client.queue(&format!("{queue}.dlq")).await;
+    let source = unique("limited");
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    args.insert("x-delivery-limit".into(), AMQPValue::LongInt(1));
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString("".into()),
+    );
+    args.insert(
+        "x-dead-letter-routing-key".into(),
+        AMQPValue::LongString(dlq.as_str().into()),
+    );
+    declare_with(&client, &source, args).await;
+    client
+        .publish(&source, &Request::json("noop", json!({})).id("q-1"))
+        .await;
+    // Rejected (requeued) until RabbitMQ gives up on it.
+    let ch = client.conn.create_channel().await.expect("channel");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while client.depth(&dlq).await == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never dead-lettered"
+        );
+        let got = ch
+            .basic_get(
+                source.as_str().into(),
+                lapin::options::BasicGetOptions::default(),
+            )
+            .await
+            .expect("basic.get");
+        match got {
+            Some(m) => {
+                m.delivery
+                    .nack(lapin::options::BasicNackOptions {
+                        requeue: true,
+                        ..Default::default()
+                    })
+                    .await
+                    .expect("nack");
+            }
+            // Requeueing and dead-lettering happen in the background.
+            None => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+
+    let show = txq(&queue, &["dlq", "show", "q-1", "--json"]).await;
+    assert_eq!(show.code, Some(0), "{show:?}");
+    let v = &show.json_lines()[0];
+    assert_eq!(v["summary"]["error_kind"], "rabbitmq:delivery_limit", "{v}");
+    assert_eq!(v["summary"]["original_queue"], source.as_str(), "{v}");
+    assert!(v["headers"]["x-death"].is_array(), "{v}");
+
+    let target = client.queue(&unique("target")).await;
+    let run = txq(&queue, &["dlq", "replay", "--to", &target]).await;
+    assert_eq!(run.code, Some(0), "{run:?}");
+    let got = client.replies(&target, 1).await;
+    assert_eq!(ids_of(&got), ["q-1"]);
+    assert_eq!(got[0].header("x-death"), None);
+    assert_eq!(got[0].header("x-delivery-count"), None);
+    client.own(&source);
+}
+
+#[tokio::test]
+async fn list_show_group_and_purge_print_what_they_did_and_exit_meaningfully() {
+    let mut client = Client::new().await;
+    let queue = client.queue(&unique("requests")).await;
+
+    let down = txq_command(
+        "amqp://guest:hunter2@127.0.0.1:1/%2f",
+        &queue,
+        &["dlq", "list"],
+    )
+    .output()
+    .await
+    .expect("running txq");
+    let stderr = String::from_utf8_lossy(&down.stderr);
+    assert_eq!(down.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("guest:***@127.0.0.1:1"), "{stderr}");
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+
+    let missing = txq(&queue, &["dlq", "list"]).await;
+    assert_eq!(missing.code, Some(2), "{missing:?}");
+    assert!(missing.stderr.contains("does not exist"), "{missing:?}");
+
+    let dlq = client.queue(&format!("{queue}.dlq")).await;
+    let mut dead = sample(&queue);
+    dead.push(Dead {
+        id: "orphan".into(),
+        job_type: "odd",
+        kind: "handler_error",
+        error: "no origin".into(),
+        original_queue: None,
+    });
+    publish_dead(&client, &dlq, &dead).await;
+
+    let list = txq(&queue, &["dlq", "list"]).await;
+    assert_eq!(list.code, Some(0), "{list:?}");
+    let rows: Vec<&str> = list.stdout.lines().collect();
+    assert!(rows[0].starts_with("MESSAGE_ID"), "{list:?}");
+    assert_eq!(rows.len(), 12, "a header and a row each: {list:?}");
+    assert!(
+        rows[1].starts_with("d-0 ")
+            && rows[1].contains("database_error")
+            && rows[1].contains("Table 'db_0.t'"),
+        "{}",
+        rows[1]
+    );
+    assert!(list.stderr.contains("11 of 11"), "{list:?}");
+
+    let group = txq(&queue, &["dlq", "list", "--group", "--json"]).await;
+    assert_eq!(group.code, Some(0), "{group:?}");
+    let counts: Vec<(u64, String, String, String)> = group
+        .json_lines()
+        .iter()
+        .map(|g| {
+            (
+                g["count"].as_u64().expect("count"),
+                g["type"].as_str().unwrap_or("").to_owned(),
+                g["error_kind"].as_str().unwrap_or("").to_owned(),
+                g["fingerprint"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect();
+    let t = "Table '?' doesn't exist (row ?)".to_owned();
+    assert_eq!(
+        counts,
+        [
+            (3, "even".into(), "database_error".into(), t.clone()),
+            (2, "odd".into(), "database_error".into(), t.clone()),
+            (2, "even".into(), "timeout".into(), t.clone()),
+            (2, "odd".into(), "timeout".into(), t.clone()),
+            (1, "odd".into(), "handler_error".into(), "no origin".into()),
+            (
+                1,
+                "odd".into(),
+                "timeout".into(),
+                "needle in the haystack".into()
+            ),
+        ]
+    );
+    let text = txq(&queue, &["dlq", "list", "--group"]).await;
+    assert!(text.stdout.starts_with("  COUNT"), "{text:?}");
+
+    let show = txq(&queue, &["dlq", "show", "d-3"]).await;
+    assert_eq!(show.code, Some(0), "{show:?}");
+    for needle in [
+        "message_id:     d-3",
+        "x-txq-error-kind: \"database_error\"",
+        "x-txq-attempts: 3",
+        "{\"id\":\"d-3\"}",
+        "correlation_id: \"c-d-3\"",
+    ] {
+        assert!(show.stdout.contains(needle), "{needle} in {show:?}");
+    }
+    let none = txq(&queue, &["dlq", "show", "nope"]).await;
+    assert_eq!(none.code, Some(4), "{none:?}");
+
+    // Replay: one has no original queue; --to the DLQ itself is refused.
+    let orphan = txq(&queue, &["dlq", "replay", "--id", "orphan", "--json"]).await;
+    assert_eq!(orphan.code, Some(1), "{orphan:?}");
+    assert_eq!(orphan.json_lines()[0]["action"], "skipped");
+    let to_self = txq(&queue, &["dlq", "replay", "--to", &dlq]).await;
+    assert_eq!(to_self.code, Some(2), "{to_self:?}");
+    let gone = unique("no-such-queue");
+    let unroutable = txq(&queue, &["dlq", "replay", "--id", "d-1", "--to", &gone]).await;
+    assert_eq!(unroutable.code, Some(1), "{unroutable:?}");
+    assert!(
+        unroutable.stdout.contains("does not exist"),
+        "{unroutable:?}"
+    );
+    let bad_rate = txq(&queue, &["dlq", "replay", "--rate", "fast"]).await;
+    assert_eq!(bad_rate.code, Some(2), "{bad_rate:?}");
+    assert_eq!(client.depth(&dlq).await, 11, "nothing left the DLQ");
+
+    // Purge: never without a confirmation; exactly what the filter names.
+    let refused = txq(&queue, &["dlq", "purge", "--type", "even"]).await;
+    assert_eq!(refused.code, Some(2), "{refused:?}");
+    assert!(refused.stderr.contains("--yes"), "{refused:?}");
+    assert_eq!(client.depth(&dlq).await, 11);
+    let purge = txq(
+        &queue,
+        &["dlq", "purge", "--type", "even", "--yes", "--json"],
+    )
+    .await;
+    assert_eq!(purge.code, Some(0), "{purge:?}");
+    assert_eq!(purge.summary()["purged"], 5);
+    assert_eq!(
+        listed_ids(&queue).await,
+        ["d-1", "d-3", "d-5", "d-7", "d-9", "orphan"]
+    );
+    let nothing = txq(&queue, &["dlq", "purge", "--type", "even", "--yes"]).await;
+    assert_eq!(nothing.code, Some(4), "{nothing:?}");
+    let rest = txq(&queue, &["dlq", "purge", "--yes"]).await;
+    assert_eq!(rest.code, Some(0), "{rest:?}");
+    assert_eq!(client.depth(&dlq).await, 0);
+    let empty = txq(&queue, &["dlq", "list", "--json"]).await;
+    assert_eq!((empty.code, empty.stdout.as_str()), (Some(0), ""));
+}
+
+#[tokio::test]
+async fn a_quorum_dead_letter_queue_keeps_its_order_through_list_and_replay() {
+    let mut client = Client::new().await;
+    let queue = client.queue(&unique("requests")).await;
+    let dlq = format!("{queue}.dlq");
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    declare_with(&client, &dlq, args).await;
+    publish_dead(&client, &dlq, &sample(&queue)).await;
+    let all: Vec<String> = (0..10).map(|i| format!("d-{i}")).collect();
+    assert_eq!(listed_ids(&queue).await, all);
+    assert_eq!(listed_ids(&queue).await, all);
+    let run = txq(&queue, &["dlq", "replay", "--type", "odd"]).await;
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert_eq!(
+        ids_of(&client.replies(&queue, 5).await),
+        ["d-1", "d-3", "d-5", "d-7", "d-9"]
+    );
+    assert_eq!(
+        listed_ids(&queue).await,
+        ["d-0", "d-2", "d-4", "d-6", "d-8"]
+    );
+    // Each pass counted as a delivery: what a delivery limit on the DLQ acts on.
+    let show = txq(&queue, &["dlq", "show", "d-0", "--json"]).await;
+    assert_eq!(
+        show.json_lines()[0]["headers"]["x-delivery-count"],
+        4,
+        "{show:?}"
+    );
+}
+
+/// `txq dlq purge` on a terminal (util-linux `script` gives it one), answering
+/// `answer` at the prompt.
+async fn purge_on_a_terminal(queue: &str, answer: &str) -> (Option<i32>, String) {
+    use tokio::io::AsyncWriteExt as _;
+    let command = format!("{} dlq purge --type even", env!("CARGO_BIN_EXE_txq"));
+    let mut child = tokio::process::Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .env("TXQ_AMQP_URL", amqp_url())
+        .env("TXQ_QUEUE", queue)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("util-linux script");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin.write_all(answer.as_bytes()).await.expect("answer");
+    // stdin stays open until the end: script ends the session at its EOF.
+    let out = child.wait_with_output().await.expect("script ends");
+    drop(stdin);
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn purge_asks_on_a_terminal_and_a_no_keeps_everything() {
+    let mut client = Client::new().await;
+    let queue = client.queue(&unique("requests")).await;
+    let dlq = client.queue(&format!("{queue}.dlq")).await;
+    publish_dead(&client, &dlq, &sample(&queue)).await;
+
+    let (code, out) = purge_on_a_terminal(&queue, "n\n").await;
+    assert_eq!(code, Some(5), "{out}");
+    assert!(out.contains("purge 5 message(s)"), "{out}");
+    assert_eq!(listed_ids(&queue).await.len(), 10, "declined: all kept");
+
+    let (code, out) = purge_on_a_terminal(&queue, "y\n").await;
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(
+        listed_ids(&queue).await,
+        ["d-1", "d-3", "d-5", "d-7", "d-9"]
+    );
+}
