@@ -18,6 +18,9 @@ use crate::Db;
 use crate::events::{self, DURATION_BUCKETS};
 use crate::health::Health;
 
+/// How often histogram samples are folded into their buckets.
+const UPKEEP: Duration = Duration::from_secs(5);
+
 /// How long `/readyz` waits for the database.
 const DB_CHECK: Duration = Duration::from_secs(2);
 
@@ -47,6 +50,20 @@ pub fn install_recorder() -> Result<PrometheusHandle, HttpError> {
         )?
         .install_recorder()?;
     events::describe();
+    // Histogram samples pile up until folded into buckets: without this, a worker
+    // nobody scrapes would grow with every job.
+    let upkeep = handle.clone();
+    let spawned = std::thread::Builder::new()
+        .name("txq-metrics-upkeep".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(UPKEEP);
+                upkeep.run_upkeep();
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "no metrics upkeep thread: histograms are folded at scrapes only");
+    }
     Ok(handle)
 }
 
