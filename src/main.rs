@@ -137,12 +137,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         metrics_addr,
     };
     let config = Config::load(cli.common.config.as_deref(), &overrides)?;
-    match cli.command {
+    // Held to the end of the command: dropping it flushes exported spans.
+    let _telemetry = match cli.command {
         // Its stderr is for its own counts and errors; lapin logs the 404 of a
         // missing queue and a lost connection, which the command reports itself.
         Command::Dlq(_) => txq::telemetry::init_with(config.log_format, "warn,lapin=off"),
         _ => txq::telemetry::init(config.log_format),
-    }
+    };
     match cli.command {
         Command::Dlq(args) => Ok(txq::tools::dlq::cli::run(&config, args).await),
         Command::Config => {

@@ -60,7 +60,7 @@ async fn main() -> anyhow::Result<()> {
             metrics_addr: None,
         },
     )?;
-    txq::telemetry::init(config.log_format);
+    let _telemetry = txq::telemetry::init(config.log_format);
     // The same metrics as `txq run` are recorded (and so costed in benchmarks);
     // tests run several of these at once, so none serves a port.
     let _metrics = txq::http::install_recorder().context("metrics recorder")?;

@@ -239,17 +239,22 @@ async fn process(
     crate::events::job_started();
     let mut env =
         Envelope::from_properties(&delivery.properties, ctx.shared.default_type.as_deref());
-    let trace = Trace::continue_from(env.traceparent.as_deref());
+    #[cfg_attr(not(feature = "otlp"), allow(unused_mut))]
+    let mut trace = Trace::continue_from(env.traceparent.as_deref());
     let span = info_span!(
         "job",
-        trace_id = trace.trace_id.as_str(),
-        span_id = trace.span_id.as_str(),
+        trace_id = tracing::field::Empty,
+        span_id = tracing::field::Empty,
         parent_id = trace.parent_id.as_deref().unwrap_or(""),
         job_type = env.job_type.as_deref().unwrap_or(""),
         message_id = env.message_id.as_deref().unwrap_or(""),
         correlation_id = env.correlation_id.as_deref().unwrap_or(""),
         attempt = env.attempt,
     );
+    #[cfg(feature = "otlp")]
+    crate::telemetry::continue_trace(&span, &mut trace);
+    span.record("trace_id", trace.trace_id.as_str());
+    span.record("span_id", trace.span_id.as_str());
     env.trace = Some(trace);
     let work = async {
         let outcome = job::execute(&ctx, &env, &delivery.data, delivery.redelivered).await;

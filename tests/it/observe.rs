@@ -368,3 +368,117 @@ async fn traceparent_continues_through_the_job_to_reply_and_copies() {
     assert_ne!(p[1], TRACE, "a request without a trace starts one");
     assert_eq!(p[1].len(), 32);
 }
+
+/// A stand-in OTLP/HTTP collector: answers 200 to every POST and keeps the bodies.
+#[cfg(feature = "otlp")]
+async fn collector() -> (u16, tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>) {
+    use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind collector");
+    let port = listener.local_addr().expect("addr").port();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut stream = tokio::io::BufReader::new(stream);
+                loop {
+                    let mut length = 0usize;
+                    loop {
+                        let mut line = String::new();
+                        if stream.read_line(&mut line).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        if let Some((name, value)) = line.split_once(':')
+                            && name.eq_ignore_ascii_case("content-length")
+                        {
+                            length = value.trim().parse().unwrap_or(0);
+                        }
+                    }
+                    let mut body = vec![0; length];
+                    if stream.read_exact(&mut body).await.is_err() {
+                        return;
+                    }
+                    let _ = tx.send(body);
+                    let ok = b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n";
+                    if stream.get_mut().write_all(ok).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (port, rx)
+}
+
+#[cfg(feature = "otlp")]
+fn hex_bytes(hex: &str) -> Vec<u8> {
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
+        .collect()
+}
+
+/// With the `otlp` feature: the job's span reaches a collector as a child of the
+/// request's span, and the reply's `traceparent` names that exported span.
+#[cfg(feature = "otlp")]
+#[tokio::test]
+async fn otlp_exports_the_job_span_the_reply_names() {
+    let (test_db, client, requests, replies) = bank_env(Backend::Sqlite, 4).await;
+    let (collector_port, mut bodies) = collector().await;
+    let ops = ops_file();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_txq"))
+        .args(["run", "--metrics-addr", "", "--ops"])
+        .arg(&ops.0)
+        .env_remove("TXQ_CONFIG")
+        .env("TXQ_AMQP_URL", crate::support::amqp_url())
+        .env("TXQ_DATABASE_URL", &test_db.url)
+        .env("TXQ_QUEUE", &requests)
+        .env("TXQ_REPLY_QUEUE", &replies)
+        .env(
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            format!("http://127.0.0.1:{collector_port}"),
+        )
+        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+        .env("RUST_LOG", "info")
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawning txq run");
+    const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+    const PARENT: &str = "00f067aa0ba902b7";
+    client
+        .publish(
+            &requests,
+            &Request::json("transfer", json!({"from": 1, "to": 2, "amount": 1}))
+                .traceparent(&format!("00-{TRACE}-{PARENT}-01"))
+                .reply_to(&replies),
+        )
+        .await;
+    let reply = client.replies(&replies, 1).await;
+    assert_eq!(reply[0].status(), "ok", "{:?}", reply[0].body);
+    let tp = reply[0].header_text("traceparent").expect("traceparent");
+    let parts: Vec<&str> = tp.split('-').collect();
+    assert_eq!(parts[1], TRACE);
+    let (trace, span, parent) = (hex_bytes(TRACE), hex_bytes(parts[2]), hex_bytes(PARENT));
+    let contains = |body: &[u8], needle: &[u8]| body.windows(needle.len()).any(|w| w == needle);
+    let found = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(body) = bodies.recv().await {
+            if contains(&body, &trace) && contains(&body, &span) && contains(&body, &parent) {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(
+        found,
+        Ok(true),
+        "the collector got the job span (trace {TRACE}, span {}, parent {PARENT})",
+        parts[2]
+    );
+    child.kill().await.expect("stopping txq");
+}
