@@ -166,6 +166,9 @@ pub fn parse_batch(
     let mut errors = Vec::new();
     // correlation_id → the line that uses it: replies are matched by it.
     let mut correlations: HashMap<String, usize> = HashMap::new();
+    // message_id → the line that uses it: the worker's inbox answers a repeated
+    // one from the first's stored reply, so the second payload would never run.
+    let mut message_ids: HashMap<String, usize> = HashMap::new();
     if let Some(t) = job_type {
         if let Err(message) = short_text("--type", t) {
             return Err(SubmitError::Usage(message));
@@ -231,6 +234,14 @@ pub fn parse_batch(
         let message_id =
             message_id.unwrap_or_else(|| derive_message_id(identity, line, &job_type, text));
         let correlation_id = correlation_id.unwrap_or_else(|| message_id.clone());
+        if let Some(first) = message_ids.get(&message_id) {
+            errors.push(fail(format!(
+                "message_id `{message_id}` is already used by line {first}; the worker would \
+                 answer this line with that line's reply and never run it, so it must be \
+                 unique in a batch"
+            )));
+            continue;
+        }
         if let Some(first) = correlations.get(&correlation_id) {
             let what = if explicit {
                 "correlation_id"
@@ -244,6 +255,7 @@ pub fn parse_batch(
             continue;
         }
         correlations.insert(correlation_id.clone(), line);
+        message_ids.insert(message_id.clone(), line);
         jobs.push(Job {
             line,
             job_type,
@@ -410,20 +422,29 @@ mod tests {
         assert!(errors[1].message.contains("UTF-8"), "{}", errors[1]);
     }
     #[test]
-    fn correlation_ids_must_be_unique_in_a_batch() {
+    fn message_and_correlation_ids_must_be_unique_in_a_batch() {
         let input = concat!(
             "{\"type\":\"t\",\"payload\":1,\"correlation_id\":\"c\"}\n",
             "{\"type\":\"t\",\"payload\":2,\"correlation_id\":\"c\"}\n",
             "{\"type\":\"t\",\"payload\":3,\"message_id\":\"m\"}\n",
             "{\"type\":\"t\",\"payload\":4,\"message_id\":\"m\",\"correlation_id\":\"d\"}\n",
             "{\"type\":\"t\",\"payload\":5,\"message_id\":\"m\"}\n",
+            "{\"type\":\"t\",\"payload\":6,\"message_id\":\"n\",\"correlation_id\":\"e\"}\n",
         );
         let errors = input_errors(parse_batch(input.as_bytes(), "i", None));
-        assert_eq!(errors.len(), 2, "{errors:?}");
-        assert_eq!(errors[0].line, 2);
+        let at: Vec<usize> = errors.iter().map(|e| e.line).collect();
+        assert_eq!(at, [2, 4, 5], "{errors:?}");
+        assert!(
+            errors[0].message.contains("correlation_id"),
+            "{}",
+            errors[0]
+        );
         assert!(errors[0].message.contains("line 1"), "{}", errors[0]);
-        assert_eq!(errors[1].line, 5);
-        assert!(errors[1].message.contains("message_id"), "{}", errors[1]);
+        // Another correlation_id does not help: the inbox knows requests by message_id.
+        for e in &errors[1..] {
+            assert!(e.message.starts_with("message_id `m`"), "{e}");
+            assert!(e.message.contains("line 3"), "{e}");
+        }
     }
     #[test]
     fn ids_longer_than_amqp_allows_are_refused() {
