@@ -353,7 +353,7 @@ async fn resume_skips_the_lines_already_answered_in_the_output() {
     assert_eq!(resumed.summary["total"], 35);
     assert_eq!(resumed.summary["skipped"], 10);
     assert_eq!(resumed.summary["published"], 25);
-    assert_eq!(resumed.summary["ok"], 25);
+    assert_eq!(resumed.summary["ok"], 35, "the skipped lines ended ok too");
     assert_eq!(
         resumed.summary["duplicate"], 20,
         "the unanswered old lines ran in the first run; the 5 new ones did not"
@@ -382,10 +382,69 @@ async fn resume_skips_the_lines_already_answered_in_the_output() {
     assert_eq!(again.code, 0, "{}", again.stderr);
     assert_eq!(again.summary["skipped"], 35);
     assert_eq!(again.summary["published"], 0);
+    assert_eq!(again.summary["ok"], 35);
 
     worker.stop().await.expect("clean stop");
     let totals = bank::totals(&test_db.db).await.expect("totals");
     assert_eq!(totals.jobs_logged, 35, "each line ran once");
+}
+
+#[tokio::test]
+async fn resume_counts_a_rejection_recorded_in_the_output() {
+    let mut client = Client::new().await;
+    let requests = client.queue(&unique("requests")).await;
+    let replies = client.queue(&unique("replies")).await;
+    let scratch = Scratch::new();
+    let input = scratch.file(
+        "jobs.jsonl",
+        &[
+            json!({"type": "noop", "payload": {}, "message_id": "m-1"}),
+            json!({"type": "transfer", "payload": {}, "message_id": "m-2"}),
+        ],
+    );
+    let output = scratch.path("replies.jsonl");
+    // As a run that got both replies wrote them: line 2 was rejected.
+    let record = |line: u64, id: &str, kind: &str, status: &str| {
+        json!({"line": line, "message_id": id, "correlation_id": id, "type": kind,
+               "status": status, "duplicate": false, "reply": {"status": status}})
+    };
+    let write = |second: &str| {
+        let text = format!(
+            "{}\n{}\n",
+            record(1, "m-1", "noop", "ok"),
+            record(2, "m-2", "transfer", second)
+        );
+        std::fs::write(&output, text).expect("write output");
+    };
+    let args = [
+        "--wait",
+        "--resume",
+        "-o",
+        output.to_str().expect("path"),
+        input.to_str().expect("path"),
+    ];
+
+    write("rejected");
+    let run = submit(&requests, &replies, &args).await;
+    assert_eq!(run.code, 1, "line 2 did not end ok: {}", run.stderr);
+    assert_eq!(
+        run.summary,
+        json!({
+            "total": 2, "skipped": 2, "published": 0, "waited": true,
+            "ok": 1, "rejected": 1, "failed": 0, "timed_out": 0, "duplicate": 0,
+        })
+    );
+
+    write("failed");
+    let run = submit(&requests, &replies, &args).await;
+    assert_eq!(run.code, 1, "line 2 did not end ok: {}", run.stderr);
+    assert_eq!(run.summary["failed"], 1, "{}", run.summary);
+
+    write("ok");
+    let run = submit(&requests, &replies, &args).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(run.summary["ok"], 2, "{}", run.summary);
+    assert_eq!(client.depth(&requests).await, 0, "nothing was sent again");
 }
 
 #[derive(Deserialize)]

@@ -22,7 +22,7 @@ mod output;
 mod pace;
 mod progress;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fmt;
 use std::io::{self, Write};
 use std::path::PathBuf;
@@ -258,12 +258,14 @@ pub struct Summary {
     /// Published and confirmed by the broker.
     pub published: usize,
     /// Whether replies were collected (`--wait`); the counts below are 0 if not.
+    /// `ok`, `rejected` and `failed` count the skipped lines too, as the output
+    /// file records them.
     pub waited: bool,
-    /// Replied `ok`.
+    /// Ended `ok`.
     pub ok: usize,
-    /// Replied `rejected`.
+    /// Ended `rejected`.
     pub rejected: usize,
-    /// Replied `failed` (dead-lettered).
+    /// Ended `failed` (dead-lettered).
     pub failed: usize,
     /// No reply within the timeout.
     pub timed_out: usize,
@@ -275,7 +277,7 @@ pub struct Summary {
 impl Summary {
     /// The process exit code ([`exit`]).
     pub fn exit_code(&self) -> u8 {
-        if self.waited && self.ok < self.published {
+        if self.waited && self.ok < self.published + self.skipped {
             exit::NOT_OK
         } else {
             exit::OK
@@ -298,7 +300,11 @@ impl fmt::Display for Summary {
             write!(
                 f,
                 "{} request(s): {} ok, {} rejected, {} failed, {} timed out",
-                self.published, self.ok, self.rejected, self.failed, self.timed_out
+                self.published + self.skipped,
+                self.ok,
+                self.rejected,
+                self.failed,
+                self.timed_out
             )?;
             if self.duplicate > 0 {
                 write!(
@@ -327,12 +333,12 @@ pub async fn submit(config: &Config, options: &SubmitOptions) -> Result<Summary,
             resume: true,
             ..
         }) => answered_lines(path, &jobs)?,
-        _ => HashSet::new(),
+        _ => HashMap::new(),
     };
     let total = jobs.len();
     let todo: Vec<Job> = jobs
         .into_iter()
-        .filter(|j| !answered.contains(&j.line))
+        .filter(|j| !answered.contains_key(&j.line))
         .collect();
     let mut summary = Summary {
         total,
@@ -340,6 +346,11 @@ pub async fn submit(config: &Config, options: &SubmitOptions) -> Result<Summary,
         waited: options.wait.is_some(),
         ..Summary::default()
     };
+    // A skipped line ended as the output file says: a rejected one is still not
+    // ok, whichever run got its reply.
+    for status in answered.into_values() {
+        summary.count(status);
+    }
     // Opened before connecting: a bad path fails before anything is published.
     let out = options.wait.as_ref().map(open_output).transpose()?;
     if todo.is_empty() {
@@ -450,11 +461,11 @@ async fn run(
         (Some(wait), Some(consumer), Some(out)) => {
             let collecting = collect(consumer, jobs, wait, out, &counters, published_rx);
             tokio::try_join!(publishing, collecting).map(|((), counts)| {
-                summary.ok = counts.ok;
-                summary.rejected = counts.rejected;
-                summary.failed = counts.failed;
-                summary.timed_out = counts.timed_out;
-                summary.duplicate = counts.duplicate;
+                summary.ok += counts.ok;
+                summary.rejected += counts.rejected;
+                summary.failed += counts.failed;
+                summary.timed_out += counts.timed_out;
+                summary.duplicate += counts.duplicate;
             })
         }
         _ => publishing.await,
@@ -695,6 +706,23 @@ mod tests {
             ..Summary::default()
         };
         assert_eq!(fire_and_forget.exit_code(), exit::OK);
+        let resumed_after_a_rejection = Summary {
+            total: 3,
+            skipped: 3,
+            waited: true,
+            ok: 2,
+            rejected: 1,
+            ..Summary::default()
+        };
+        assert_eq!(
+            resumed_after_a_rejection.exit_code(),
+            exit::NOT_OK,
+            "a skipped line still counts as it ended"
+        );
+        assert_eq!(
+            resumed_after_a_rejection.to_string(),
+            "3 request(s): 2 ok, 1 rejected, 0 failed, 0 timed out; 3 skipped, already answered"
+        );
         assert_eq!(
             one_late.to_string(),
             "3 request(s): 2 ok, 0 rejected, 0 failed, 1 timed out; 3 duplicate(s) answered \

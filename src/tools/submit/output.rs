@@ -1,7 +1,7 @@
 //! The output of `txq submit --wait`: one JSON line per request, and what
 //! `--resume` reads back from it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::io::{self, Read as _, Seek as _, Write};
 use std::path::Path;
 
@@ -90,13 +90,16 @@ struct Recorded {
     status: Status,
 }
 
-/// The input lines `path` already has a reply for (anything but `timed_out`).
-/// A missing file has none; unreadable lines (a write cut short) are ignored, so
-/// their requests are sent again, which the inbox makes safe.
-pub(super) fn answered_lines(path: &Path, jobs: &[Job]) -> Result<HashSet<usize>, SubmitError> {
+/// The input lines `path` already has a reply for (anything but `timed_out`), with
+/// how each ended. A missing file has none; unreadable lines (a write cut short)
+/// are ignored, so their requests are sent again, which the inbox makes safe.
+pub(super) fn answered_lines(
+    path: &Path,
+    jobs: &[Job],
+) -> Result<HashMap<usize, Status>, SubmitError> {
     let text = match std::fs::read(path) {
         Ok(t) => t,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(HashSet::new()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(HashMap::new()),
         Err(source) => {
             return Err(SubmitError::Output {
                 path: path.to_owned(),
@@ -108,7 +111,7 @@ pub(super) fn answered_lines(path: &Path, jobs: &[Job]) -> Result<HashSet<usize>
         .iter()
         .map(|j| (j.line, j.message_id.as_str()))
         .collect();
-    let mut answered = HashSet::new();
+    let mut answered = HashMap::new();
     let mut unreadable = 0;
     for raw in text.split(|b| *b == b'\n') {
         if raw.iter().all(u8::is_ascii_whitespace) {
@@ -128,7 +131,7 @@ pub(super) fn answered_lines(path: &Path, jobs: &[Job]) -> Result<HashSet<usize>
             });
         }
         if entry.status != Status::TimedOut {
-            answered.insert(entry.line);
+            answered.insert(entry.line, entry.status);
         }
     }
     if unreadable > 0 {
@@ -239,7 +242,7 @@ mod tests {
         let answered = answered_lines(&path, &jobs).expect("readable");
         assert_eq!(
             answered,
-            HashSet::from([1, 4]),
+            HashMap::from([(1, Status::Ok), (4, Status::Rejected)]),
             "timed out and torn lines are not answers"
         );
 
@@ -257,7 +260,7 @@ mod tests {
         let answered = answered_lines(&path, &jobs).expect("readable");
         assert_eq!(
             answered,
-            HashSet::from([1, 2, 4]),
+            HashMap::from([(1, Status::Ok), (2, Status::Ok), (4, Status::Rejected)]),
             "the torn line was ended first"
         );
 
