@@ -139,9 +139,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let config = Config::load(cli.common.config.as_deref(), &overrides)?;
     // Held to the end of the command: dropping it flushes exported spans.
     let _telemetry = match cli.command {
-        // Its stderr is for its own counts and errors; lapin logs the 404 of a
-        // missing queue and a lost connection, which the command reports itself.
-        Command::Dlq(_) => txq::telemetry::init_with(config.log_format, "warn,lapin=off"),
+        // Their stderr is for their own counts and errors (`--json`: one object);
+        // lapin logs the 404 of a missing queue and a lost connection, which the
+        // commands report themselves.
+        Command::Dlq(_) | Command::Submit(_) => {
+            txq::telemetry::init_with(config.log_format, "warn,lapin=off")
+        }
         _ => txq::telemetry::init(config.log_format),
     };
     match cli.command {

@@ -659,7 +659,9 @@ async fn a_lost_connection_stops_the_run_and_running_again_answers_everything_on
 
     // No worker yet: the run publishes everything, then waits for replies.
     let args = ["--wait", "--timeout", "2m", input];
+    // The default log filter: lapin's own lines would come before the JSON.
     let child = submit_command(&proxy.url(), &requests, &replies, &args)
+        .env_remove("RUST_LOG")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -687,6 +689,7 @@ async fn a_lost_connection_stops_the_run_and_running_again_answers_everything_on
     let stderr = String::from_utf8_lossy(&out.stderr);
     eprintln!("{stderr}");
     assert!(stderr.contains("\"error\":\"rabbitmq"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "only the error object: {stderr}");
 
     let worker = bank_worker(&test_db, &requests, &replies, 4).await;
     let again = submit(&requests, &replies, &["--wait", input]).await;
