@@ -574,7 +574,8 @@ enum Slot {
 }
 
 /// Takes replies until every job has one, or `wait.timeout` passed without one
-/// after the last publish; writes a record for every job, timed out ones last.
+/// after the last publish; writes a record for every job: timed-out ones last, or
+/// with `--ordered` in their place in the input.
 async fn collect(
     mut consumer: Consumer,
     jobs: &[Job],
