@@ -5,6 +5,8 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use lapin::options::QueueDeclareOptions;
+use lapin::types::{AMQPValue, FieldTable};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use txq::{Backend, Handler, JobError, JobMeta, Tx, Worker};
@@ -569,6 +571,90 @@ async fn without_a_worker_every_request_times_out() {
         5,
         "published, waiting for a worker"
     );
+}
+
+#[tokio::test]
+async fn direct_reply_to_is_the_reply_to_of_the_requests() {
+    let mut client = Client::new().await;
+    let requests = client.queue(&unique("requests")).await;
+    let replies = client.queue(&unique("replies")).await;
+    let scratch = Scratch::new();
+    let input = scratch.file("jobs.jsonl", &noops(1..=1));
+
+    // No worker: the request stays in its queue, to be looked at.
+    let run = submit(
+        &requests,
+        &replies,
+        &[
+            "--wait",
+            "--direct-reply-to",
+            "--timeout",
+            "200ms",
+            input.to_str().expect("path"),
+        ],
+    )
+    .await;
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert_eq!(run.summary, summary(1, 0, 0, 0, 1));
+    let request = client.replies(&requests, 1).await;
+    let reply_to = request[0]
+        .props
+        .reply_to()
+        .as_ref()
+        .map(|r| r.to_string())
+        .expect("a reply_to");
+    assert!(
+        reply_to.starts_with(txq::tools::submit::DIRECT_REPLY_TO),
+        "{reply_to}"
+    );
+}
+
+#[tokio::test]
+async fn a_queue_the_broker_refuses_to_declare_is_a_configuration_error() {
+    let mut client = Client::new().await;
+    let requests = unique("requests");
+    let replies = client.queue(&unique("replies")).await;
+    // The request queue exists with an argument the worker's config does not have.
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("classic".into()),
+    );
+    args.insert("x-max-length".into(), AMQPValue::LongInt(10));
+    let channel = client.conn.create_channel().await.expect("channel");
+    channel
+        .queue_declare(
+            requests.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            args,
+        )
+        .await
+        .expect("queue.declare");
+    client.own(&requests);
+    let _ = channel.close(200, "done".into()).await;
+    let scratch = Scratch::new();
+    let input = scratch.file("jobs.jsonl", &noops(1..=1));
+
+    let run = submit(
+        &requests,
+        &replies,
+        &[
+            "--wait",
+            "--timeout",
+            "200ms",
+            input.to_str().expect("path"),
+        ],
+    )
+    .await;
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    let error = run.summary["error"].as_str().expect("an error message");
+    assert!(error.contains(&requests), "{error}");
+    assert!(error.contains("PRECONDITION_FAILED"), "{error}");
+    assert!(error.contains("nothing was published"), "{error}");
+    assert_eq!(client.depth(&requests).await, 0);
 }
 
 #[tokio::test]

@@ -129,6 +129,13 @@ pub enum SubmitError {
         /// What failed.
         source: Box<BrokerError>,
     },
+    /// The broker refused to declare a queue as the configuration says (a queue
+    /// that exists with other arguments, no permission): nothing was published.
+    #[error(
+        "{0}; the broker refuses the queues as this configuration declares them: make \
+         the queue settings match the existing queue, or delete it (nothing was published)"
+    )]
+    Topology(Box<BrokerError>),
     /// Declaring the queues failed.
     #[error(transparent)]
     Broker(Box<BrokerError>),
@@ -180,7 +187,8 @@ impl SubmitError {
             | Self::Usage(_)
             | Self::Input(_)
             | Self::Output { .. }
-            | Self::ResumeMismatch { .. } => exit::INPUT,
+            | Self::ResumeMismatch { .. }
+            | Self::Topology(_) => exit::INPUT,
             Self::Connect { .. }
             | Self::Broker(_)
             | Self::Amqp(_)
@@ -387,7 +395,17 @@ async fn run(
     // The worker's own declarations from the same config: a batch can be loaded
     // before any worker ran, and a queue declared with other arguments is an error
     // that names it rather than a silent mismatch.
-    broker::declare(&channel, &Topology::from_config(config)).await?;
+    broker::declare(&channel, &Topology::from_config(config))
+        .await
+        .map_err(|e| match &e {
+            // A soft error (PRECONDITION_FAILED, ACCESS_REFUSED) is the broker's
+            // answer to this configuration; running again would get the same one.
+            BrokerError::Declare { source, .. } if source.is_amqp_soft_error() => {
+                SubmitError::Topology(Box::new(e))
+            }
+            BrokerError::InvalidName(_) => SubmitError::Topology(Box::new(e)),
+            _ => e.into(),
+        })?;
     let no_ack = BasicConsumeOptions {
         no_ack: true,
         ..BasicConsumeOptions::default()
