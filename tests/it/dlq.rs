@@ -870,3 +870,67 @@ async fn purge_asks_on_a_terminal_and_a_no_keeps_everything() {
         ["d-1", "d-3", "d-5", "d-7", "d-9"]
     );
 }
+
+/// A dead letter whose x-death entry and one more header carry `time` as their
+/// AMQP timestamp.
+async fn publish_with_timestamp(client: &Client, dlq: &str, id: &str, time: u64) {
+    let mut death = FieldTable::default();
+    death.insert("queue".into(), AMQPValue::LongString("q".into()));
+    death.insert("reason".into(), AMQPValue::LongString("expired".into()));
+    death.insert("count".into(), AMQPValue::LongLongInt(1));
+    death.insert("time".into(), AMQPValue::Timestamp(time));
+    let mut deaths = lapin::types::FieldArray::default();
+    deaths.push(AMQPValue::FieldTable(death));
+    let mut h = FieldTable::default();
+    h.insert("x-death".into(), AMQPValue::FieldArray(deaths));
+    h.insert("x-sent".into(), AMQPValue::Timestamp(time));
+    let props = BasicProperties::default()
+        .with_message_id(id.into())
+        .with_headers(h);
+    let confirm = client
+        .channel
+        .basic_publish(
+            "".into(),
+            dlq.into(),
+            BasicPublishOptions::default(),
+            b"{}",
+            props,
+        )
+        .await
+        .expect("publish");
+    assert!(confirm.await.expect("confirm").is_ack());
+}
+
+#[tokio::test]
+async fn timestamps_no_calendar_can_show_do_not_stop_list_show_or_purge() {
+    let mut client = Client::new().await;
+    let queue = client.queue(&unique("requests")).await;
+    let dlq = client.queue(&format!("{queue}.dlq")).await;
+    // Year 10000 (humantime cannot print it), and past what SystemTime holds.
+    publish_with_timestamp(&client, &dlq, "y10k", 253_402_300_800).await;
+    publish_with_timestamp(&client, &dlq, "max", u64::MAX).await;
+
+    let list = txq(&queue, &["dlq", "list", "--json"]).await;
+    assert_eq!(list.code, Some(0), "{list:?}");
+    let lines = list.json_lines();
+    assert_eq!(lines.len(), 2, "{list:?}");
+    for v in &lines {
+        assert_eq!(v["error_kind"], "rabbitmq:expired", "{v}");
+        assert_eq!(v["failed_at"], Value::Null, "{v}");
+    }
+    let table = txq(&queue, &["dlq", "list"]).await;
+    assert_eq!(table.code, Some(0), "{table:?}");
+
+    let show = txq(&queue, &["dlq", "show", "max", "--json"]).await;
+    assert_eq!(show.code, Some(0), "{show:?}");
+    let v = &show.json_lines()[0];
+    assert_eq!(v["headers"]["x-sent"], json!(u64::MAX), "raw number: {v}");
+    assert_eq!(v["headers"]["x-death"][0]["time"], json!(u64::MAX), "{v}");
+    let text = txq(&queue, &["dlq", "show", "y10k"]).await;
+    assert_eq!(text.code, Some(0), "{text:?}");
+    assert!(text.stdout.contains("253402300800"), "{text:?}");
+
+    let purge = txq(&queue, &["dlq", "purge", "--yes"]).await;
+    assert_eq!(purge.code, Some(0), "{purge:?}");
+    assert_eq!(client.depth(&dlq).await, 0);
+}
