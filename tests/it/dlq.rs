@@ -934,3 +934,33 @@ async fn timestamps_no_calendar_can_show_do_not_stop_list_show_or_purge() {
     assert_eq!(purge.code, Some(0), "{purge:?}");
     assert_eq!(client.depth(&dlq).await, 0);
 }
+
+#[tokio::test]
+async fn an_original_queue_no_amqp_name_can_carry_is_skipped_and_the_rest_replayed() {
+    let mut client = Client::new().await;
+    let queue = client.queue(&unique("requests")).await;
+    let dlq = client.queue(&format!("{queue}.dlq")).await;
+    let mut dead = sample(&queue);
+    dead.truncate(3);
+    dead[1].original_queue = Some("q".repeat(256));
+    publish_dead(&client, &dlq, &dead).await;
+
+    // Twice: a re-run must not stop at the same message either.
+    for _ in 0..2 {
+        let run = txq(&queue, &["dlq", "replay", "--json"]).await;
+        assert_eq!(run.code, Some(1), "some skipped: {run:?}");
+        let lines = run.json_lines();
+        let skipped: Vec<&Value> = lines.iter().filter(|v| v["action"] == "skipped").collect();
+        assert_eq!(skipped.len(), 1, "{run:?}");
+        assert_eq!(skipped[0]["message_id"], "d-1", "{run:?}");
+        assert!(
+            skipped[0]["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("255 bytes")),
+            "{run:?}"
+        );
+        assert_eq!(run.summary()["skipped"], 1, "{run:?}");
+    }
+    assert_eq!(ids_of(&client.replies(&queue, 2).await), ["d-0", "d-2"]);
+    assert_eq!(listed_ids(&queue).await, ["d-1"], "kept in the DLQ");
+}

@@ -166,8 +166,8 @@ pub struct ReplayReport {
     pub counts: Counts,
     /// Republished and removed (or, with `--dry-run`, would have been).
     pub replayed: u64,
-    /// Selected but left in the dead-letter queue (no known original queue, or
-    /// the target queue does not exist).
+    /// Selected but left in the dead-letter queue (no known original queue, one
+    /// that is not a queue name, or the target queue does not exist).
     pub skipped: u64,
 }
 
@@ -227,6 +227,20 @@ pub async fn replay(
                 on_event(ReplayEvent::Skipped {
                     message: m,
                     reason: "its original queue is the dead-letter queue itself: pass --to".into(),
+                });
+                continue;
+            }
+            // A header anyone could have set: a name AMQP cannot carry would fail
+            // the publish, and stop every re-run at this same message.
+            if lapin::types::ShortString::try_new(to).is_err() {
+                scan.keep(taken.tag);
+                report.skipped += 1;
+                on_event(ReplayEvent::Skipped {
+                    message: m,
+                    reason: format!(
+                        "its original queue is not a queue name (longer than 255 bytes: {} bytes): pass --to",
+                        to.len()
+                    ),
                 });
                 continue;
             }
