@@ -964,3 +964,41 @@ async fn an_original_queue_no_amqp_name_can_carry_is_skipped_and_the_rest_replay
     assert_eq!(ids_of(&client.replies(&queue, 2).await), ["d-0", "d-2"]);
     assert_eq!(listed_ids(&queue).await, ["d-1"], "kept in the DLQ");
 }
+
+#[tokio::test]
+async fn list_into_a_pipe_closed_early_ends_cleanly_and_keeps_every_message_in_order() {
+    use tokio::io::AsyncBufReadExt as _;
+    let mut client = Client::new().await;
+    let queue = client.queue(&unique("requests")).await;
+    let dlq = client.queue(&format!("{queue}.dlq")).await;
+    // Enough that the scan (one basic.get a message) is still going when the
+    // reader goes away after the first line, so a later line meets a closed pipe.
+    let all: Vec<String> = (0..500).map(|i| format!("p-{i:03}")).collect();
+    let dead: Vec<Dead> = all
+        .iter()
+        .map(|id| Dead {
+            id: id.clone(),
+            job_type: "t",
+            kind: "timeout",
+            error: "slow".into(),
+            original_queue: Some(queue.clone()),
+        })
+        .collect();
+    publish_dead(&client, &dlq, &dead).await;
+
+    let mut child = txq_command(&amqp_url(), &queue, &["dlq", "list"])
+        .spawn()
+        .expect("txq");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let first = lines.next_line().await.expect("read").expect("a line");
+    assert!(first.starts_with("MESSAGE_ID"), "{first}");
+    // As `| head -1` does.
+    drop(lines);
+    let out = child.wait_with_output().await.expect("txq ends");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(101), "panicked: {stderr}");
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("writing the output"), "{stderr}");
+    assert_eq!(listed_ids(&queue).await, all, "all back, in order");
+}
