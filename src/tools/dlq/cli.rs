@@ -22,8 +22,9 @@ pub mod exit {
     /// Bad flags or configuration, a dead-letter queue that does not exist, or
     /// `purge` without `--yes` when stdin is not a terminal: nothing was changed.
     pub const USAGE: u8 = 2;
-    /// The broker failed mid-way (unreachable, connection lost, a publish nacked):
-    /// nothing is lost; run the command again.
+    /// The command stopped mid-way: the broker failed (unreachable, connection
+    /// lost, a publish nacked) or stdout was closed (`| head`). Nothing is lost;
+    /// run the command again.
     pub const BROKER: u8 = 3;
     /// Nothing matched: `show` found no such message_id, `replay` or `purge`
     /// selected nothing.
@@ -44,7 +45,8 @@ impl DlqError {
             | Self::Amqp(_)
             | Self::ConnectionLost
             | Self::Publish(_)
-            | Self::Io(_) => exit::BROKER,
+            | Self::Io(_)
+            | Self::Output(_) => exit::BROKER,
         }
     }
 }
@@ -144,9 +146,12 @@ pub async fn run(config: &Config, args: DlqArgs) -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             if json {
-                eprintln!("{}", serde_json::json!({ "error": e.to_string() }));
+                note(format_args!(
+                    "{}",
+                    serde_json::json!({ "error": e.to_string() })
+                ));
             } else {
-                eprintln!("txq: {e}");
+                note(format_args!("txq: {e}"));
             }
             ExitCode::from(e.exit_code())
         }
@@ -172,22 +177,22 @@ async fn run_command(config: &Config, args: DlqArgs) -> Result<u8, DlqError> {
             let mut header = !json;
             let counts = super::inspect(&target, &select.filter(), select.limit, |m| {
                 if std::mem::take(&mut header) {
-                    print_header();
+                    print_header()?;
                 }
                 if json {
-                    print_json(&m.summary());
+                    print_json(&m.summary())
                 } else {
-                    print_row(m);
+                    print_row(m)
                 }
             })
             .await?;
             if header {
-                print_header();
+                print_header().map_err(DlqError::Output)?;
             }
-            eprintln!(
+            note(format_args!(
                 "{} of {} message(s) in `{}`",
                 counts.matched, counts.depth, target.dlq
-            );
+            ));
             Ok(exit::OK)
         }
         DlqCommand::List {
@@ -195,34 +200,27 @@ async fn run_command(config: &Config, args: DlqArgs) -> Result<u8, DlqError> {
             select,
         } => {
             let mut grouper = Grouper::default();
-            let counts =
-                super::inspect(&target, &select.filter(), select.limit, |m| grouper.add(m)).await?;
+            let counts = super::inspect(&target, &select.filter(), select.limit, |m| {
+                grouper.add(m);
+                Ok(())
+            })
+            .await?;
             let groups = grouper.into_groups();
             if json {
-                groups.iter().for_each(print_json);
+                groups
+                    .iter()
+                    .try_for_each(print_json)
+                    .map_err(DlqError::Output)?;
             } else {
-                println!(
-                    "{:>7}  {:<12}  {:<20}  {:<36}  FINGERPRINT",
-                    "COUNT", "TYPE", "ERROR_KIND", "EXAMPLE"
-                );
-                for g in &groups {
-                    println!(
-                        "{:>7}  {:<12}  {:<20}  {:<36}  {}",
-                        g.count,
-                        cut(g.job_type.as_deref().unwrap_or("-"), 12),
-                        cut(&g.error_kind, 20),
-                        cut(g.example_message_id.as_deref().unwrap_or("-"), 36),
-                        g.fingerprint
-                    );
-                }
+                print_groups(&groups).map_err(DlqError::Output)?;
             }
-            eprintln!(
+            note(format_args!(
                 "{} group(s), {} of {} message(s) in `{}`",
                 groups.len(),
                 counts.matched,
                 counts.depth,
                 target.dlq
-            );
+            ));
             Ok(exit::OK)
         }
         DlqCommand::Show { id } => {
@@ -232,14 +230,17 @@ async fn run_command(config: &Config, args: DlqArgs) -> Result<u8, DlqError> {
             };
             let counts = super::inspect(&target, &filter, None, |m| {
                 if json {
-                    print_json(&m.to_json());
+                    print_json(&m.to_json())
                 } else {
-                    print_full(m);
+                    print_full(m)
                 }
             })
             .await?;
             if counts.matched == 0 {
-                eprintln!("no message with message_id `{id}` in `{}`", target.dlq);
+                note(format_args!(
+                    "no message with message_id `{id}` in `{}`",
+                    target.dlq
+                ));
                 return Ok(exit::NO_MATCH);
             }
             Ok(exit::OK)
@@ -259,10 +260,10 @@ async fn run_command(config: &Config, args: DlqArgs) -> Result<u8, DlqError> {
             };
             let report = replay(&target, &options, |event| print_event(json, &event)).await?;
             if json {
-                print_json(&serde_json::json!({ "summary": report }));
+                print_json(&serde_json::json!({ "summary": report })).map_err(DlqError::Output)?;
             }
             let verb = if dry_run { "would replay" } else { "replayed" };
-            eprintln!(
+            note(format_args!(
                 "{verb} {}, skipped {}, of {} selected ({} scanned, {} in `{}` at the start)",
                 report.replayed,
                 report.skipped,
@@ -270,7 +271,7 @@ async fn run_command(config: &Config, args: DlqArgs) -> Result<u8, DlqError> {
                 report.counts.scanned,
                 report.counts.depth,
                 target.dlq
-            );
+            ));
             Ok(if report.counts.matched == 0 {
                 exit::NO_MATCH
             } else if report.skipped > 0 {
@@ -289,7 +290,10 @@ async fn run_command(config: &Config, args: DlqArgs) -> Result<u8, DlqError> {
                     return Ok(true);
                 }
                 let answer = tokio::task::spawn_blocking(move || {
-                    eprint!("purge {n} message(s) from `{queue}` for good? [y/N] ");
+                    let _ = write!(
+                        std::io::stderr(),
+                        "purge {n} message(s) from `{queue}` for good? [y/N] "
+                    );
                     let _ = std::io::stderr().flush();
                     let mut line = String::new();
                     std::io::stdin().read_line(&mut line).map(|_| line)
@@ -298,14 +302,15 @@ async fn run_command(config: &Config, args: DlqArgs) -> Result<u8, DlqError> {
                 .map_err(|e| DlqError::Io(std::io::Error::other(e)))??;
                 Ok(matches!(answer.trim(), "y" | "Y" | "yes" | "YES" | "Yes"))
             };
-            let report = purge(&target, &select.filter(), select.limit, |_| {}, confirm).await?;
+            let report =
+                purge(&target, &select.filter(), select.limit, |_| Ok(()), confirm).await?;
             if json {
-                print_json(&serde_json::json!({ "summary": report }));
+                print_json(&serde_json::json!({ "summary": report })).map_err(DlqError::Output)?;
             }
-            eprintln!(
+            note(format_args!(
                 "purged {} of {} selected ({} in `{}` at the start)",
                 report.purged, report.counts.matched, report.counts.depth, target.dlq
-            );
+            ));
             Ok(if report.counts.matched == 0 {
                 exit::NO_MATCH
             } else if !report.confirmed {
@@ -317,11 +322,30 @@ async fn run_command(config: &Config, args: DlqArgs) -> Result<u8, DlqError> {
     }
 }
 
-fn print_json(value: &impl serde::Serialize) {
+// Output goes through `writeln!`, never `println!`: Rust ignores SIGPIPE, so
+// `println!` panics once stdout is closed (`txq dlq list | head`), skipping the
+// ordered hand-back of the messages taken. A write error ends the scan instead.
+
+/// A line on stdout.
+fn out(line: std::fmt::Arguments<'_>) -> std::io::Result<()> {
+    writeln!(std::io::stdout().lock(), "{line}")
+}
+
+/// A line on stderr for the operator, written once the messages are settled:
+/// if stderr is closed there is no one left to tell, and the exit code still
+/// says how it went.
+fn note(line: std::fmt::Arguments<'_>) {
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
+}
+
+fn print_json(value: &impl serde::Serialize) -> std::io::Result<()> {
     match serde_json::to_string(value) {
-        Ok(line) => println!("{line}"),
+        Ok(line) => out(format_args!("{line}")),
         // Only maps with non-string keys fail, and none are printed.
-        Err(e) => eprintln!("txq: cannot print JSON: {e}"),
+        Err(e) => {
+            note(format_args!("txq: cannot print JSON: {e}"));
+            Ok(())
+        }
     }
 }
 
@@ -336,15 +360,36 @@ fn cut(s: &str, width: usize) -> String {
     out
 }
 
-fn print_header() {
-    println!(
+fn print_header() -> std::io::Result<()> {
+    out(format_args!(
         "{:<36}  {:<12}  {:<20}  {:>8}  {:<24}  ERROR",
         "MESSAGE_ID", "TYPE", "ERROR_KIND", "ATTEMPTS", "FAILED_AT"
-    );
+    ))
 }
 
-fn print_row(m: &DeadLetter) {
-    println!(
+fn print_groups(groups: &[super::Group]) -> std::io::Result<()> {
+    let mut o = std::io::stdout().lock();
+    writeln!(
+        o,
+        "{:>7}  {:<12}  {:<20}  {:<36}  FINGERPRINT",
+        "COUNT", "TYPE", "ERROR_KIND", "EXAMPLE"
+    )?;
+    for g in groups {
+        writeln!(
+            o,
+            "{:>7}  {:<12}  {:<20}  {:<36}  {}",
+            g.count,
+            cut(g.job_type.as_deref().unwrap_or("-"), 12),
+            cut(&g.error_kind, 20),
+            cut(g.example_message_id.as_deref().unwrap_or("-"), 36),
+            g.fingerprint
+        )?;
+    }
+    Ok(())
+}
+
+fn print_row(m: &DeadLetter) -> std::io::Result<()> {
+    out(format_args!(
         "{:<36}  {:<12}  {:<20}  {:>8}  {:<24}  {}",
         cut(m.message_id.as_deref().unwrap_or("-"), 36),
         cut(m.job_type.as_deref().unwrap_or("-"), 12),
@@ -352,38 +397,49 @@ fn print_row(m: &DeadLetter) {
         m.attempts.map_or_else(|| "-".to_owned(), |a| a.to_string()),
         m.failed_at.as_deref().unwrap_or("-"),
         cut(&m.error, 80)
-    );
+    ))
 }
 
-fn print_full(m: &DeadLetter) {
+fn print_full(m: &DeadLetter) -> std::io::Result<()> {
     let v = m.to_json();
-    println!("message_id:     {}", m.message_id.as_deref().unwrap_or("-"));
-    println!("type:           {}", m.job_type.as_deref().unwrap_or("-"));
-    println!("origin:         {}", serde_json::json!(m.origin));
-    println!("error_kind:     {}", m.error_kind);
-    println!("error:          {}", m.error);
-    println!(
+    let mut o = std::io::stdout().lock();
+    writeln!(
+        o,
+        "message_id:     {}",
+        m.message_id.as_deref().unwrap_or("-")
+    )?;
+    writeln!(
+        o,
+        "type:           {}",
+        m.job_type.as_deref().unwrap_or("-")
+    )?;
+    writeln!(o, "origin:         {}", serde_json::json!(m.origin))?;
+    writeln!(o, "error_kind:     {}", m.error_kind)?;
+    writeln!(o, "error:          {}", m.error)?;
+    writeln!(
+        o,
         "original_queue: {}",
         m.original_queue.as_deref().unwrap_or("-")
-    );
-    println!("properties:");
+    )?;
+    writeln!(o, "properties:")?;
     if let Some(props) = v["properties"].as_object() {
         for (k, val) in props.iter().filter(|(_, val)| !val.is_null()) {
-            println!("  {k}: {val}");
+            writeln!(o, "  {k}: {val}")?;
         }
     }
-    println!("headers:");
+    writeln!(o, "headers:")?;
     if let Some(headers) = v["headers"].as_object() {
         for (k, val) in headers {
-            println!("  {k}: {val}");
+            writeln!(o, "  {k}: {val}")?;
         }
     }
-    println!("body ({} bytes):", m.body.len());
-    println!("{}", String::from_utf8_lossy(&m.body));
-    println!();
+    writeln!(o, "body ({} bytes):", m.body.len())?;
+    writeln!(o, "{}", String::from_utf8_lossy(&m.body))?;
+    writeln!(o)?;
+    Ok(())
 }
 
-fn print_event(json: bool, event: &ReplayEvent<'_>) {
+fn print_event(json: bool, event: &ReplayEvent<'_>) -> std::io::Result<()> {
     let (action, m, to, reason) = match event {
         ReplayEvent::Replayed { message, to } => ("replayed", message, Some(*to), None),
         ReplayEvent::WouldReplay { message, to } => ("would_replay", message, Some(*to), None),
@@ -397,13 +453,13 @@ fn print_event(json: bool, event: &ReplayEvent<'_>) {
             "error_kind": m.error_kind,
             "to": to,
             "reason": reason,
-        }));
+        }))
     } else {
         let id = m.message_id.as_deref().unwrap_or("-");
         match (to, reason) {
-            (Some(to), _) => println!("{action} {id} -> {to}"),
-            (None, Some(reason)) => println!("{action} {id}: {reason}"),
-            (None, None) => println!("{action} {id}"),
+            (Some(to), _) => out(format_args!("{action} {id} -> {to}")),
+            (None, Some(reason)) => out(format_args!("{action} {id}: {reason}")),
+            (None, None) => out(format_args!("{action} {id}")),
         }
     }
 }

@@ -152,7 +152,7 @@ impl DeadLetter {
             death
                 .as_ref()
                 .and_then(|d| d.time)
-                .map(|secs| rfc3339(SystemTime::UNIX_EPOCH + Duration::from_secs(secs)))
+                .and_then(timestamp_rfc3339)
         });
         Self {
             message_id: prop(properties.message_id()),
@@ -299,6 +299,19 @@ fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
 
+/// An AMQP timestamp (seconds since the epoch, from whoever published the
+/// message) as RFC 3339, or None when it cannot be one: humantime formats only
+/// years up to 9999 (its `Display` fails beyond, and `to_string` would panic),
+/// and `UNIX_EPOCH + Duration` panics past what `SystemTime` holds.
+fn timestamp_rfc3339(secs: u64) -> Option<String> {
+    // 10000-01-01T00:00:00Z.
+    const YEAR_10000: u64 = 253_402_300_800;
+    (secs < YEAR_10000)
+        .then(|| SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(secs)))
+        .flatten()
+        .map(rfc3339)
+}
+
 /// An AMQP header table as JSON. Timestamps become RFC 3339 text, byte arrays
 /// base64, decimals numbers.
 pub fn table_json(table: &FieldTable) -> serde_json::Value {
@@ -331,9 +344,8 @@ fn value_json(v: &AMQPValue) -> serde_json::Value {
             },
         },
         AMQPValue::FieldArray(a) => Value::Array(a.as_slice().iter().map(value_json).collect()),
-        AMQPValue::Timestamp(t) => {
-            Value::String(rfc3339(SystemTime::UNIX_EPOCH + Duration::from_secs(*t)))
-        }
+        // Out of range for RFC 3339: the raw number, rather than nothing.
+        AMQPValue::Timestamp(t) => timestamp_rfc3339(*t).map_or(Value::from(*t), Value::String),
         AMQPValue::FieldTable(t) => table_json(t),
         AMQPValue::ByteArray(b) => {
             Value::String(base64::engine::general_purpose::STANDARD.encode(b.as_slice()))
@@ -443,5 +455,37 @@ mod tests {
         assert!(h.contains_key("traceparent"));
         assert_eq!(p.message_id().as_ref().map(|m| m.as_str()), Some("m-1"));
         assert_eq!(*p.delivery_mode(), Some(2));
+    }
+
+    #[test]
+    fn timestamps_beyond_year_9999_or_system_time_do_not_panic() {
+        for t in [253_402_300_800, u64::MAX / 2, u64::MAX] {
+            let mut e = FieldTable::default();
+            e.insert("queue".into(), long_string("q"));
+            e.insert("reason".into(), long_string("expired"));
+            e.insert("time".into(), AMQPValue::Timestamp(t));
+            let mut arr = FieldArray::default();
+            arr.push(AMQPValue::FieldTable(e));
+            let d = DeadLetter::new(
+                props(vec![
+                    ("x-death", AMQPValue::FieldArray(arr)),
+                    ("x-sent", AMQPValue::Timestamp(t)),
+                ]),
+                vec![],
+            );
+            assert_eq!(d.failed_at, None, "{t}");
+            assert_eq!(d.original_queue.as_deref(), Some("q"));
+            let json = d.to_json();
+            assert_eq!(json["headers"]["x-sent"], serde_json::json!(t), "{t}");
+            assert_eq!(json["headers"]["x-death"][0]["time"], serde_json::json!(t));
+        }
+    }
+
+    #[test]
+    fn the_last_timestamp_of_year_9999_is_still_formatted() {
+        assert_eq!(
+            timestamp_rfc3339(253_402_300_799).as_deref(),
+            Some("9999-12-31T23:59:59.000Z")
+        );
     }
 }

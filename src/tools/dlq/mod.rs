@@ -63,6 +63,10 @@ pub enum DlqError {
     /// Reading the answer to the confirmation failed.
     #[error("reading the confirmation: {0}")]
     Io(#[from] std::io::Error),
+    /// Writing what the command found failed (stdout closed, as by `| head`):
+    /// it stops there, and what it had not settled goes back in its place.
+    #[error("writing the output: {0}")]
+    Output(std::io::Error),
 }
 
 /// Which queue, on which broker.
@@ -86,12 +90,13 @@ pub struct Counts {
 }
 
 /// Calls `each` for every message `filter` selects, at most `limit`; touches
-/// nothing (every message goes back in its place).
+/// nothing (every message goes back in its place). An error from `each`
+/// (writing the output) ends the scan: [`DlqError::Output`].
 pub async fn inspect(
     target: &Target,
     filter: &Filter,
     limit: Option<u64>,
-    mut each: impl FnMut(&DeadLetter),
+    mut each: impl FnMut(&DeadLetter) -> std::io::Result<()>,
 ) -> Result<Counts, DlqError> {
     let mut scan = Scan::open(target.amqp_url.expose(), &target.dlq).await?;
     let mut counts = Counts {
@@ -104,11 +109,11 @@ pub async fn inspect(
                 break;
             };
             counts.scanned += 1;
+            scan.keep(taken.tag);
             if filter.matches(&taken.message) {
                 counts.matched += 1;
-                each(&taken.message);
+                each(&taken.message).map_err(DlqError::Output)?;
             }
-            scan.keep(taken.tag);
         }
         Ok(())
     }
@@ -166,17 +171,19 @@ pub struct ReplayReport {
     pub counts: Counts,
     /// Republished and removed (or, with `--dry-run`, would have been).
     pub replayed: u64,
-    /// Selected but left in the dead-letter queue (no known original queue, or
-    /// the target queue does not exist).
+    /// Selected but left in the dead-letter queue (no known original queue, one
+    /// that is not a queue name, or the target queue does not exist).
     pub skipped: u64,
 }
 
 /// Republishes the selected messages, each to its original queue (or `to`) with a
 /// confirm, and only then acks its dead-letter copy; the others keep their place.
+/// An error from `on_event` (writing the output) ends the replay:
+/// [`DlqError::Output`].
 pub async fn replay(
     target: &Target,
     options: &ReplayOptions,
-    mut on_event: impl FnMut(ReplayEvent<'_>),
+    mut on_event: impl FnMut(ReplayEvent<'_>) -> std::io::Result<()>,
 ) -> Result<ReplayReport, DlqError> {
     if let Some(to) = &options.to {
         if to == &target.dlq {
@@ -218,7 +225,8 @@ pub async fn replay(
                 on_event(ReplayEvent::Skipped {
                     message: m,
                     reason: "no original queue is recorded: pass --to".into(),
-                });
+                })
+                .map_err(DlqError::Output)?;
                 continue;
             };
             if to == target.dlq {
@@ -227,13 +235,30 @@ pub async fn replay(
                 on_event(ReplayEvent::Skipped {
                     message: m,
                     reason: "its original queue is the dead-letter queue itself: pass --to".into(),
-                });
+                })
+                .map_err(DlqError::Output)?;
+                continue;
+            }
+            // A header anyone could have set: a name AMQP cannot carry would fail
+            // the publish, and stop every re-run at this same message.
+            if lapin::types::ShortString::try_new(to).is_err() {
+                scan.keep(taken.tag);
+                report.skipped += 1;
+                on_event(ReplayEvent::Skipped {
+                    message: m,
+                    reason: format!(
+                        "its original queue is not a queue name (longer than 255 bytes: {} bytes): pass --to",
+                        to.len()
+                    ),
+                })
+                .map_err(DlqError::Output)?;
                 continue;
             }
             if options.dry_run {
                 scan.keep(taken.tag);
                 report.replayed += 1;
-                on_event(ReplayEvent::WouldReplay { message: m, to });
+                on_event(ReplayEvent::WouldReplay { message: m, to })
+                .map_err(DlqError::Output)?;
                 continue;
             }
             if let Some(pace) = &mut pace {
@@ -248,7 +273,8 @@ pub async fn replay(
                     on_event(ReplayEvent::Skipped {
                         message: m,
                         reason: format!("queue `{to}` does not exist ({text})"),
-                    });
+                    })
+                .map_err(DlqError::Output)?;
                     continue;
                 }
                 // Whatever the publisher saw (pool, channel, I/O), a dead
@@ -267,7 +293,8 @@ pub async fn replay(
             // the kept message_id lets the inbox answer the second one.
             scan.ack(taken.tag).await?;
             report.replayed += 1;
-            on_event(ReplayEvent::Replayed { message: m, to });
+            on_event(ReplayEvent::Replayed { message: m, to })
+                .map_err(DlqError::Output)?;
         }
         Ok(())
     }
@@ -295,7 +322,7 @@ pub async fn purge<F: std::future::Future<Output = Result<bool, DlqError>>>(
     target: &Target,
     filter: &Filter,
     limit: Option<u64>,
-    mut each: impl FnMut(&DeadLetter),
+    mut each: impl FnMut(&DeadLetter) -> std::io::Result<()>,
     confirm: impl FnOnce(u64) -> F,
 ) -> Result<PurgeReport, DlqError> {
     let mut scan = Scan::open(target.amqp_url.expose(), &target.dlq).await?;
@@ -316,8 +343,12 @@ pub async fn purge<F: std::future::Future<Output = Result<bool, DlqError>>>(
             report.counts.scanned += 1;
             if filter.matches(&taken.message) {
                 report.counts.matched += 1;
-                each(&taken.message);
                 tags.push(taken.tag);
+                if let Err(e) = each(&taken.message).map_err(DlqError::Output) {
+                    // Nothing is purged unless all of it was seen.
+                    tags.into_iter().for_each(|t| scan.keep(t));
+                    return Err(e);
+                }
             } else {
                 scan.keep(taken.tag);
             }
@@ -325,7 +356,13 @@ pub async fn purge<F: std::future::Future<Output = Result<bool, DlqError>>>(
         if tags.is_empty() {
             return Ok(());
         }
-        report.confirmed = confirm(report.counts.matched).await?;
+        report.confirmed = match confirm(report.counts.matched).await {
+            Ok(yes) => yes,
+            Err(e) => {
+                tags.into_iter().for_each(|t| scan.keep(t));
+                return Err(e);
+            }
+        };
         for tag in tags {
             if report.confirmed {
                 scan.ack(tag).await?;
