@@ -5,7 +5,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use lapin::BasicProperties;
-use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
+use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable};
 use serde_json::{Value, json};
 use txq::{Backend, Db, Worker, with_conn};
@@ -453,23 +453,6 @@ async fn a_broker_connection_cut_mid_replay_loses_nothing() {
     an_interrupted_replay_loses_nothing(Backend::MySql, Interruption::Cut).await;
 }
 
-/// Declares `name` with `args` (durable), publishing the `count` noop requests
-/// `r-0…` to it.
-async fn declare_with(client: &Client, name: &str, args: FieldTable) {
-    client
-        .channel
-        .queue_declare(
-            name.into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..QueueDeclareOptions::default()
-            },
-            args,
-        )
-        .await
-        .expect("queue.declare");
-}
-
 async fn wait_for_depth(client: &Client, queue: &str, n: u32) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while client.depth(queue).await < n {
@@ -498,7 +481,8 @@ async fn messages_rabbitmq_dead_lettered_after_a_ttl_are_replayed_and_applied_on
         "x-dead-letter-routing-key".into(),
         AMQPValue::LongString(dlq.as_str().into()),
     );
-    declare_with(&client, &staging, args).await;
+    client.declare(&staging, args).await;
+    client.own(&staging);
     let jobs: Vec<Request> = (0..20)
         .map(|i| {
             Request::json("noop", json!({}))
@@ -579,8 +563,6 @@ async fn messages_rabbitmq_dead_lettered_after_a_ttl_are_replayed_and_applied_on
         assert_eq!(r.status(), "ok", "{:?}", r.body);
     }
     assert_eq!(client.depth(&dlq).await, 0);
-    let mut client = client;
-    client.own(&staging);
 }
 
 #[tokio::test]
@@ -603,7 +585,8 @@ async fn messages_over_a_quorum_delivery_limit_are_understood_and_replayed() {
         "x-dead-letter-routing-key".into(),
         AMQPValue::LongString(dlq.as_str().into()),
     );
-    declare_with(&client, &source, args).await;
+    client.declare(&source, args).await;
+    client.own(&source);
     client
         .publish(&source, &Request::json("noop", json!({})).id("q-1"))
         .await;
@@ -651,7 +634,6 @@ async fn messages_over_a_quorum_delivery_limit_are_understood_and_replayed() {
     assert_eq!(ids_of(&got), ["q-1"]);
     assert_eq!(got[0].header("x-death"), None);
     assert_eq!(got[0].header("x-delivery-count"), None);
-    client.own(&source);
 }
 
 #[tokio::test]
@@ -801,7 +783,7 @@ async fn a_quorum_dead_letter_queue_keeps_its_order_through_list_and_replay() {
         "x-queue-type".into(),
         AMQPValue::LongString("quorum".into()),
     );
-    declare_with(&client, &dlq, args).await;
+    client.declare(&dlq, args).await;
     publish_dead(&client, &dlq, &sample(&queue)).await;
     let all: Vec<String> = (0..10).map(|i| format!("d-{i}")).collect();
     assert_eq!(listed_ids(&queue).await, all);

@@ -5,7 +5,6 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use lapin::options::QueueDeclareOptions;
 use lapin::types::{AMQPValue, FieldTable};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -621,20 +620,8 @@ async fn a_queue_the_broker_refuses_to_declare_is_a_configuration_error() {
         AMQPValue::LongString("classic".into()),
     );
     args.insert("x-max-length".into(), AMQPValue::LongInt(10));
-    let channel = client.conn.create_channel().await.expect("channel");
-    channel
-        .queue_declare(
-            requests.as_str().into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..QueueDeclareOptions::default()
-            },
-            args,
-        )
-        .await
-        .expect("queue.declare");
+    client.declare(&requests, args).await;
     client.own(&requests);
-    let _ = channel.close(200, "done".into()).await;
     let scratch = Scratch::new();
     let input = scratch.file("jobs.jsonl", &noops(1..=1));
 

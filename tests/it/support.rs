@@ -385,6 +385,19 @@ impl Client {
             "x-queue-type".into(),
             AMQPValue::LongString("classic".into()),
         );
+        self.declare(name, args).await;
+        // A worker on this queue declares its dead-letter and retry queues beside it.
+        self.queues.push(name.to_owned());
+        self.queues.push(format!("{name}.dlq"));
+        for delay in TEST_DELAYS {
+            self.queues.push(txq::broker::retry_queue_name(name, delay));
+        }
+        name.to_owned()
+    }
+
+    /// Declares a durable queue with `args` of the test's choosing; [`Client::own`]
+    /// it for cleanup.
+    pub async fn declare(&self, name: &str, args: FieldTable) {
         self.channel
             .queue_declare(
                 name.into(),
@@ -396,13 +409,6 @@ impl Client {
             )
             .await
             .expect("queue.declare");
-        // A worker on this queue declares its dead-letter and retry queues beside it.
-        self.queues.push(name.to_owned());
-        self.queues.push(format!("{name}.dlq"));
-        for delay in TEST_DELAYS {
-            self.queues.push(txq::broker::retry_queue_name(name, delay));
-        }
-        name.to_owned()
     }
 
     /// Deletes `name` with the client's other queues (for queues declared with
