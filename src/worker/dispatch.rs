@@ -256,24 +256,25 @@ async fn process(
     span.record("trace_id", trace.trace_id.as_str());
     span.record("span_id", trace.span_id.as_str());
     env.trace = Some(trace);
+    let label = super::type_label(&ctx.shared, &env);
     let work = async {
         let outcome = job::execute(&ctx, &env, &delivery.data, delivery.redelivered).await;
         // The connection went back to the pool before the publishes are awaited.
-        finish::finish(&ctx, &env, &delivery, outcome).await
+        finish::finish(&ctx, &env, label, &delivery, outcome).await
     };
     let settled = async {
         tokio::select! {
             // Dropping the job drops its transaction, which rolls it back; if its
             // reply was already out, the redelivery gets the inbox's copy.
             _ = hard_stop.cancelled() => {
-                finish::finish(&ctx, &env, &delivery, super::outcome::Outcome::Abandoned).await
+                let abandoned = super::outcome::Outcome::Abandoned;
+                finish::finish(&ctx, &env, label, &delivery, abandoned).await
             }
             settled = work => settled,
         }
     }
     .instrument(span.clone())
     .await;
-    let label = super::type_label(&ctx.shared, &env);
     span.in_scope(|| crate::events::job_settled(label, settled, started.elapsed()));
     drop(permit);
 }

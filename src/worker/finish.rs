@@ -24,10 +24,10 @@ use crate::events::{self, JobOutcome};
 pub(crate) async fn finish(
     ctx: &Context,
     env: &Envelope,
+    job_type: &str,
     delivery: &Delivery,
     outcome: Outcome,
 ) -> JobOutcome {
-    let job_type = super::type_label(&ctx.shared, env);
     let (result, settled) = match outcome {
         Outcome::Finished {
             status,
@@ -48,7 +48,7 @@ pub(crate) async fn finish(
             (reply(ctx, env, &status, &body, duplicate).await, settled)
         }
         Outcome::Failed { kind, message } => {
-            let result = fail(ctx, env, delivery, kind.as_str(), &message, false).await;
+            let result = fail(ctx, env, job_type, delivery, kind.as_str(), &message, false).await;
             (result, JobOutcome::Failed)
         }
         Outcome::Transient { reason, message } => {
@@ -66,7 +66,16 @@ pub(crate) async fn finish(
                     (result, JobOutcome::Retried)
                 }
                 _ => {
-                    let result = fail(ctx, env, delivery, reason.as_str(), &message, true).await;
+                    let result = fail(
+                        ctx,
+                        env,
+                        job_type,
+                        delivery,
+                        reason.as_str(),
+                        &message,
+                        true,
+                    )
+                    .await;
                     (result, JobOutcome::Failed)
                 }
             }
@@ -94,6 +103,7 @@ pub(crate) async fn finish(
 async fn fail(
     ctx: &Context,
     env: &Envelope,
+    job_type: &str,
     delivery: &Delivery,
     kind: &str,
     message: &str,
@@ -117,7 +127,6 @@ async fn fail(
         ],
     );
     publish_routed(ctx, &ctx.topology.dead_letter_queue, &delivery.data, props).await?;
-    let job_type = super::type_label(&ctx.shared, env);
     events::dead_lettered(job_type, kind, message, env.attempt, exhausted);
     let body = failed_body(kind, message, env.attempt);
     reply(ctx, env, "failed", &body, false).await
