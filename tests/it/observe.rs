@@ -42,6 +42,33 @@ mod tempfile_path {
     }
 }
 
+/// `txq run --ops` on these queues and database, stopped when dropped.
+fn txq_run(
+    amqp_url: &str,
+    db_url: &str,
+    requests: &str,
+    replies: &str,
+    ops: &std::path::Path,
+) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_txq"));
+    command
+        .args(["run", "--ops"])
+        .arg(ops)
+        .env_remove("TXQ_CONFIG")
+        .env("TXQ_AMQP_URL", amqp_url)
+        .env("TXQ_DATABASE_URL", db_url)
+        .env("TXQ_QUEUE", requests)
+        .env("TXQ_REPLY_QUEUE", replies)
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .kill_on_drop(true);
+    command
+}
+
+/// The worker of the metrics tests: metrics on `port`, quick delayed retries,
+/// and `sleepy` timing out.
 fn spawn_txq(
     amqp_url: &str,
     db_url: &str,
@@ -50,24 +77,13 @@ fn spawn_txq(
     ops: &std::path::Path,
     port: u16,
 ) -> tokio::process::Child {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_txq"))
-        .args(["run", "--concurrency", "4", "--ops"])
-        .arg(ops)
+    txq_run(amqp_url, db_url, requests, replies, ops)
+        .args(["--concurrency", "4"])
         .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
-        .env_remove("TXQ_CONFIG")
-        .env("TXQ_AMQP_URL", amqp_url)
-        .env("TXQ_DATABASE_URL", db_url)
-        .env("TXQ_QUEUE", requests)
-        .env("TXQ_REPLY_QUEUE", replies)
         .env("TXQ_RETRY__DELAYS", "[\"100ms\"]")
         .env("TXQ_RETRY__MAX_ATTEMPTS", "2")
         .env("TXQ_RETRY__IN_PROCESS_ATTEMPTS", "2")
         .env("TXQ_JOBS__SLEEPY__TIMEOUT", "300ms")
-        .env(
-            "RUST_LOG",
-            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .kill_on_drop(true)
         .spawn()
         .expect("spawning txq run")
 }
@@ -431,23 +447,23 @@ async fn otlp_exports_the_job_span_the_reply_names() {
     let (test_db, client, requests, replies) = bank_env(Backend::Sqlite, 4).await;
     let (collector_port, mut bodies) = collector().await;
     let ops = ops_file();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_txq"))
-        .args(["run", "--metrics-addr", "", "--ops"])
-        .arg(&ops.0)
-        .env_remove("TXQ_CONFIG")
-        .env("TXQ_AMQP_URL", crate::support::amqp_url())
-        .env("TXQ_DATABASE_URL", &test_db.url)
-        .env("TXQ_QUEUE", &requests)
-        .env("TXQ_REPLY_QUEUE", &replies)
-        .env(
-            "OTEL_EXPORTER_OTLP_ENDPOINT",
-            format!("http://127.0.0.1:{collector_port}"),
-        )
-        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
-        .env("RUST_LOG", "info")
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawning txq run");
+    let mut child = txq_run(
+        &crate::support::amqp_url(),
+        &test_db.url,
+        &requests,
+        &replies,
+        &ops.0,
+    )
+    .args(["--metrics-addr", ""])
+    .env(
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        format!("http://127.0.0.1:{collector_port}"),
+    )
+    .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+    // The filter applies to exported spans too; the job span is at info.
+    .env("RUST_LOG", "info")
+    .spawn()
+    .expect("spawning txq run");
     const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
     const PARENT: &str = "00f067aa0ba902b7";
     client
