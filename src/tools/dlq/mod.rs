@@ -219,46 +219,20 @@ pub async fn replay(
                 continue;
             }
             report.counts.matched += 1;
-            let Some(to) = options.to.as_deref().or(m.original_queue.as_deref()) else {
-                scan.keep(taken.tag);
-                report.skipped += 1;
-                on_event(ReplayEvent::Skipped {
-                    message: m,
-                    reason: "no original queue is recorded: pass --to".into(),
-                })
-                .map_err(DlqError::Output)?;
-                continue;
+            let to = match replay_target(options.to.as_deref(), m, &target.dlq) {
+                Ok(to) => to,
+                Err(reason) => {
+                    scan.keep(taken.tag);
+                    report.skipped += 1;
+                    on_event(ReplayEvent::Skipped { message: m, reason })
+                        .map_err(DlqError::Output)?;
+                    continue;
+                }
             };
-            if to == target.dlq {
-                scan.keep(taken.tag);
-                report.skipped += 1;
-                on_event(ReplayEvent::Skipped {
-                    message: m,
-                    reason: "its original queue is the dead-letter queue itself: pass --to".into(),
-                })
-                .map_err(DlqError::Output)?;
-                continue;
-            }
-            // A header anyone could have set: a name AMQP cannot carry would fail
-            // the publish, and stop every re-run at this same message.
-            if lapin::types::ShortString::try_new(to).is_err() {
-                scan.keep(taken.tag);
-                report.skipped += 1;
-                on_event(ReplayEvent::Skipped {
-                    message: m,
-                    reason: format!(
-                        "its original queue is not a queue name (longer than 255 bytes: {} bytes): pass --to",
-                        to.len()
-                    ),
-                })
-                .map_err(DlqError::Output)?;
-                continue;
-            }
             if options.dry_run {
                 scan.keep(taken.tag);
                 report.replayed += 1;
-                on_event(ReplayEvent::WouldReplay { message: m, to })
-                .map_err(DlqError::Output)?;
+                on_event(ReplayEvent::WouldReplay { message: m, to }).map_err(DlqError::Output)?;
                 continue;
             }
             if let Some(pace) = &mut pace {
@@ -274,7 +248,7 @@ pub async fn replay(
                         message: m,
                         reason: format!("queue `{to}` does not exist ({text})"),
                     })
-                .map_err(DlqError::Output)?;
+                    .map_err(DlqError::Output)?;
                     continue;
                 }
                 // Whatever the publisher saw (pool, channel, I/O), a dead
@@ -293,8 +267,7 @@ pub async fn replay(
             // the kept message_id lets the inbox answer the second one.
             scan.ack(taken.tag).await?;
             report.replayed += 1;
-            on_event(ReplayEvent::Replayed { message: m, to })
-                .map_err(DlqError::Output)?;
+            on_event(ReplayEvent::Replayed { message: m, to }).map_err(DlqError::Output)?;
         }
         Ok(())
     }
@@ -388,4 +361,23 @@ async fn settle(scan: Scan, result: Result<(), DlqError>) -> Result<(), DlqError
             Err(e)
         }
     }
+}
+
+/// Where a replay sends `m`: `--to`, else its original queue; or why it cannot.
+fn replay_target<'a>(to: Option<&'a str>, m: &'a DeadLetter, dlq: &str) -> Result<&'a str, String> {
+    let Some(to) = to.or(m.original_queue.as_deref()) else {
+        return Err("no original queue is recorded: pass --to".into());
+    };
+    if to == dlq {
+        return Err("its original queue is the dead-letter queue itself: pass --to".into());
+    }
+    // A header anyone could have set: a name AMQP cannot carry would fail the
+    // publish, and stop every re-run at this same message.
+    if lapin::types::ShortString::try_new(to).is_err() {
+        return Err(format!(
+            "its original queue is not a queue name (longer than 255 bytes: {} bytes): pass --to",
+            to.len()
+        ));
+    }
+    Ok(to)
 }
