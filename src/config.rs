@@ -19,7 +19,11 @@ use crate::db::{Backend, Isolation};
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// RabbitMQ URL. Default `amqp://guest:guest@127.0.0.1:5672/%2f`.
+    /// RabbitMQ URL, or several for a cluster: a TOML array, or one string with the
+    /// URLs separated by commas. txq connects to the first that answers and, when
+    /// that connection is lost, tries the next one first. Default
+    /// `amqp://guest:guest@127.0.0.1:5672/%2f`.
+    #[serde(deserialize_with = "url_list")]
     pub amqp_url: SecretUrl,
     /// Database URL; the scheme picks the backend (`mysql:`, `mariadb:`, `postgres:`,
     /// `sqlite:`). Default `sqlite://txq.db`, the embedded backend.
@@ -56,6 +60,15 @@ pub struct Config {
     pub dead_letter_queue: Option<String>,
     /// Bodies larger than this are dead-lettered unread. Default 1 MiB.
     pub max_body_bytes: usize,
+    /// Replies larger than this are not sent: the job rolls back and answers
+    /// `failed`, kind `reply_too_large`. Checked before COMMIT, so a reply the broker
+    /// would refuse is never committed to the inbox. Default 8 MiB, below RabbitMQ
+    /// 4.x's `max_message_size` of 16 MiB.
+    pub max_reply_bytes: usize,
+    /// Quorum queues only: deliveries of one request, at most, before RabbitMQ itself
+    /// dead-letters it into the dead-letter queue (`x-delivery-limit`). This is what
+    /// ends a message no worker can even read. Default 20, RabbitMQ 4.x's own default.
+    pub delivery_limit: u32,
     /// Default timeout of one attempt of a job (also pushed into the database as
     /// statement and lock timeouts). Default 30s; `jobs.<type>.timeout` overrides it.
     #[serde(with = "humantime_serde")]
@@ -98,6 +111,8 @@ impl Default for Config {
             sqlite_busy_timeout: Duration::from_secs(30),
             dead_letter_queue: None,
             max_body_bytes: 1024 * 1024,
+            max_reply_bytes: 8 * 1024 * 1024,
+            delivery_limit: 20,
             job_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(30),
             consumer_timeout: Duration::from_secs(30 * 60),
@@ -339,6 +354,18 @@ impl Config {
         if self.max_body_bytes == 0 {
             return Err(invalid("max_body_bytes", "must be at least 1"));
         }
+        if self.max_reply_bytes < 1024 {
+            return Err(invalid(
+                "max_reply_bytes",
+                "must be at least 1024 (a `failed` reply must fit)",
+            ));
+        }
+        if self.delivery_limit == 0 || i32::try_from(self.delivery_limit).is_err() {
+            return Err(invalid(
+                "delivery_limit",
+                "must be between 1 and 2147483647",
+            ));
+        }
         let timeouts = std::iter::once(("job_timeout", Some(self.job_timeout))).chain(
             self.jobs
                 .values()
@@ -362,8 +389,10 @@ impl Config {
                 "must not exceed retry.max_delay",
             ));
         }
-        if let Err(e) = url::Url::parse(self.amqp_url.expose()) {
-            return Err(invalid("amqp_url", &format!("is not a URL: {e}")));
+        for url in self.amqp_url.split() {
+            if let Err(e) = url::Url::parse(url.expose()) {
+                return Err(invalid("amqp_url", &format!("is not a URL: {e}")));
+            }
         }
         if let Err(e) = Backend::from_url(self.database_url.expose()) {
             return Err(invalid("database_url", &e.to_string()));
@@ -428,8 +457,26 @@ fn duration_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Duration>
         .collect())
 }
 
+/// `amqp_url` as one string or a list of them; a list is kept as one string with
+/// the URLs separated by commas, the form an environment variable takes.
+fn url_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SecretUrl, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    match OneOrMany::deserialize(d) {
+        Ok(OneOrMany::One(s)) => Ok(SecretUrl(s)),
+        Ok(OneOrMany::Many(list)) if !list.is_empty() => Ok(SecretUrl(list.join(","))),
+        Ok(OneOrMany::Many(_)) => Err(serde::de::Error::custom("the list of URLs is empty")),
+        Err(_) => Err(serde::de::Error::custom("expected a URL or a list of URLs")),
+    }
+}
+
 /// A connection URL whose password never reaches a log line: `Debug` and `Display`
-/// print `***` in its place.
+/// print `***` in its place. It may hold several URLs separated by commas
+/// ([`SecretUrl::split`]).
 #[derive(Clone, Deserialize, PartialEq, Eq)]
 #[serde(transparent)]
 pub struct SecretUrl(String);
@@ -444,11 +491,40 @@ impl SecretUrl {
     pub fn expose(&self) -> &str {
         &self.0
     }
+
+    /// The URLs of a list: split at each comma that starts another `amqp://` or
+    /// `amqps://` URL (a comma elsewhere, in a password say, stays), trimmed.
+    pub fn split(&self) -> Vec<SecretUrl> {
+        let mut out = Vec::new();
+        let mut rest = self.0.as_str();
+        loop {
+            let next = rest.match_indices(',').map(|(i, _)| i).find(|&i| {
+                let after = rest[i + 1..].trim_start().to_ascii_lowercase();
+                after.starts_with("amqp://") || after.starts_with("amqps://")
+            });
+            let (head, tail) = match next {
+                Some(i) => (&rest[..i], Some(&rest[i + 1..])),
+                None => (rest, None),
+            };
+            if !head.trim().is_empty() {
+                out.push(SecretUrl(head.trim().to_owned()));
+            }
+            match tail {
+                Some(t) => rest = t,
+                None => break,
+            }
+        }
+        if out.is_empty() {
+            out.push(self.clone());
+        }
+        out
+    }
 }
 
 impl fmt::Display for SecretUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&redact_url(&self.0))
+        let parts: Vec<String> = self.split().iter().map(|u| redact_url(&u.0)).collect();
+        f.write_str(&parts.join(","))
     }
 }
 
@@ -506,6 +582,38 @@ mod tests {
         assert!(!pg.contains("hunter2"), "{pg}");
         assert!(pg.contains("sslmode=require"), "{pg}");
         assert_eq!(redact_url("not a url hunter2"), "***");
+        let list = SecretUrl::new("amqp://a:pw1@h1/%2f, amqps://b:p,w2@h2/%2f");
+        assert_eq!(list.to_string(), "amqp://a:***@h1/%2f,amqps://b:***@h2/%2f");
+    }
+
+    #[test]
+    fn url_lists_split_only_before_another_url() {
+        let list = SecretUrl::new("amqp://u:p,x@h1:5681/%2f,amqp://h2:5682, AMQPS://h3");
+        let parts: Vec<String> = list.split().iter().map(|u| u.expose().to_owned()).collect();
+        assert_eq!(
+            parts,
+            ["amqp://u:p,x@h1:5681/%2f", "amqp://h2:5682", "AMQPS://h3"]
+        );
+        assert_eq!(SecretUrl::new("amqp://one").split().len(), 1);
+    }
+
+    #[test]
+    fn amqp_url_takes_a_toml_list() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "c.toml",
+                "amqp_url = [\"amqp://h1:5681\", \"amqp://h2:5682\"]\n",
+            )?;
+            let config = Config::load(Some(Path::new("c.toml")), &Overrides::default())
+                .map_err(|e| e.to_string())?;
+            assert_eq!(config.amqp_url.split().len(), 2);
+            jail.create_file("d.toml", "max_reply_bytes = 10\n")?;
+            let err = Config::load(Some(Path::new("d.toml")), &Overrides::default())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("max_reply_bytes"), "{err}");
+            Ok(())
+        });
     }
 
     #[test]

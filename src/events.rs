@@ -91,6 +91,18 @@ pub fn describe() {
         "txq_db_transaction_retries_total",
         "In-process retries in a fresh transaction, by transient reason"
     );
+    describe_counter!(
+        "txq_unparsable_frames_total",
+        "Broker connections lost to a frame the AMQP client could not parse"
+    );
+    describe_counter!(
+        "txq_requeues_total",
+        "Deliveries handed back to the queue after a failed publish, by reason"
+    );
+    describe_counter!(
+        "txq_publishes_refused_total",
+        "Publishes the broker refused because of the message itself"
+    );
 }
 
 /// The worker started: how many jobs it runs at once.
@@ -138,19 +150,19 @@ pub(crate) fn transaction_retry(reason: TransientReason, attempt: u32, error: &s
 /// A transient failure goes to a delayed-retry queue.
 pub(crate) fn delayed_retry(
     job_type: &str,
-    reason: TransientReason,
+    reason: &str,
     attempt: u32,
     delay: Duration,
     error: &str,
 ) {
     warn!(
-        reason = reason.as_str(),
+        reason = reason,
         error,
         attempt,
         ?delay,
         "transient failure; retrying later"
     );
-    counter!("txq_retries_total", "type" => job_type.to_owned(), "kind" => reason.as_str())
+    counter!("txq_retries_total", "type" => job_type.to_owned(), "kind" => reason.to_owned())
         .increment(1);
 }
 
@@ -181,9 +193,49 @@ pub(crate) fn reply_returned(queue: &str, text: &str) {
     counter!("txq_replies_returned_total").increment(1);
 }
 
-/// A publish the outcome needed was not confirmed.
-pub(crate) fn publish_unconfirmed(error: &dyn std::fmt::Display) {
-    error!(error = %error, "a publish was not confirmed; requeueing the request");
+/// A publish the outcome needed was not confirmed: the request goes back to the
+/// queue after `delay`.
+pub(crate) fn publish_unconfirmed(error: &dyn std::fmt::Display, delay: Duration) {
+    error!(error = %error, ?delay, "a publish was not confirmed; requeueing the request after a pause");
+    counter!("txq_requeues_total", "reason" => "publish_unconfirmed").increment(1);
+}
+
+/// The broker refused a publish because of the message itself (its properties,
+/// its size), and would refuse it again.
+pub(crate) fn publish_refused(what: &str, reason: &str) {
+    warn!(
+        what,
+        reason, "rabbitmq refused a publish because of the message itself"
+    );
+    counter!("txq_publishes_refused_total").increment(1);
+}
+
+/// The commit's outcome is unknown: the request goes back for the inbox to settle.
+pub(crate) fn commit_unknown(message: &str) {
+    warn!(
+        error = message,
+        "the commit's outcome is unknown; retrying later, the inbox decides"
+    );
+    counter!("txq_requeues_total", "reason" => "commit_unknown").increment(1);
+}
+
+/// The connection was lost to a frame lapin cannot parse: a message whose
+/// short-string properties are not UTF-8 (other clients can publish those).
+pub(crate) fn unparsable_frame(
+    error: &dyn std::fmt::Display,
+    queue_type: crate::config::QueueType,
+) {
+    let remedy = match queue_type {
+        crate::config::QueueType::Quorum => {
+            "RabbitMQ dead-letters it after `delivery_limit` deliveries"
+        }
+        crate::config::QueueType::Classic => {
+            "a classic queue has no delivery limit, so it stays at the head of the queue: \
+             use queue_type = \"quorum\", or remove it (txq dlq purge cannot read it either)"
+        }
+    };
+    error!(error = %error, remedy, "a message the AMQP client cannot parse broke the broker connection");
+    counter!("txq_unparsable_frames_total").increment(1);
 }
 
 /// The broker connection is being rebuilt.

@@ -27,6 +27,12 @@ pub mod headers {
     pub const FAILED_AT: &str = "x-txq-failed-at";
     /// Dead-letter: the queue it was consumed from.
     pub const ORIGINAL_QUEUE: &str = "x-txq-original-queue";
+    /// Retry and dead-letter copies: the request's `expiration`, which the copy
+    /// does not carry (it would expire unseen).
+    pub const ORIGINAL_EXPIRATION: &str = "x-txq-original-expiration";
+    /// Retry and dead-letter copies: the request's `user_id`, which the copy does
+    /// not carry (RabbitMQ checks it against the publishing user, txq's).
+    pub const ORIGINAL_USER_ID: &str = "x-txq-original-user-id";
 }
 
 /// Header values txq writes stay under this, so a header can never break the

@@ -28,6 +28,8 @@ pub struct Topology {
     pub dead_letter_queue: String,
     /// Delay before the 2nd, 3rd… delivery; the last one repeats.
     pub retry_delays: Vec<Duration>,
+    /// Quorum queues: deliveries before the broker dead-letters a request itself.
+    pub delivery_limit: u32,
 }
 
 impl Topology {
@@ -39,6 +41,7 @@ impl Topology {
             reply_queue: (!config.reply_queue.is_empty()).then(|| config.reply_queue.clone()),
             dead_letter_queue: config.dead_letter_queue(),
             retry_delays: config.retry.delays.clone(),
+            delivery_limit: config.delivery_limit,
         }
     }
 
@@ -67,16 +70,40 @@ fn text(s: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
 }
 
-/// Declares the request queue, the dead-letter queue and the retry queues (durable,
-/// of the configured type) and the default reply queue (durable, classic).
-pub async fn declare(channel: &Channel, topology: &Topology) -> Result<(), BrokerError> {
+/// The arguments of each queue txq declares, by name (ARCHITECTURE.md, "No single
+/// message stops consumption"). On quorum queues:
+/// - the request queue has an explicit `x-delivery-limit` and dead-letters into the
+///   DLQ, so a request no worker can settle (one the AMQP client cannot even parse)
+///   leaves it after that many deliveries instead of looping, or being dropped as
+///   RabbitMQ 4.x does past its default limit when no target is set;
+/// - dead-lettering is `at-least-once` (with `x-overflow = reject-publish`, which
+///   that strategy requires), so neither that hop nor the hop back from a retry
+///   queue can lose a message.
+pub fn queue_arguments(topology: &Topology) -> Vec<(String, FieldTable)> {
+    let quorum = topology.queue_type == QueueType::Quorum;
     let typed = || {
         let mut args = FieldTable::default();
         args.insert("x-queue-type".into(), text(topology.queue_type.as_str()));
         args
     };
-    declare_one(channel, &topology.request_queue, typed()).await?;
-    declare_one(channel, &topology.dead_letter_queue, typed()).await?;
+    let dead_letter_to = |args: &mut FieldTable, queue: &str| {
+        args.insert("x-dead-letter-exchange".into(), text(""));
+        args.insert("x-dead-letter-routing-key".into(), text(queue));
+        if quorum {
+            args.insert("x-dead-letter-strategy".into(), text("at-least-once"));
+            args.insert("x-overflow".into(), text("reject-publish"));
+        }
+    };
+    let mut request = typed();
+    if quorum {
+        let limit = i64::from(topology.delivery_limit);
+        request.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(limit));
+        dead_letter_to(&mut request, &topology.dead_letter_queue);
+    }
+    let mut queues = vec![
+        (topology.request_queue.clone(), request),
+        (topology.dead_letter_queue.clone(), typed()),
+    ];
     let mut delays = topology.retry_delays.clone();
     delays.sort_unstable();
     delays.dedup();
@@ -84,17 +111,18 @@ pub async fn declare(channel: &Channel, topology: &Topology) -> Result<(), Broke
         let mut args = typed();
         let ttl = u32::try_from(delay.as_millis()).unwrap_or(u32::MAX);
         args.insert("x-message-ttl".into(), AMQPValue::LongUInt(ttl));
-        args.insert("x-dead-letter-exchange".into(), text(""));
-        args.insert(
-            "x-dead-letter-routing-key".into(),
-            text(&topology.request_queue),
-        );
-        declare_one(
-            channel,
-            &retry_queue_name(&topology.request_queue, delay),
-            args,
-        )
-        .await?;
+        dead_letter_to(&mut args, &topology.request_queue);
+        queues.push((retry_queue_name(&topology.request_queue, delay), args));
+    }
+    queues
+}
+
+/// Declares the request queue, the dead-letter queue and the retry queues (durable,
+/// of the configured type, with [`queue_arguments`]) and the default reply queue
+/// (durable, classic).
+pub async fn declare(channel: &Channel, topology: &Topology) -> Result<(), BrokerError> {
+    for (queue, args) in queue_arguments(topology) {
+        declare_one(channel, &queue, args).await?;
     }
     if let Some(reply) = &topology.reply_queue {
         declare_one(channel, reply, FieldTable::default()).await?;
@@ -131,6 +159,7 @@ mod tests {
             reply_queue: None,
             dead_letter_queue: "q.dlq".into(),
             retry_delays: vec![Duration::from_secs(1), Duration::from_secs(90)],
+            delivery_limit: 20,
         };
         assert_eq!(
             t.retry_queue(1),
@@ -149,5 +178,45 @@ mod tests {
             ..t
         };
         assert_eq!(none.retry_queue(1), None);
+    }
+
+    #[test]
+    fn quorum_queues_dead_letter_at_least_once_and_limit_deliveries() {
+        let t = Topology {
+            request_queue: "q".into(),
+            queue_type: QueueType::Quorum,
+            reply_queue: None,
+            dead_letter_queue: "q.dlq".into(),
+            retry_delays: vec![Duration::from_secs(1)],
+            delivery_limit: 7,
+        };
+        let queues = queue_arguments(&t);
+        let arg = |q: usize, k: &str| queues[q].1.inner().get(k).cloned();
+        assert_eq!(queues[0].0, "q");
+        assert_eq!(arg(0, "x-delivery-limit"), Some(AMQPValue::LongLongInt(7)));
+        assert_eq!(arg(0, "x-dead-letter-routing-key"), Some(text("q.dlq")));
+        assert_eq!(
+            arg(0, "x-dead-letter-strategy"),
+            Some(text("at-least-once"))
+        );
+        assert_eq!(arg(0, "x-overflow"), Some(text("reject-publish")));
+        assert_eq!(queues[2].0, "q.retry.1s");
+        assert_eq!(arg(2, "x-dead-letter-routing-key"), Some(text("q")));
+        assert_eq!(
+            arg(2, "x-dead-letter-strategy"),
+            Some(text("at-least-once"))
+        );
+        assert_eq!(
+            arg(1, "x-delivery-limit"),
+            None,
+            "the DLQ never drops what it holds"
+        );
+        let classic = Topology {
+            queue_type: QueueType::Classic,
+            ..t
+        };
+        let queues = queue_arguments(&classic);
+        assert_eq!(queues[0].1.inner().get("x-delivery-limit"), None);
+        assert_eq!(queues[2].1.inner().get("x-dead-letter-strategy"), None);
     }
 }

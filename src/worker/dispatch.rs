@@ -45,9 +45,20 @@ pub(crate) async fn run(
     // Fires when the grace period is over: jobs still running roll back and requeue.
     let hard_stop = CancellationToken::new();
     let mut failures: u32 = 0;
+    // Which of the configured broker URLs to try first: the one that worked last,
+    // or after a loss the next one (fail-over in a cluster).
+    let mut cursor = 0;
     crate::events::started(shared.concurrency);
     let (connection, result) = loop {
-        let end = session(&shared, &permits, &tracker, &hard_stop, &shutdown).await;
+        let end = session(
+            &shared,
+            &mut cursor,
+            &permits,
+            &tracker,
+            &hard_stop,
+            &shutdown,
+        )
+        .await;
         shared.health.set_consuming(false);
         match end {
             SessionEnd::Shutdown(conn, channel) => break (Some((conn, channel)), Ok(())),
@@ -56,7 +67,14 @@ pub(crate) async fn run(
                 if shutdown.is_cancelled() {
                     break (None, Ok(()));
                 }
-                failures = if consumed {
+                cursor = cursor.wrapping_add(1);
+                // A frame the AMQP client cannot parse ends the connection, and the
+                // same message comes back first: never reset the backoff for it.
+                let unparsable = e.is_unparsable_frame();
+                if unparsable {
+                    crate::events::unparsable_frame(&e, shared.topology.queue_type);
+                }
+                failures = if consumed && !unparsable {
                     1
                 } else {
                     failures.saturating_add(1)
@@ -73,74 +91,100 @@ pub(crate) async fn run(
     };
     drain(&tracker, &hard_stop, shared.shutdown_grace).await;
     if let Some((conn, channel)) = connection {
-        // Bounded: a broker in a resource alarm or a half-open socket may never
-        // answer, and the process must still exit.
-        let limit = Duration::from_secs(5);
-        let _ = tokio::time::timeout(limit, channel.close(200, "txq worker stopping".into())).await;
-        // Closing the connection hands any unacked delivery back to the queue.
-        let _ = tokio::time::timeout(limit, conn.close(200, "txq worker stopping".into())).await;
+        // Bounded: a broker in a resource alarm stops reading from the socket, a
+        // half-open socket never answers, and the process must still exit. What is
+        // not acked by then goes back to the queue when the socket closes.
+        let close = async {
+            let _ = channel.close(200, "txq worker stopping".into()).await;
+            let _ = conn.close(200, "txq worker stopping".into()).await;
+        };
+        if tokio::time::timeout(TEARDOWN_LIMIT, close).await.is_err() {
+            warn!(limit = ?TEARDOWN_LIMIT, "rabbitmq did not answer the close; leaving the connection");
+        }
     }
     result
+}
+
+/// How long each step of stopping may wait for the broker (the consumer's cancel,
+/// the settles of jobs rolled back after the grace period, the close), so that a
+/// stop ends within `shutdown_grace` plus a few of these whatever the broker does.
+const TEARDOWN_LIMIT: Duration = Duration::from_secs(3);
+
+/// `step`, unless shutdown comes first: then `None`. Connecting, declaring and
+/// consuming may each wait for a broker that does not answer, and a stop must not
+/// wait for them.
+async fn unless_stopped<T>(
+    shutdown: &CancellationToken,
+    step: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    tokio::select! {
+        biased;
+        _ = shutdown.cancelled() => None,
+        out = step => Some(out),
+    }
 }
 
 /// One connection's life: connect, declare, consume until shutdown or loss.
 async fn session(
     shared: &Arc<Shared>,
+    cursor: &mut usize,
     permits: &Arc<Semaphore>,
     tracker: &TaskTracker,
     hard_stop: &CancellationToken,
     shutdown: &CancellationToken,
 ) -> SessionEnd {
-    let lost = |e: lapin::Error| SessionEnd::Lost {
-        error: e.into(),
+    let lost = |e: WorkerError| SessionEnd::Lost {
+        error: e,
         consumed: false,
     };
-    let conn = match broker::connect(shared.amqp_url.expose(), &shared.connection_name).await {
-        Ok(c) => Arc::new(c),
-        Err(e) => {
-            return SessionEnd::Lost {
-                error: e.into(),
-                consumed: false,
-            };
+    // Stopping before consuming: nothing is in flight, nothing to drain.
+    let stopped = || SessionEnd::Lost {
+        error: BrokerError::Stopped.into(),
+        consumed: false,
+    };
+    let connect = broker::connect_any(&shared.amqp_urls, *cursor, &shared.connection_name);
+    let conn = match unless_stopped(shutdown, connect).await {
+        None => return stopped(),
+        Some(Ok((c, index))) => {
+            *cursor = index;
+            Arc::new(c)
         }
+        Some(Err(e)) => return lost(e.into()),
     };
-    let channel = match conn.create_channel().await {
-        Ok(c) => c,
-        Err(e) => return lost(e),
+    let setup = async {
+        let channel = conn.create_channel().await.map_err(|e| lost(e.into()))?;
+        if let Err(e) = broker::declare(&channel, &shared.topology).await {
+            // The broker refusing a declaration is a configuration problem.
+            return Err(match &e {
+                BrokerError::Declare { source, .. } if source.is_amqp_soft_error() => {
+                    SessionEnd::Fatal(e.into())
+                }
+                BrokerError::InvalidName(_) => SessionEnd::Fatal(e.into()),
+                _ => lost(e.into()),
+            });
+        }
+        channel
+            .basic_qos(shared.prefetch, BasicQosOptions::default())
+            .await
+            .map_err(|e| lost(e.into()))?;
+        let tag = format!("txq-{}", uuid::Uuid::new_v4());
+        let consumer = channel
+            .basic_consume(
+                shared.topology.request_queue.as_str().into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| lost(e.into()))?;
+        Ok((channel, tag, consumer))
     };
-    if let Err(e) = broker::declare(&channel, &shared.topology).await {
-        // The broker refusing a declaration is a configuration problem.
-        return match &e {
-            BrokerError::Declare { source, .. } if source.is_amqp_soft_error() => {
-                SessionEnd::Fatal(e.into())
-            }
-            BrokerError::InvalidName(_) => SessionEnd::Fatal(e.into()),
-            _ => SessionEnd::Lost {
-                error: e.into(),
-                consumed: false,
-            },
-        };
-    }
-    if let Err(e) = channel
-        .basic_qos(shared.prefetch, BasicQosOptions::default())
-        .await
-    {
-        return lost(e);
-    }
+    let (channel, tag, mut consumer) = match unless_stopped(shutdown, setup).await {
+        None => return stopped(),
+        Some(Err(end)) => return end,
+        Some(Ok(set)) => set,
+    };
     let queue = shared.topology.request_queue.as_str();
-    let tag = format!("txq-{}", uuid::Uuid::new_v4());
-    let mut consumer = match channel
-        .basic_consume(
-            queue.into(),
-            tag.as_str().into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-    {
-        Ok(c) => c,
-        Err(e) => return lost(e),
-    };
     // Confirms are pipelined, so one channel carries all the replies (and the broker
     // batches its confirms; BENCHMARKS.md). Jobs of this
     // session publish on this connection only; after a loss, theirs fail and the
@@ -189,9 +233,10 @@ async fn session(
                 in_flight = tracker.len(),
                 "stopping: no new deliveries; finishing jobs in flight"
             );
-            let _ = channel
-                .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
-                .await;
+            let cancel = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default());
+            if tokio::time::timeout(TEARDOWN_LIMIT, cancel).await.is_err() {
+                warn!(limit = ?TEARDOWN_LIMIT, "rabbitmq did not confirm the consumer's cancel; draining anyway");
+            }
             SessionEnd::Shutdown(conn, channel)
         }
         Some(error) => {
@@ -218,7 +263,16 @@ async fn drain(tracker: &TaskTracker, hard_stop: &CancellationToken, grace: Dura
             "grace period over; rolling back and requeueing the rest"
         );
         hard_stop.cancel();
-        tracker.wait().await;
+        // Each rolled-back job hands its delivery back; a broker that does not read
+        // its socket (a resource alarm) must not hold the stop. Unsettled deliveries
+        // return to the queue when the connection closes.
+        let wait = tracker.wait();
+        if tokio::time::timeout(TEARDOWN_LIMIT, wait).await.is_err() {
+            warn!(
+                in_flight = tracker.len(),
+                "jobs did not hand their deliveries back in time; closing"
+            );
+        }
     }
 }
 

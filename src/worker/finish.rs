@@ -28,7 +28,7 @@ pub(crate) async fn finish(
     delivery: &Delivery,
     outcome: Outcome,
 ) -> JobOutcome {
-    let (result, settled) = match outcome {
+    let (mut result, mut settled) = match outcome {
         Outcome::Finished {
             status,
             body,
@@ -52,32 +52,25 @@ pub(crate) async fn finish(
             (result, JobOutcome::Failed)
         }
         Outcome::Transient { reason, message } => {
-            let next = env.attempt.saturating_add(1);
+            transient(ctx, env, job_type, delivery, reason.as_str(), &message).await
+        }
+        Outcome::Unresolved { message } => {
+            // Not an attempt: the same attempt comes back after a delay, and the
+            // inbox tells whether the commit landed.
+            events::commit_unknown(&message);
             match ctx.topology.retry_queue(env.attempt) {
-                Some((queue, delay)) if env.attempt < ctx.retry.max_attempts => {
+                Some((queue, _)) => {
                     let props = with_headers(
                         &copy_properties(&delivery.properties, env),
-                        vec![(headers::ATTEMPT, AMQPValue::LongLongInt(i64::from(next)))],
+                        vec![(
+                            headers::ATTEMPT,
+                            AMQPValue::LongLongInt(i64::from(env.attempt)),
+                        )],
                     );
                     let result = publish_routed(ctx, &queue, &delivery.data, props).await;
-                    if result.is_ok() {
-                        events::delayed_retry(job_type, reason, env.attempt, delay, &message);
-                    }
                     (result, JobOutcome::Retried)
                 }
-                _ => {
-                    let result = fail(
-                        ctx,
-                        env,
-                        job_type,
-                        delivery,
-                        reason.as_str(),
-                        &message,
-                        true,
-                    )
-                    .await;
-                    (result, JobOutcome::Failed)
-                }
+                None => (Err(PublishError::Nacked), JobOutcome::Requeued),
             }
         }
         Outcome::Abandoned => {
@@ -86,20 +79,79 @@ pub(crate) async fn finish(
             return JobOutcome::Requeued;
         }
     };
+    if let Err(PublishError::Refused(reason)) = &result {
+        // The broker refuses this message's reply or copy, and would again: count
+        // it as an attempt, and dead-letter it once they are used up.
+        let reason = reason.clone();
+        events::publish_refused(job_type, &reason);
+        (result, settled) =
+            transient(ctx, env, job_type, delivery, "publish_refused", &reason).await;
+    }
     match result {
         Ok(()) => {
+            ctx.requeue_pause.reset();
             settle(ctx, delivery, true).await;
             settled
         }
         Err(e) => {
-            events::publish_unconfirmed(&e);
+            // The request comes back at once, most likely to this worker: pause
+            // first, longer while publishes keep failing, so nothing spins.
+            let delay = ctx.requeue_pause.next();
+            events::publish_unconfirmed(&e, delay);
+            tokio::select! {
+                _ = ctx.connection_lost.cancelled() => {}
+                _ = tokio::time::sleep(delay) => {}
+            }
             settle(ctx, delivery, false).await;
             JobOutcome::Requeued
         }
     }
 }
 
+/// A transient failure: a delayed retry with the attempt counted, or the
+/// dead-letter queue once `max_attempts` deliveries are used up.
+async fn transient(
+    ctx: &Context,
+    env: &Envelope,
+    job_type: &str,
+    delivery: &Delivery,
+    reason: &str,
+    message: &str,
+) -> (Result<(), PublishError>, JobOutcome) {
+    let next = env.attempt.saturating_add(1);
+    match ctx.topology.retry_queue(env.attempt) {
+        Some((queue, delay)) if env.attempt < ctx.retry.max_attempts => {
+            let props = with_headers(
+                &copy_properties(&delivery.properties, env),
+                vec![(headers::ATTEMPT, AMQPValue::LongLongInt(i64::from(next)))],
+            );
+            let result = publish_routed(ctx, &queue, &delivery.data, props).await;
+            match result {
+                Ok(()) => events::delayed_retry(job_type, reason, env.attempt, delay, message),
+                // The retry copy carries what the request carried: if the broker
+                // refuses it, the request goes to the dead-letter queue now.
+                Err(PublishError::Refused(refused)) => {
+                    let why = format!("{message}; its retry copy was refused: {refused}");
+                    let result =
+                        fail(ctx, env, job_type, delivery, "publish_refused", &why, true).await;
+                    return (result, JobOutcome::Failed);
+                }
+                Err(_) => {}
+            }
+            (result, JobOutcome::Retried)
+        }
+        _ => {
+            let result = fail(ctx, env, job_type, delivery, reason, message, true).await;
+            (result, JobOutcome::Failed)
+        }
+    }
+}
+
 /// Dead-letters the request with headers saying why, then replies `failed`.
+///
+/// The dead-letter copy is what settles a failure: once it is confirmed the request
+/// is acked, whether or not the `failed` reply is confirmed too. Requeueing on a
+/// lost reply would run the job again and dead-letter a second copy.
 async fn fail(
     ctx: &Context,
     env: &Envelope,
@@ -110,26 +162,36 @@ async fn fail(
     exhausted: bool,
 ) -> Result<(), PublishError> {
     let failed_at = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
-    let props = with_headers(
-        &copy_properties(&delivery.properties, env),
-        vec![
-            (headers::ERROR, long_string(&bounded(message))),
-            (headers::ERROR_KIND, long_string(&bounded(kind))),
-            (
-                headers::ATTEMPTS,
-                AMQPValue::LongLongInt(i64::from(env.attempt)),
-            ),
-            (headers::FAILED_AT, long_string(&failed_at)),
-            (
-                headers::ORIGINAL_QUEUE,
-                long_string(&ctx.topology.request_queue),
-            ),
-        ],
-    );
-    publish_routed(ctx, &ctx.topology.dead_letter_queue, &delivery.data, props).await?;
+    let why = vec![
+        (headers::ERROR, long_string(&bounded(message))),
+        (headers::ERROR_KIND, long_string(&bounded(kind))),
+        (
+            headers::ATTEMPTS,
+            AMQPValue::LongLongInt(i64::from(env.attempt)),
+        ),
+        (headers::FAILED_AT, long_string(&failed_at)),
+        (
+            headers::ORIGINAL_QUEUE,
+            long_string(&ctx.topology.request_queue),
+        ),
+    ];
+    let dlq = &ctx.topology.dead_letter_queue;
+    let props = with_headers(&copy_properties(&delivery.properties, env), why.clone());
+    match publish_routed(ctx, dlq, &delivery.data, props).await {
+        Err(PublishError::Refused(reason)) => {
+            // Keep what the contract needs and drop the rest of what the producer set.
+            events::publish_refused("dead-letter copy", &reason);
+            let props = with_headers(&minimal_properties(env), why);
+            publish_routed(ctx, dlq, &delivery.data, props).await?;
+        }
+        other => other?,
+    }
     events::dead_lettered(job_type, kind, message, env.attempt, exhausted);
     let body = failed_body(kind, message, env.attempt);
-    reply(ctx, env, "failed", &body, false).await
+    if let Err(e) = reply(ctx, env, "failed", &body, false).await {
+        warn!(error = %e, "the `failed` reply was not confirmed; the dead-letter copy stands");
+    }
+    Ok(())
 }
 
 /// Publishes the reply to `reply_to`, or the default reply queue, if any;
@@ -165,8 +227,10 @@ async fn reply(
 const MAX_COPIED_HEADERS: usize = 64 * 1024;
 
 /// The request's properties for a copy txq keeps (retry, dead-letter): persistent,
-/// and without the producer's per-message `expiration`, which would let the copy
-/// expire unseen (it is kept in `x-txq-original-expiration`).
+/// and without what the broker would judge against txq rather than the producer:
+/// the per-message `expiration`, which would let the copy expire unseen, and the
+/// `user_id`, which RabbitMQ checks against the publishing user and so refuses from
+/// txq. Both are kept in `x-txq-original-*` headers.
 fn copy_properties(props: &lapin::BasicProperties, env: &Envelope) -> lapin::BasicProperties {
     let mut copy = props.clone().with_delivery_mode(2);
     if props
@@ -185,15 +249,47 @@ fn copy_properties(props: &lapin::BasicProperties, env: &Envelope) -> lapin::Bas
     if let Some(tp) = env.outgoing_traceparent() {
         copy = with_headers(&copy, vec![(headers::TRACEPARENT, long_string(&tp))]);
     }
+    let mut originals = Vec::new();
     if let Some(exp) = props.expiration() {
-        copy = with_headers(
-            &copy,
-            vec![("x-txq-original-expiration", long_string(exp.as_str()))],
-        );
-        // `BasicProperties` has no way to unset one field; rebuild without it.
-        copy = without_expiration(&copy);
+        originals.push((headers::ORIGINAL_EXPIRATION, long_string(exp.as_str())));
     }
-    copy
+    if let Some(user) = props.user_id() {
+        originals.push((headers::ORIGINAL_USER_ID, long_string(user.as_str())));
+    }
+    if originals.is_empty() {
+        return copy;
+    }
+    // `BasicProperties` has no way to unset one field; rebuild without them.
+    without_identity(&with_headers(&copy, originals))
+}
+
+/// A copy's properties when the broker refused the full copy: only what the
+/// message contract reads, from values already checked.
+fn minimal_properties(env: &Envelope) -> lapin::BasicProperties {
+    let short = |s: &Option<String>| {
+        s.as_deref()
+            .and_then(|s| lapin::types::ShortString::try_new(s).ok())
+    };
+    let mut props = lapin::BasicProperties::default().with_delivery_mode(2);
+    if let Some(v) = short(&env.content_type) {
+        props = props.with_content_type(v);
+    }
+    if let Some(v) = short(&env.message_id) {
+        props = props.with_message_id(v);
+    }
+    if let Some(v) = short(&env.correlation_id) {
+        props = props.with_correlation_id(v);
+    }
+    if let Some(v) = short(&env.reply_to) {
+        props = props.with_reply_to(v);
+    }
+    if let Some(v) = short(&env.job_type) {
+        props = props.with_type(v);
+    }
+    match env.outgoing_traceparent() {
+        Some(tp) => with_headers(&props, vec![(headers::TRACEPARENT, long_string(&tp))]),
+        None => props,
+    }
 }
 
 /// A generous estimate of a header table's encoded size.
@@ -215,7 +311,8 @@ fn headers_size(table: &lapin::types::FieldTable) -> usize {
         .sum()
 }
 
-fn without_expiration(p: &lapin::BasicProperties) -> lapin::BasicProperties {
+/// `p` without `expiration` and `user_id`.
+fn without_identity(p: &lapin::BasicProperties) -> lapin::BasicProperties {
     let mut out = lapin::BasicProperties::default();
     if let Some(v) = p.content_type() {
         out = out.with_content_type(v.clone());
@@ -246,9 +343,6 @@ fn without_expiration(p: &lapin::BasicProperties) -> lapin::BasicProperties {
     }
     if let Some(v) = p.kind() {
         out = out.with_type(v.clone());
-    }
-    if let Some(v) = p.user_id() {
-        out = out.with_user_id(v.clone());
     }
     if let Some(v) = p.app_id() {
         out = out.with_app_id(v.clone());

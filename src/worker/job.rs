@@ -32,6 +32,11 @@ enum AttemptError {
     Job(JobError),
     Panicked(String),
     TimedOut(Duration),
+    /// The `ok` reply would be this many bytes, over `max_reply_bytes`.
+    ReplyTooLarge(usize),
+    /// The COMMIT was sent and no answer came back (the connection dropped, or it
+    /// timed out): it may have landed, or may still.
+    CommitUnknown(String),
 }
 
 impl From<sqlx::Error> for AttemptError {
@@ -147,6 +152,9 @@ pub(crate) async fn execute(
                     };
                 }
                 Ok(None) => {}
+                // An unknown commit stays unknown; anything else without an
+                // answer from the inbox becomes transient.
+                Err(_) if matches!(error, AttemptError::CommitUnknown(_)) => {}
                 Err(e) => error = AttemptError::from(e),
             }
         }
@@ -158,6 +166,21 @@ pub(crate) async fn execute(
                 TransientReason::Timeout,
                 format!("the job ran past its timeout of {limit:?}"),
             ),
+            AttemptError::ReplyTooLarge(size) => {
+                return failed(
+                    FailureKind::ReplyTooLarge,
+                    format!(
+                        "the reply of {size} bytes exceeds max_reply_bytes {}; nothing was committed",
+                        ctx.max_reply_bytes
+                    ),
+                );
+            }
+            // It may have committed: never answer `failed` for it. Another attempt
+            // is safe (the inbox key makes it wait for, then see, a late commit).
+            AttemptError::CommitUnknown(message) if attempt == max => {
+                return Outcome::Unresolved { message };
+            }
+            AttemptError::CommitUnknown(message) => (TransientReason::Connection, message),
             AttemptError::Job(JobError::Rejected { code, message }) => {
                 return rejected(ctx, inbox_id, job_type, &code, &message, env.attempt).await;
             }
@@ -229,6 +252,12 @@ async fn attempt_once(
             }
         };
         let body = ok_body(&output);
+        // Before COMMIT: a reply the broker would refuse must not be committed
+        // into the inbox, where every redelivery would find it again.
+        if body.len() > ctx.max_reply_bytes {
+            let _ = tx.rollback().await;
+            return Err(AttemptError::ReplyTooLarge(body.len()));
+        }
         if let Some(id) = inbox_id {
             let stored = StoredReply {
                 status: "ok".into(),
@@ -251,15 +280,19 @@ async fn attempt_once(
         Ok(result) => result?,
         Err(_) => return Err(AttemptError::TimedOut(spec.timeout)),
     };
-    // The commit is outside the timeout: abandoning it half-way would leave its
-    // outcome unknown.
+    // The commit has a time limit of its own, so that one that never answers (a
+    // silently dead socket) cannot hold the permit for good.
     if let Some(tx) = tx {
-        // A commit that never answers (a silently dead socket) must not hold the
-        // permit for good: give up as a timeout; the outcome is unknown, and the
-        // inbox settles it on the next attempt.
         match tokio::time::timeout(limit, tx.commit()).await {
-            Ok(result) => result?,
-            Err(_) => return Err(AttemptError::TimedOut(spec.timeout)),
+            Ok(Ok(())) => {}
+            // The server answered with an error: it did not commit.
+            Ok(Err(e @ sqlx::Error::Database(_))) => return Err(e.into()),
+            Ok(Err(e)) => return Err(AttemptError::CommitUnknown(format!("COMMIT: {e}"))),
+            Err(_) => {
+                return Err(AttemptError::CommitUnknown(format!(
+                    "COMMIT did not answer within {limit:?}"
+                )));
+            }
         }
     }
     Ok(done)

@@ -40,6 +40,20 @@ pub enum WorkerError {
     NoHandlers,
 }
 
+impl WorkerError {
+    /// The broker connection ended because the AMQP client could not parse a frame
+    /// the broker sent: in practice, a message whose short-string properties are not
+    /// UTF-8. The broker hands that message to the next consumer, unread.
+    pub fn is_unparsable_frame(&self) -> bool {
+        let amqp = match self {
+            Self::Broker(BrokerError::Amqp(e)) => e,
+            Self::Broker(BrokerError::Declare { source, .. }) => source,
+            _ => return false,
+        };
+        matches!(amqp.kind(), lapin::ErrorKind::ParsingError(_))
+    }
+}
+
 impl From<lapin::Error> for WorkerError {
     fn from(e: lapin::Error) -> Self {
         Self::Broker(BrokerError::Amqp(e))
@@ -164,6 +178,7 @@ impl WorkerBuilder {
         }
         let shared = Shared {
             amqp_url: config.amqp_url.clone(),
+            amqp_urls: config.amqp_url.split(),
             connection_name: format!(
                 "txq worker {} pid {}",
                 env!("CARGO_PKG_VERSION"),
@@ -180,6 +195,8 @@ impl WorkerBuilder {
             inbox: config.inbox.enabled,
             retry: config.retry.clone(),
             max_body_bytes: config.max_body_bytes,
+            max_reply_bytes: config.max_reply_bytes,
+            requeue_pause: RequeuePause::default(),
             default_type: config.default_type.clone(),
         };
         Ok(Worker {
@@ -270,6 +287,8 @@ pub(crate) struct JobSpec {
 #[derive(Debug)]
 pub(crate) struct Shared {
     amqp_url: SecretUrl,
+    /// The broker nodes to try, in order.
+    amqp_urls: Vec<SecretUrl>,
     connection_name: String,
     pub(crate) topology: Topology,
     prefetch: u16,
@@ -282,7 +301,39 @@ pub(crate) struct Shared {
     pub(crate) inbox: bool,
     pub(crate) retry: RetryConfig,
     pub(crate) max_body_bytes: usize,
+    pub(crate) max_reply_bytes: usize,
+    pub(crate) requeue_pause: RequeuePause,
     pub(crate) default_type: Option<String>,
+}
+
+/// The pause before a delivery is requeued after a failed publish: it grows while
+/// publishes keep failing (0.2 s, doubling, up to 10 s, with jitter) and starts over
+/// after one goes through, so a failure the broker repeats can never spin.
+#[derive(Debug, Default)]
+pub(crate) struct RequeuePause {
+    failures: std::sync::atomic::AtomicU32,
+}
+
+impl RequeuePause {
+    const BASE: Duration = Duration::from_millis(200);
+    const MAX: Duration = Duration::from_secs(10);
+
+    /// The next pause, counting one more failure.
+    pub(crate) fn next(&self) -> Duration {
+        use std::sync::atomic::Ordering;
+        let failures = self
+            .failures
+            .fetch_add(1, Ordering::Relaxed)
+            .saturating_add(1);
+        let ceiling = Self::BASE
+            .saturating_mul(1 << failures.saturating_sub(1).min(10))
+            .min(Self::MAX);
+        ceiling.mul_f64(0.5 + rand::random::<f64>() / 2.0)
+    }
+
+    pub(crate) fn reset(&self) {
+        self.failures.store(0, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// What the jobs of one broker connection share.

@@ -25,6 +25,8 @@ pub enum FailureKind {
     DatabaseError,
     /// The handler panicked.
     Panic,
+    /// The `ok` reply is larger than `max_reply_bytes`; nothing was committed.
+    ReplyTooLarge,
 }
 
 impl FailureKind {
@@ -39,6 +41,7 @@ impl FailureKind {
             Self::HandlerError => "handler_error",
             Self::DatabaseError => "database_error",
             Self::Panic => "panic",
+            Self::ReplyTooLarge => "reply_too_large",
         }
     }
 }
@@ -62,6 +65,10 @@ pub(crate) enum Outcome {
         reason: TransientReason,
         message: String,
     },
+    /// The COMMIT failed or timed out, so whether it landed is unknown, and the
+    /// inbox had no answer yet: never `failed`; the same attempt again later, and
+    /// the inbox settles it.
+    Unresolved { message: String },
     /// Cut short by shutdown and rolled back: requeue it.
     Abandoned,
 }

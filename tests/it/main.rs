@@ -11,6 +11,7 @@ mod bench;
 mod contract;
 mod dlq;
 mod faults;
+mod hardening;
 mod observe;
 mod ops;
 mod roundtrip;

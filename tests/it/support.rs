@@ -716,22 +716,36 @@ pub fn spawn_bank(config: &Config) -> tokio::process::Child {
         .expect("spawning the bank worker")
 }
 
-/// A TCP proxy in front of RabbitMQ whose connections can be cut, to drop a
-/// worker's broker connection without touching other tests' connections.
+/// A TCP proxy whose connections can be cut, to drop one process's connection to
+/// RabbitMQ or a database without touching other tests' connections. It can also
+/// rewrite bytes on their way to the server.
 pub struct Proxy {
     pub port: u16,
+    upstream_url: String,
     cut: Arc<std::sync::Mutex<CancellationToken>>,
     task: JoinHandle<()>,
 }
 
 impl Proxy {
+    /// A proxy in front of RabbitMQ.
     pub async fn start() -> Proxy {
-        let target = url::Url::parse(&amqp_url()).expect("AMQP URL");
+        Self::start_to(&amqp_url(), None).await
+    }
+
+    /// A proxy in front of the server of `url` (any scheme with a host and port).
+    /// With `rewrite = (from, to)`, each `from` in what the client sends becomes
+    /// `to` (same length, so AMQP frame sizes hold): a way to send bytes no client
+    /// library will encode, such as a short string that is not UTF-8.
+    pub async fn start_to(url: &str, rewrite: Option<(Vec<u8>, Vec<u8>)>) -> Proxy {
+        let target = url::Url::parse(url).expect("server URL");
         let upstream = format!(
             "{}:{}",
             target.host_str().unwrap_or("127.0.0.1"),
-            target.port().unwrap_or(5672)
+            target.port_or_known_default().unwrap_or(5672)
         );
+        if let Some((from, to)) = &rewrite {
+            assert_eq!(from.len(), to.len(), "a rewrite keeps the length");
+        }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind proxy");
@@ -739,26 +753,32 @@ impl Proxy {
         let cut = Arc::new(std::sync::Mutex::new(CancellationToken::new()));
         let current = cut.clone();
         let task = tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
+            while let Ok((inbound, _)) = listener.accept().await {
                 let token = current.lock().expect("token").clone();
                 let upstream = upstream.clone();
+                let rewrite = rewrite.clone();
                 tokio::spawn(async move {
-                    let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await else {
+                    let Ok(outbound) = tokio::net::TcpStream::connect(upstream).await else {
                         return;
                     };
                     tokio::select! {
                         _ = token.cancelled() => {}
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = pipe(inbound, outbound, rewrite) => {}
                     }
                 });
             }
         });
-        Proxy { port, cut, task }
+        Proxy {
+            port,
+            upstream_url: url.to_owned(),
+            cut,
+            task,
+        }
     }
 
-    /// The AMQP URL through this proxy.
+    /// The server's URL through this proxy.
     pub fn url(&self) -> String {
-        let mut url = url::Url::parse(&amqp_url()).expect("AMQP URL");
+        let mut url = url::Url::parse(&self.upstream_url).expect("server URL");
         url.set_host(Some("127.0.0.1")).expect("host");
         url.set_port(Some(self.port)).expect("port");
         url.to_string()
@@ -772,10 +792,155 @@ impl Proxy {
     }
 }
 
+/// Copies both ways until either side closes, rewriting client-to-server bytes.
+async fn pipe(
+    mut client: tokio::net::TcpStream,
+    mut server: tokio::net::TcpStream,
+    rewrite: Option<(Vec<u8>, Vec<u8>)>,
+) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let Some((from, to)) = rewrite else {
+        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+        return;
+    };
+    let (mut client_read, mut client_write) = client.into_split();
+    let (mut server_read, mut server_write) = server.into_split();
+    let up = async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match client_read.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            let chunk = &mut buf[..n];
+            let mut i = 0;
+            while i + from.len() <= chunk.len() {
+                if chunk[i..].starts_with(&from) {
+                    chunk[i..i + from.len()].copy_from_slice(&to);
+                    i += from.len();
+                } else {
+                    i += 1;
+                }
+            }
+            if server_write.write_all(chunk).await.is_err() {
+                break;
+            }
+        }
+    };
+    let down = tokio::io::copy(&mut server_read, &mut client_write);
+    tokio::select! {
+        _ = up => {}
+        _ = down => {}
+    }
+}
+
 impl Drop for Proxy {
     fn drop(&mut self) {
         self.cut();
         self.task.abort();
+    }
+}
+
+/// A port that accepts TCP connections and never answers: a broker that hangs.
+pub struct Blackhole {
+    pub port: u16,
+    task: JoinHandle<()>,
+}
+
+impl Blackhole {
+    pub async fn start() -> Blackhole {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        Blackhole { port, task }
+    }
+}
+
+impl Drop for Blackhole {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Runs `rabbitmqctl` against the test broker's node; panics with its output on failure.
+pub async fn rabbitmqctl(args: &[&str]) -> String {
+    let out = tokio::process::Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .await
+        .unwrap_or_else(|e| {
+            panic!("running rabbitmqctl {args:?}: {e} (is rabbitmq-server installed?)")
+        });
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A RabbitMQ user of the test's own, with full rights on `/`; deleted on drop.
+pub struct RabbitUser {
+    pub name: String,
+    pub password: String,
+}
+
+impl RabbitUser {
+    pub async fn create() -> RabbitUser {
+        let name = unique("user");
+        let password = uuid::Uuid::new_v4().simple().to_string();
+        rabbitmqctl(&["add_user", &name, &password]).await;
+        rabbitmqctl(&["set_permissions", "-p", "/", &name, ".*", ".*", ".*"]).await;
+        RabbitUser { name, password }
+    }
+
+    /// The test broker's URL, logged in as this user.
+    pub fn url(&self) -> String {
+        let mut url = url::Url::parse(&amqp_url()).expect("AMQP URL");
+        url.set_username(&self.name).expect("user");
+        url.set_password(Some(&self.password)).expect("password");
+        url.to_string()
+    }
+}
+
+impl Drop for RabbitUser {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        on_fresh_runtime(async move {
+            let _ = tokio::process::Command::new("rabbitmqctl")
+                .args(["delete_user", &name])
+                .output()
+                .await;
+        });
+    }
+}
+
+/// Polls `check` until it returns `Some`, failing the test with `what` after
+/// [`REPLY_DEADLINE`]. For conditions with no event to await (a queue's depth, a
+/// row in another database session).
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + REPLY_DEADLINE;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {REPLY_DEADLINE:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
