@@ -2,15 +2,23 @@
 //! transaction, check its expectations, and compose the result. Column values map
 //! to JSON faithfully: integers stay integers, decimals become strings, timestamps
 //! RFC 3339, NULL null, JSON columns JSON, bytes base64.
+//!
+//! Whether a step yields rows or an affected count is what the database says of
+//! its prepared statement (result columns or none), never a guess from the text:
+//! see [`has_columns`].
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use base64::Engine as _;
+use futures_util::TryStreamExt as _;
 use serde_json::{Map, Value as Json};
 use sqlx::types::BigDecimal;
 use sqlx::types::chrono::{DateTime, NaiveDate, NaiveDateTime, NaiveTime, Utc};
-use sqlx::{AssertSqlSafe, Column as _, Row as _, TypeInfo as _, ValueRef as _};
+use sqlx::{
+    AssertSqlSafe, Column as _, Either, Executor as _, Row as _, SqlSafeStr as _, TypeInfo as _,
+    ValueRef as _,
+};
 
 use super::params::{ParamSpec, ParamType, Value, bind_payload};
 use super::spec::{Operation, ResultSpec, SpecError};
@@ -38,6 +46,9 @@ struct CompiledStep {
     message: Option<String>,
     single_row: bool,
     json_columns: Vec<String>,
+    /// Whether the statement has result columns, as its first run found out;
+    /// the same for every connection to the database.
+    returns_rows: OnceLock<bool>,
 }
 
 impl OpsHandler {
@@ -66,6 +77,7 @@ impl OpsHandler {
                 message: step.error_message.clone(),
                 single_row: step.single_row(),
                 json_columns: step.json_columns.clone(),
+                returns_rows: OnceLock::new(),
             });
         }
         let result = op.result.clone().unwrap_or_else(|| {
@@ -129,12 +141,7 @@ impl Handler for OpsHandler {
                     }
                 });
             }
-            let (rows, affected) = run(tx, &step.sql, args, &step.json_columns).await?;
-            let count = if rows.is_empty() {
-                affected
-            } else {
-                rows.len() as u64
-            };
+            let (rows, count) = run(tx, step, args).await?;
             let (min, max) = step.expect;
             if min.is_some_and(|m| count < m) || max.is_some_and(|m| count > m) {
                 let expected = match (min, max) {
@@ -174,14 +181,14 @@ impl Handler for OpsHandler {
     }
 }
 
-/// Binds `args` and runs `sql`; returns the rows as JSON and the affected count.
+/// Binds `args` and runs the step; returns its rows as JSON and its count: the
+/// rows' number for a statement with result columns, else the affected rows.
 async fn run(
     tx: &mut Tx,
-    sql: &Arc<str>,
+    step: &CompiledStep,
     args: Vec<Value>,
-    json_columns: &[String],
 ) -> Result<(Vec<Row>, u64), sqlx::Error> {
-    let returns_rows = returns_rows(sql);
+    let (sql, json_columns) = (&step.sql, step.json_columns.as_slice());
     macro_rules! bind_and_run {
         ($c:expr, $decode:ident, $decimal:expr, $null:ident) => {{
             let mut q = sqlx::query(AssertSqlSafe(sql.clone()));
@@ -199,16 +206,36 @@ async fn run(
                     Value::Bytes(b) => q.bind(b),
                 };
             }
-            if returns_rows {
-                let mut rows = Vec::new();
-                for row in q.fetch_all(&mut *$c).await? {
-                    rows.push($decode(&row, json_columns)?);
+            // One call for either kind of statement: its rows, if it has any,
+            // and its affected count; which of the two counts is decided below.
+            let mut rows = Vec::new();
+            let mut affected = 0;
+            let mut results = (&mut *$c).fetch_many(q);
+            while let Some(result) = results.try_next().await? {
+                match result {
+                    Either::Left(done) => affected += done.rows_affected(),
+                    Either::Right(row) => rows.push($decode(&row, json_columns)?),
                 }
-                Ok((rows, 0))
-            } else {
-                let done = q.execute(&mut *$c).await?;
-                Ok((Vec::new(), done.rows_affected()))
             }
+            drop(results);
+            let returns_rows = match step.returns_rows.get() {
+                Some(&known) => known,
+                None => {
+                    // A row returned is proof enough of result columns.
+                    let known = !rows.is_empty() || {
+                        let sql = AssertSqlSafe(sql.clone()).into_sql_str();
+                        has_columns((&mut *$c).prepare(sql).await?)
+                    };
+                    let _ = step.returns_rows.set(known);
+                    known
+                }
+            };
+            Ok(if returns_rows {
+                let n = rows.len() as u64;
+                (rows, n)
+            } else {
+                (rows, affected)
+            })
         }};
     }
     let same = |d: BigDecimal| d;
@@ -221,18 +248,21 @@ async fn run(
     }
 }
 
-/// Whether a statement yields rows (read them) or only a count (affected rows).
-fn returns_rows(sql: &str) -> bool {
-    let first = sql
-        .trim_start_matches(|c: char| c.is_whitespace() || c == '(')
-        .split(|c: char| !c.is_ascii_alphabetic())
-        .next()
-        .unwrap_or_default()
-        .to_ascii_uppercase();
-    matches!(
-        first.as_str(),
-        "SELECT" | "WITH" | "VALUES" | "SHOW" | "EXPLAIN" | "PRAGMA" | "TABLE"
-    ) || sql.to_ascii_uppercase().contains("RETURNING")
+/// Whether a statement yields rows (read them) or only a count (affected rows):
+/// whether the database gave its prepared form result columns. A SELECT, a CTE
+/// ending in one, or an INSERT … RETURNING has columns; an UPDATE has none, even
+/// with `returning` in a column name, a literal or a comment.
+///
+/// Asked once per step (the answer is kept in the step), after the step's first
+/// run and on the connection that ran it: the statement is then in that
+/// connection's statement cache (sqlx caches prepared statements by their text),
+/// so `prepare` only reads the cached metadata and sends nothing to the server.
+/// Preparing *before* the first run would cost a round trip, and on PostgreSQL
+/// would be wrong: prepared without the bound values' types, the statement gets
+/// the types the server infers (`INT4` for an `INT` column), and the cached
+/// statement then refuses an `INT8` value ("incorrect binary data format").
+fn has_columns(statement: impl sqlx::Statement) -> bool {
+    !statement.columns().is_empty()
 }
 
 type Q<'q, DB> = sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments>;

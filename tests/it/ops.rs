@@ -351,3 +351,166 @@ async fn transfer_through_the_ops_file_matches_the_rust_handler_on_mariadb() {
 async fn transfer_through_the_ops_file_matches_the_rust_handler_on_postgres() {
     ops_and_rust_transfers_agree(Backend::Postgres).await;
 }
+
+/// Whether a step returns rows or an affected count is what the database says of
+/// the prepared statement, never a guess from its text.
+const KIND_OPS: &str = r#"
+[upd_column]
+params = { g = "integer" }
+[[upd_column.steps]]
+name = "bump"
+sql = "UPDATE cust SET returning_customer = returning_customer + 1 WHERE grp = :g"
+expect_rows = 2
+
+[upd_literal]
+params = { g = "integer" }
+[[upd_literal.steps]]
+name = "note"
+sql = "UPDATE cust SET note = 'returning soon', n = n + 1 WHERE grp = :g"
+expect_rows = 2
+
+[upd_comment]
+params = { g = "integer" }
+[[upd_comment.steps]]
+name = "bump"
+sql = "UPDATE cust /* nothing RETURNING here */ SET n = n + 1 -- returning\nWHERE grp = :g"
+expect_rows = 2
+
+[sel_line_comment]
+params = { g = "integer" }
+[[sel_line_comment.steps]]
+name = "ids"
+sql = "-- the ids of a group\nSELECT id FROM cust WHERE grp = :g ORDER BY id"
+expect_rows = 2
+
+[sel_block_comment]
+params = { g = "integer" }
+[[sel_block_comment.steps]]
+name = "ids"
+sql = "/* the ids of a group */ SELECT id FROM cust WHERE grp = :g ORDER BY id"
+expect_rows = 2
+
+[sel_first_empty]
+params = { g = "integer" }
+[[sel_first_empty.steps]]
+name = "ids"
+sql = "/* its first run finds no row */ SELECT id FROM cust WHERE grp = :g ORDER BY id"
+expect_rows = 2
+
+[cte_select]
+params = { g = "integer" }
+[[cte_select.steps]]
+name = "ids"
+sql = "WITH x AS (SELECT id FROM cust WHERE grp = :g) SELECT id FROM x ORDER BY id"
+expect_rows = 2
+
+[cte_select_after_comment]
+params = { g = "integer" }
+[[cte_select_after_comment.steps]]
+name = "ids"
+sql = "-- a CTE\nWITH x AS (SELECT id FROM cust WHERE grp = :g) SELECT id FROM x ORDER BY id"
+expect_rows = 2
+
+[cte_update]
+params = { g = "integer" }
+[[cte_update.steps]]
+name = "bump"
+sql = "WITH x AS (SELECT 1 AS one) UPDATE cust SET n = n + (SELECT one FROM x) WHERE grp = :g"
+expect_rows = 2
+
+[ins_returning]
+params = { id = "integer" }
+[[ins_returning.steps]]
+name = "put"
+sql = "INSERT INTO cust (id, grp, returning_customer, n, note) VALUES (:id, 3, 1, 0, 'new') RETURNING id, returning_customer"
+expect_rows = 1
+"#;
+
+async fn statement_kinds(backend: Backend) {
+    let test_db = TestDb::new(backend).await;
+    let ddl = match backend {
+        Backend::MySql => {
+            "CREATE TABLE cust (id BIGINT PRIMARY KEY, grp BIGINT, returning_customer BIGINT,
+            n BIGINT, note VARCHAR(100))"
+        }
+        Backend::Postgres => {
+            "CREATE TABLE cust (id BIGINT PRIMARY KEY, grp BIGINT, returning_customer BIGINT,
+            n BIGINT, note TEXT)"
+        }
+        Backend::Sqlite => {
+            "CREATE TABLE cust (id INTEGER PRIMARY KEY, grp INTEGER, returning_customer INTEGER,
+            n INTEGER, note TEXT)"
+        }
+    };
+    exec(&test_db.db, ddl).await;
+    exec(
+        &test_db.db,
+        "INSERT INTO cust (id, grp, returning_customer, n, note)
+         VALUES (1, 1, 0, 0, ''), (2, 1, 0, 0, ''), (3, 2, 0, 0, '')",
+    )
+    .await;
+    let mut client = Client::new().await;
+    let requests = client.queue(&unique("requests")).await;
+    let replies = client.queue(&unique("replies")).await;
+    let worker = ops_worker(&test_db, &requests, &replies, KIND_OPS, 2).await;
+
+    let count = json!({"status": "ok", "result": []});
+    let ids = json!({"status": "ok", "result": [{"id": 1}, {"id": 2}]});
+    let group = json!({"g": 1});
+    let mut cases = vec![
+        ("upd_column", group.clone(), count.clone()),
+        ("upd_literal", group.clone(), count.clone()),
+        ("upd_comment", group.clone(), count.clone()),
+        ("sel_line_comment", group.clone(), ids.clone()),
+        ("sel_block_comment", group.clone(), ids.clone()),
+        // No row to tell from at the first run: the prepared statement says.
+        (
+            "sel_first_empty",
+            json!({"g": 99}),
+            json!({"status": "rejected", "error": {
+                "code": "expectation_failed",
+                "message": "step `ids` expected 2 row(s), got 0",
+            }}),
+        ),
+        ("sel_first_empty", group.clone(), ids.clone()),
+        ("cte_select", group.clone(), ids.clone()),
+        ("cte_select_after_comment", group.clone(), ids.clone()),
+        (
+            "ins_returning",
+            json!({"id": 10}),
+            json!({"status": "ok", "result": {"id": 10, "returning_customer": 1}}),
+        ),
+    ];
+    // MariaDB has no CTE before UPDATE.
+    if backend != Backend::MySql {
+        cases.push(("cte_update", group.clone(), count.clone()));
+    }
+    let list = cases
+        .iter()
+        .map(|(op, payload, _)| Request::json(op, payload.clone()))
+        .collect();
+    let got = ask_all(&client, &requests, &replies, list).await;
+    worker.stop().await.expect("clean stop");
+    let wrong: Vec<String> = cases
+        .iter()
+        .zip(&got)
+        .filter(|((_, _, want), got)| want != *got)
+        .map(|((op, _, want), got)| format!("{op}: expected {want}, got {got}"))
+        .collect();
+    assert!(wrong.is_empty(), "{backend:?}:\n{}", wrong.join("\n"));
+}
+
+#[tokio::test]
+async fn rows_or_a_count_is_what_the_prepared_statement_says_on_sqlite() {
+    statement_kinds(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn rows_or_a_count_is_what_the_prepared_statement_says_on_mariadb() {
+    statement_kinds(Backend::MySql).await;
+}
+
+#[tokio::test]
+async fn rows_or_a_count_is_what_the_prepared_statement_says_on_postgres() {
+    statement_kinds(Backend::Postgres).await;
+}
