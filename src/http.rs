@@ -21,8 +21,9 @@ use crate::health::Health;
 /// How often histogram samples are folded into their buckets.
 const UPKEEP: Duration = Duration::from_secs(5);
 
-/// How long `/readyz` waits for the database.
-const DB_CHECK: Duration = Duration::from_secs(2);
+/// How long `/readyz` waits for the database. A probe's own time limit must be
+/// longer (the Kubernetes manifest's `timeoutSeconds` is 3).
+pub const DB_CHECK: Duration = Duration::from_secs(2);
 
 /// Why the port could not be served.
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +73,8 @@ struct AppState {
     metrics: PrometheusHandle,
     health: Health,
     db: Db,
+    /// A one-connection pool of its own for `/readyz`.
+    probe: Db,
 }
 
 /// Binds `addr` now (so a taken port fails the start-up, not a scrape later) and
@@ -96,17 +99,52 @@ pub async fn serve(
         .with_state(AppState {
             metrics,
             health,
+            probe: db.probe(),
             db,
         });
-    let task = tokio::spawn(async move {
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await;
-        if let Err(e) = served {
-            tracing::error!(error = %e, "the metrics/health server stopped");
-        }
-    });
+    let task = tokio::spawn(accept_loop(listener, app, shutdown));
     Ok((bound, task))
+}
+
+/// How long a client may take to send a request's headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long one connection may stay open, keep-alive included.
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+
+/// Serves each connection with bounded header reads and lifetime, until
+/// `shutdown`; then drops the connections still open. Scrapers and probes retry,
+/// and a slow or idle client must never hold a stop open (axum's graceful shutdown
+/// waits for every connection).
+async fn accept_loop(listener: tokio::net::TcpListener, app: Router, shutdown: CancellationToken) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        // Finished connections are reaped as we go.
+        while connections.try_join_next().is_some() {}
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of file descriptors and the like: pause rather than spin.
+                tracing::warn!(error = %e, "accepting a metrics/health connection failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let connection = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .serve_connection(TokioIo::new(stream), service);
+        connections.spawn(async move {
+            let _ = tokio::time::timeout(CONNECTION_LIFETIME, connection).await;
+        });
+    }
+    connections.shutdown().await;
 }
 
 async fn metrics_page(State(state): State<AppState>) -> impl IntoResponse {
@@ -125,7 +163,8 @@ async fn ready(State(state): State<AppState>) -> (StatusCode, String) {
             "not ready: no consumer on the request queue (broker down or reconnecting)\n".into(),
         );
     }
-    match tokio::time::timeout(DB_CHECK, state.db.ping()).await {
+    // On a connection of its own: a pool busy with jobs is no reason to be unready.
+    match tokio::time::timeout(DB_CHECK, state.probe.ping()).await {
         Ok(Ok(())) => (StatusCode::OK, "ready\n".into()),
         Ok(Err(e)) => (
             StatusCode::SERVICE_UNAVAILABLE,

@@ -385,6 +385,28 @@ impl Db {
         }
     }
 
+    /// A pool of one connection to the same database, for health checks: made on
+    /// first use, so building it costs nothing, and never competing with jobs.
+    pub fn probe(&self) -> Db {
+        fn options<DB: sqlx::Database>(p: &sqlx::Pool<DB>) -> sqlx::pool::PoolOptions<DB> {
+            sqlx::pool::PoolOptions::new()
+                .max_connections(1)
+                .min_connections(0)
+                .acquire_timeout(p.options().get_acquire_timeout())
+        }
+        match self {
+            Self::MySql(p) => {
+                Self::MySql(options(p).connect_lazy_with((*p.connect_options()).clone()))
+            }
+            Self::Postgres(p) => {
+                Self::Postgres(options(p).connect_lazy_with((*p.connect_options()).clone()))
+            }
+            Self::Sqlite(p) => {
+                Self::Sqlite(options(p).connect_lazy_with((*p.connect_options()).clone()))
+            }
+        }
+    }
+
     /// One round trip on a pooled connection: does the database answer?
     pub async fn ping(&self) -> Result<(), sqlx::Error> {
         crate::on_pool!(self, p => {

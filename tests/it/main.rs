@@ -12,6 +12,7 @@ mod contract;
 mod dlq;
 mod faults;
 mod hardening;
+mod http_port;
 mod observe;
 mod ops;
 mod roundtrip;

@@ -1,0 +1,147 @@
+//! The metrics and health port under slow clients and a busy pool.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use txq::{Backend, Handler, JobError, JobMeta, Tx, Worker, with_conn};
+
+use crate::support::{
+    Client, Request, RunningWorker, TestDb, amqp_url, config, eventually, http_get, unique,
+};
+
+/// Holds its transaction (and so the pool's only connection) until let go.
+#[derive(Clone)]
+struct Held(Arc<Semaphore>);
+
+impl Handler for Held {
+    type Payload = serde_json::Value;
+    type Output = ();
+
+    async fn handle(&self, tx: &mut Tx, _: serde_json::Value, _: &JobMeta) -> Result<(), JobError> {
+        with_conn!(tx, c => { txq::sqlx::query("SELECT 1").execute(c).await?; });
+        let _ = self.0.acquire().await;
+        Ok(())
+    }
+}
+
+/// A job holding the pool's only connection must not make the worker unready:
+/// `/readyz` checks the database on a connection of its own.
+#[tokio::test]
+async fn readyz_stays_ready_while_jobs_hold_every_pooled_connection() {
+    let test_db = TestDb::with_pool(Backend::Postgres, 1).await;
+    let mut client = Client::new().await;
+    let requests = client.queue(&unique("requests")).await;
+    let replies = client.queue(&unique("replies")).await;
+    let gate = Arc::new(Semaphore::new(0));
+    let worker = RunningWorker::start(
+        Worker::builder(config(&test_db.url, &requests, &replies, 1))
+            .handler("held", Held(gate.clone()))
+            .database(test_db.db.clone()),
+    )
+    .await;
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .build_recorder()
+        .handle();
+    let stop = CancellationToken::new();
+    let (addr, server) = txq::http::serve(
+        "127.0.0.1:0".parse().expect("addr"),
+        recorder,
+        worker.health.clone(),
+        test_db.db.clone(),
+        stop.clone(),
+    )
+    .await
+    .expect("serve");
+    client
+        .publish(&requests, &Request::json("held", json!({})))
+        .await;
+    let db = test_db.db.clone();
+    eventually("the job to hold the only connection", || {
+        let db = db.clone();
+        async move { (db.pool_state() == (1, 0)).then_some(()) }
+    })
+    .await;
+    for _ in 0..3 {
+        let (status, body) = http_get(addr.port(), "/readyz").await.expect("/readyz");
+        assert_eq!(status, 200, "{body}");
+    }
+    gate.add_permits(1);
+    client.replies(&replies, 1).await;
+    stop.cancel();
+    server.await.expect("server task");
+    worker.stop().await.expect("clean stop");
+}
+
+/// `txq run` with its port on `port`, on a queue of its own.
+fn txq_run(db_url: &str, queue: &str, port: u16) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_txq"))
+        .args(["run", "--metrics-addr", &format!("127.0.0.1:{port}")])
+        .env_remove("TXQ_CONFIG")
+        .env("TXQ_AMQP_URL", amqp_url())
+        .env("TXQ_DATABASE_URL", db_url)
+        .env("TXQ_QUEUE", queue)
+        .env("TXQ_REPLY_QUEUE", "")
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawning txq run")
+}
+
+/// A client that sends half a request and waits: the server closes it after
+/// the header-read limit, and a stop does not wait for it.
+#[tokio::test]
+async fn a_half_sent_request_neither_lives_on_nor_holds_the_stop() {
+    let test_db = TestDb::new(Backend::Sqlite).await;
+    let mut client = Client::new().await;
+    let queue = client.queue(&unique("requests")).await;
+    let port = crate::support::free_port();
+    let mut child = txq_run(&test_db.url, &queue, port);
+    eventually("the port to answer", || async {
+        http_get(port, "/healthz").await.map(|_| ())
+    })
+    .await;
+
+    // One client the header-read limit must end…
+    let mut slow = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    slow.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("write");
+    let mut buf = [0u8; 256];
+    let closed = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match slow.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the server kept a half-sent request open");
+
+    // …and one still open when the stop comes.
+    let mut held = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    held.write_all(b"GET /metrics HTTP/1.1\r\n")
+        .await
+        .expect("write");
+    let pid = child.id().expect("running");
+    let sent = tokio::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .await
+        .expect("kill -TERM");
+    assert!(sent.success());
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .expect("txq exits within 10 s of SIGTERM with a client half-way through a request")
+        .expect("wait");
+    assert!(status.success(), "{status}");
+    drop(held);
+}
