@@ -375,6 +375,52 @@ impl Config {
             if timeout.is_some_and(|t| t < Duration::from_millis(1)) {
                 return Err(invalid(key, "must be at least 1ms"));
             }
+            // The timeout is pushed into the database as a statement timeout in
+            // milliseconds, which PostgreSQL keeps in a 32-bit integer.
+            if timeout.is_some_and(|t| t.as_millis() > i32::MAX as u128) {
+                return Err(invalid(
+                    key,
+                    "must be at most 24 days (the databases' statement timeouts stop there)",
+                ));
+            }
+        }
+        if self.db_acquire_timeout < Duration::from_millis(10) {
+            return Err(invalid(
+                "db_acquire_timeout",
+                "must be at least 10ms (0 would fail every job that waits for a connection)",
+            ));
+        }
+        if self.inbox.enabled {
+            if self
+                .inbox
+                .prune_interval
+                .is_some_and(|every| every < Duration::from_secs(1))
+            {
+                return Err(invalid(
+                    "inbox.prune_interval",
+                    "must be at least 1s (each prune is a DELETE on the inbox); leave it unset to never prune",
+                ));
+            }
+            // A request can come back as late as its last delayed retry, or a
+            // consumer_timeout after it was delivered: its inbox row must still
+            // be there, or it runs again.
+            let comeback = self
+                .retry
+                .delays
+                .iter()
+                .take(self.retry.max_attempts.saturating_sub(1) as usize)
+                .sum::<Duration>()
+                + self.consumer_timeout;
+            if self.inbox.retention < comeback {
+                return Err(invalid(
+                    "inbox.retention",
+                    &format!(
+                        "must be at least {} (the retry delays plus consumer_timeout): a redelivery \
+                         after its row was pruned would run again",
+                        humantime::format_duration(comeback)
+                    ),
+                ));
+            }
         }
         let dlq = self.dead_letter_queue();
         if dlq.is_empty() || dlq.len() > 255 || dlq == self.queue {
@@ -584,6 +630,76 @@ mod tests {
         assert_eq!(redact_url("not a url hunter2"), "***");
         let list = SecretUrl::new("amqp://a:pw1@h1/%2f, amqps://b:p,w2@h2/%2f");
         assert_eq!(list.to_string(), "amqp://a:***@h1/%2f,amqps://b:***@h2/%2f");
+    }
+
+    #[test]
+    fn values_that_cannot_work_are_refused_by_name() {
+        let refused = |config: Config, key: &str| {
+            let err = config.validate().expect_err(key).to_string();
+            assert!(err.contains(&format!("`{key}`")), "{key}: {err}");
+        };
+        let inbox = |prune: Option<u64>, retention: u64| InboxConfig {
+            prune_interval: prune.map(Duration::from_millis),
+            retention: Duration::from_millis(retention),
+            ..InboxConfig::default()
+        };
+        refused(
+            Config {
+                inbox: inbox(Some(0), 7 * 24 * 3600 * 1000),
+                ..Config::default()
+            },
+            "inbox.prune_interval",
+        );
+        refused(
+            Config {
+                inbox: inbox(None, 0),
+                ..Config::default()
+            },
+            "inbox.retention",
+        );
+        refused(
+            Config {
+                db_acquire_timeout: Duration::ZERO,
+                ..Config::default()
+            },
+            "db_acquire_timeout",
+        );
+        refused(
+            Config {
+                job_timeout: Duration::from_secs(25 * 24 * 3600),
+                ..Config::default()
+            },
+            "job_timeout",
+        );
+        let mut jobs = BTreeMap::new();
+        jobs.insert(
+            "t".to_owned(),
+            JobConfig {
+                timeout: Some(Duration::from_secs(25 * 24 * 3600)),
+                ..JobConfig::default()
+            },
+        );
+        refused(
+            Config {
+                jobs,
+                ..Config::default()
+            },
+            "jobs.<type>.timeout",
+        );
+        // The boundary: retention just long enough is accepted; the inbox off
+        // needs no retention.
+        let enough = Config {
+            inbox: inbox(Some(60_000), 0),
+            ..Config::default()
+        };
+        let comeback = enough.retry.delays[..4].iter().sum::<Duration>() + enough.consumer_timeout;
+        let mut ok = enough.clone();
+        ok.inbox.retention = comeback;
+        ok.validate().expect("retention = the comeback time");
+        ok.inbox.retention = comeback - Duration::from_millis(1);
+        assert!(ok.validate().is_err());
+        ok.inbox.enabled = false;
+        ok.validate().expect("no inbox, no retention to check");
     }
 
     #[test]

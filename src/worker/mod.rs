@@ -126,6 +126,7 @@ impl WorkerBuilder {
         if self.registry.is_empty() {
             return Err(WorkerError::NoHandlers);
         }
+        check_job_sections(&config, &self.registry)?;
         let db = match self.db {
             Some(db) => db,
             None => Db::connect(config.database_url.expose(), &config.pool_options()).await?,
@@ -209,6 +210,40 @@ impl WorkerBuilder {
                 .map(|every| (every, config.inbox.retention)),
         })
     }
+}
+
+/// `jobs.<type>` sections must name a job type this worker handles. One that
+/// differs from a handler only in case is refused: it is what a `TXQ_JOBS__<Type>__…`
+/// variable becomes (environment names are lowercased), and its settings would
+/// silently never apply. Any other stranger is only warned about: one config may
+/// serve workers with different handlers.
+fn check_job_sections(config: &Config, registry: &Registry) -> Result<(), ConfigError> {
+    for section in config.jobs.keys() {
+        if registry.get(section).is_some() {
+            continue;
+        }
+        if let Some(handler) = registry
+            .job_types()
+            .find(|t| t.eq_ignore_ascii_case(section))
+        {
+            return Err(ConfigError::Invalid {
+                key: "jobs",
+                problem: format!(
+                    "has a section `{section}`, but the job type is `{handler}`: job types are \
+                     case-sensitive, and environment variables are lowercased, so set it in the \
+                     config file"
+                ),
+            });
+        }
+        let mut known: Vec<&str> = registry.job_types().collect();
+        known.sort_unstable();
+        warn!(
+            section,
+            handlers = known.join(", "),
+            "`jobs.{section}` matches no job type this worker handles; its settings do nothing here"
+        );
+    }
+    Ok(())
 }
 
 /// A configured worker, ready to [`run`](Worker::run).

@@ -518,3 +518,27 @@ async fn the_worker_fails_over_to_the_next_broker_url() {
     assert_eq!(got[0].status(), "ok");
     worker.stop().await.expect("clean stop");
 }
+
+/// `TXQ_JOBS__MyType__TIMEOUT` reaches the config as `jobs.mytype`: a section that
+/// differs from a handler only in case would silently never apply, so the worker
+/// refuses to start and says why.
+#[tokio::test]
+async fn a_jobs_section_in_the_wrong_case_is_refused() {
+    let test_db = TestDb::new(Backend::Sqlite).await;
+    let mut cfg = config(&test_db.url, &unique("requests"), "", 1);
+    cfg.jobs.insert(
+        "mytype".into(),
+        txq::config::JobConfig {
+            timeout: Some(Duration::from_secs(1)),
+            ..txq::config::JobConfig::default()
+        },
+    );
+    let err = Worker::builder(cfg)
+        .handler("MyType", Sized)
+        .database(test_db.db.clone())
+        .build()
+        .await
+        .expect_err("a section for `mytype` with a handler `MyType`");
+    let text = err.to_string();
+    assert!(text.contains("`jobs`") && text.contains("MyType"), "{text}");
+}
