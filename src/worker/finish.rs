@@ -1,10 +1,9 @@
-//! The end of a job: publish what its outcome calls for (reply, delayed retry,
-//! dead-letter copy), wait for the broker's confirms, and only then settle the
-//! delivery.
+//! The end of a job: carry out the [`Disposition`] that `decide` made of its outcome
+//! (reply, delayed retry, dead-letter copy), wait for the broker's confirms, and only
+//! then settle the delivery.
 //!
-//! **Invariant:** a request is acked only after every publish its outcome needs
-//! was confirmed. When one is not, the request is requeued instead, and the
-//! inbox makes its redelivery re-publish the stored reply rather than run again.
+//! The invariants this enforces are stated in ARCHITECTURE.md: "No ack before
+//! commit and confirmed publishes" and "No single message stops consumption".
 
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
@@ -12,15 +11,17 @@ use lapin::types::AMQPValue;
 use tracing::{debug, error, warn};
 
 use super::Context;
-use super::outcome::{Outcome, failed_body};
+use super::decide::{Disposition, Policy, decide};
+use super::outcome::{Outcome, Status, failed_body};
 use crate::broker::{
     Envelope, PublishError, PublishOutcome, ReplyHeaders, bounded, headers, long_string,
     reply_properties, with_headers,
 };
 use crate::events::{self, JobOutcome};
 
-/// Publishes what `outcome` calls for, then acks, or requeues if a publish was not
-/// confirmed. Says how the delivery ended, for the metrics.
+/// Decides what `outcome` calls for and carries it out: publishes, then acks, or
+/// requeues (after a pause) if a publish was not confirmed. Says how the delivery
+/// ended, for the metrics.
 pub(crate) async fn finish(
     ctx: &Context,
     env: &Envelope,
@@ -28,70 +29,33 @@ pub(crate) async fn finish(
     delivery: &Delivery,
     outcome: Outcome,
 ) -> JobOutcome {
-    let (mut result, mut settled) = match outcome {
-        Outcome::Finished {
-            status,
-            body,
-            duplicate,
-        } => {
-            let settled = if duplicate {
-                events::duplicate(&status);
-                JobOutcome::Duplicate
-            } else {
-                debug!(status, "job done");
-                if status == "rejected" {
-                    JobOutcome::Rejected
-                } else {
-                    JobOutcome::Ok
-                }
-            };
-            (reply(ctx, env, &status, &body, duplicate).await, settled)
-        }
-        Outcome::Failed { kind, message } => {
-            let result = fail(ctx, env, job_type, delivery, kind.as_str(), &message, false).await;
-            (result, JobOutcome::Failed)
-        }
-        Outcome::Transient { reason, message } => {
-            transient(ctx, env, job_type, delivery, reason.as_str(), &message).await
-        }
-        Outcome::Unresolved { message } => {
-            // Not an attempt: the same attempt comes back after a delay, and the
-            // inbox tells whether the commit landed.
-            events::commit_unknown(&message);
-            match ctx.topology.retry_queue(env.attempt) {
-                Some((queue, _)) => {
-                    let props = with_headers(
-                        &copy_properties(&delivery.properties, env),
-                        vec![(
-                            headers::ATTEMPT,
-                            AMQPValue::LongLongInt(i64::from(env.attempt)),
-                        )],
-                    );
-                    let result = publish_routed(ctx, &queue, &delivery.data, props).await;
-                    (result, JobOutcome::Retried)
-                }
-                None => (Err(PublishError::Nacked), JobOutcome::Requeued),
-            }
-        }
-        Outcome::Abandoned => {
-            debug!("job abandoned at shutdown; requeueing it");
-            settle(ctx, delivery, false).await;
-            return JobOutcome::Requeued;
-        }
+    let policy = Policy {
+        max_attempts: ctx.retry.max_attempts,
+        topology: &ctx.topology,
     };
+    let mut disposition = decide(outcome, env.attempt, &policy);
+    let mut result = carry_out(ctx, env, job_type, delivery, &disposition).await;
     if let Err(PublishError::Refused(reason)) = &result {
-        // The broker refuses this message's reply or copy, and would again: count
-        // it as an attempt, and dead-letter it once they are used up.
-        let reason = reason.clone();
-        events::publish_refused(job_type, &reason);
-        (result, settled) =
-            transient(ctx, env, job_type, delivery, "publish_refused", &reason).await;
+        // The broker refuses this message's reply or copy, and would again: decide
+        // once more, as an attempt. What that publishes is never the same message.
+        events::publish_refused(job_type, reason);
+        let retry_copy = matches!(disposition, Disposition::RetryLater { .. });
+        let refused = Outcome::Refused {
+            reason: reason.clone(),
+            retry_copy,
+        };
+        disposition = decide(refused, env.attempt, &policy);
+        result = carry_out(ctx, env, job_type, delivery, &disposition).await;
     }
     match result {
+        Ok(()) if disposition == Disposition::Requeue => {
+            settle(ctx, delivery, false).await;
+            JobOutcome::Requeued
+        }
         Ok(()) => {
             ctx.requeue_pause.reset();
             settle(ctx, delivery, true).await;
-            settled
+            disposition.label()
         }
         Err(e) => {
             // The request comes back at once, most likely to this worker: pause
@@ -108,41 +72,58 @@ pub(crate) async fn finish(
     }
 }
 
-/// A transient failure: a delayed retry with the attempt counted, or the
-/// dead-letter queue once `max_attempts` deliveries are used up.
-async fn transient(
+/// Publishes what `disposition` needs; `Ok` when the delivery may be settled as
+/// decided.
+async fn carry_out(
     ctx: &Context,
     env: &Envelope,
     job_type: &str,
     delivery: &Delivery,
-    reason: &str,
-    message: &str,
-) -> (Result<(), PublishError>, JobOutcome) {
-    let next = env.attempt.saturating_add(1);
-    match ctx.topology.retry_queue(env.attempt) {
-        Some((queue, delay)) if env.attempt < ctx.retry.max_attempts => {
+    disposition: &Disposition,
+) -> Result<(), PublishError> {
+    match disposition {
+        Disposition::Reply {
+            status,
+            body,
+            duplicate,
+        } => {
+            if *duplicate {
+                events::duplicate(status.as_str());
+            } else {
+                debug!(status = status.as_str(), "job done");
+            }
+            reply(ctx, env, *status, body, *duplicate).await
+        }
+        Disposition::RetryLater {
+            queue,
+            delay,
+            attempt,
+            reason,
+            message,
+        } => {
             let props = with_headers(
                 &copy_properties(&delivery.properties, env),
-                vec![(headers::ATTEMPT, AMQPValue::LongLongInt(i64::from(next)))],
+                vec![(
+                    headers::ATTEMPT,
+                    AMQPValue::LongLongInt(i64::from(*attempt)),
+                )],
             );
-            let result = publish_routed(ctx, &queue, &delivery.data, props).await;
-            match result {
-                Ok(()) => events::delayed_retry(job_type, reason, env.attempt, delay, message),
-                // The retry copy carries what the request carried: if the broker
-                // refuses it, the request goes to the dead-letter queue now.
-                Err(PublishError::Refused(refused)) => {
-                    let why = format!("{message}; its retry copy was refused: {refused}");
-                    let result =
-                        fail(ctx, env, job_type, delivery, "publish_refused", &why, true).await;
-                    return (result, JobOutcome::Failed);
-                }
-                Err(_) => {}
+            publish_routed(ctx, queue, &delivery.data, props).await?;
+            if reason == "commit_unknown" {
+                events::commit_unknown(message);
+            } else {
+                events::delayed_retry(job_type, reason, env.attempt, *delay, message);
             }
-            (result, JobOutcome::Retried)
+            Ok(())
         }
-        _ => {
-            let result = fail(ctx, env, job_type, delivery, reason, message, true).await;
-            (result, JobOutcome::Failed)
+        Disposition::DeadLetter {
+            kind,
+            message,
+            exhausted,
+        } => fail(ctx, env, job_type, delivery, kind, message, *exhausted).await,
+        Disposition::Requeue => {
+            debug!("requeueing the delivery");
+            Ok(())
         }
     }
 }
@@ -188,7 +169,7 @@ async fn fail(
     }
     events::dead_lettered(job_type, kind, message, env.attempt, exhausted);
     let body = failed_body(kind, message, env.attempt);
-    if let Err(e) = reply(ctx, env, "failed", &body, false).await {
+    if let Err(e) = reply(ctx, env, Status::Failed, &body, false).await {
         warn!(error = %e, "the `failed` reply was not confirmed; the dead-letter copy stands");
     }
     Ok(())
@@ -199,7 +180,7 @@ async fn fail(
 async fn reply(
     ctx: &Context,
     env: &Envelope,
-    status: &str,
+    status: Status,
     body: &[u8],
     duplicate: bool,
 ) -> Result<(), PublishError> {
@@ -213,7 +194,7 @@ async fn reply(
     let props = reply_properties(
         env,
         ReplyHeaders {
-            status,
+            status: status.as_str(),
             attempts: env.attempt,
             duplicate,
         },

@@ -8,7 +8,7 @@ use std::time::Duration;
 use futures_util::FutureExt as _;
 use tracing::debug;
 
-use super::outcome::{FailureKind, Outcome, ok_body, rejected_body};
+use super::outcome::{FailureKind, Outcome, Status, ok_body, rejected_body};
 use super::{Context, JobSpec};
 use crate::broker::Envelope;
 use crate::db::inbox::{self, StoredReply};
@@ -120,7 +120,7 @@ pub(crate) async fn execute(
             match attempt_once(ctx, handler.as_ref(), spec, inbox_id, payload, &meta).await {
                 Ok(Done::Committed(body)) => {
                     return Outcome::Finished {
-                        status: "ok".into(),
+                        status: Status::Ok,
                         body,
                         duplicate: false,
                     };
@@ -144,13 +144,7 @@ pub(crate) async fn execute(
             && !matches!(error, AttemptError::Job(JobError::Rejected { .. }))
         {
             match inbox::lookup(&ctx.db, id).await {
-                Ok(Some(stored)) => {
-                    return Outcome::Finished {
-                        status: stored.status,
-                        body: stored.body,
-                        duplicate: true,
-                    };
-                }
+                Ok(Some(stored)) => return answered(stored),
                 Ok(None) => {}
                 // An unknown commit stays unknown; anything else without an
                 // answer from the inbox becomes transient.
@@ -260,7 +254,7 @@ async fn attempt_once(
         }
         if let Some(id) = inbox_id {
             let stored = StoredReply {
-                status: "ok".into(),
+                status: Status::Ok.as_str().into(),
                 body: body.clone(),
                 attempts: meta.delivery_attempt,
             };
@@ -311,7 +305,7 @@ async fn rejected(
     let body = rejected_body(code, message);
     if let Some(id) = inbox_id {
         let stored = StoredReply {
-            status: "rejected".into(),
+            status: Status::Rejected.as_str().into(),
             body: body.clone(),
             attempts,
         };
@@ -326,9 +320,19 @@ async fn rejected(
         }
     }
     Outcome::Finished {
-        status: "rejected".into(),
+        status: Status::Rejected,
         body,
         duplicate: false,
+    }
+}
+
+/// The stored answer of an earlier delivery.
+fn answered(stored: StoredReply) -> Outcome {
+    Outcome::Finished {
+        // txq stores `ok` and `rejected` only.
+        status: Status::parse(&stored.status).unwrap_or(Status::Ok),
+        body: stored.body,
+        duplicate: true,
     }
 }
 
@@ -345,11 +349,7 @@ fn transient_db(ctx: &Context, e: &sqlx::Error) -> Outcome {
 
 async fn stored_reply(ctx: &Context, id: &str) -> Result<Outcome, sqlx::Error> {
     match inbox::lookup(&ctx.db, id).await? {
-        Some(stored) => Ok(Outcome::Finished {
-            status: stored.status,
-            body: stored.body,
-            duplicate: true,
-        }),
+        Some(stored) => Ok(answered(stored)),
         // Claimed by a transaction that then rolled back, or pruned in between:
         // another attempt decides.
         None => Ok(Outcome::Transient {

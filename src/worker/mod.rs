@@ -2,6 +2,7 @@
 //! bounded concurrency, publishes the confirmed reply (or retry, or dead-letter
 //! copy), then acks.
 
+mod decide;
 mod dispatch;
 mod finish;
 mod job;

@@ -46,14 +46,42 @@ impl FailureKind {
     }
 }
 
-/// What became of one delivery.
+/// The `status` of a reply (and of `x-txq-status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Status {
+    Ok,
+    Rejected,
+    Failed,
+}
+
+impl Status {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::Rejected => "rejected",
+            Self::Failed => "failed",
+        }
+    }
+
+    /// A status stored in the inbox; `None` for one txq never writes.
+    pub(crate) fn parse(s: &str) -> Option<Self> {
+        match s {
+            "ok" => Some(Self::Ok),
+            "rejected" => Some(Self::Rejected),
+            "failed" => Some(Self::Failed),
+            _ => None,
+        }
+    }
+}
+
+/// How one delivery's job ended; [`super::decide`] turns it into what to publish.
 #[derive(Debug)]
 pub(crate) enum Outcome {
     /// Committed (`ok`) or refused by the handler (`rejected`), and recorded in the
     /// inbox: reply `body`, then ack. `duplicate`: an earlier delivery did the work
     /// and this is its stored reply.
     Finished {
-        status: String,
+        status: Status,
         body: Vec<u8>,
         duplicate: bool,
     },
@@ -69,6 +97,9 @@ pub(crate) enum Outcome {
     /// inbox had no answer yet: never `failed`; the same attempt again later, and
     /// the inbox settles it.
     Unresolved { message: String },
+    /// The broker refused the reply or a copy of this very message (and would
+    /// again); `retry_copy` when what it refused was the delayed-retry copy.
+    Refused { reason: String, retry_copy: bool },
     /// Cut short by shutdown and rolled back: requeue it.
     Abandoned,
 }
