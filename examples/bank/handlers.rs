@@ -1,5 +1,5 @@
 #![allow(unreachable_pub, dead_code)]
-//! The DESIGN.md workloads, `transfer` and `noop`, written against txq's public API
+//! The bank workloads (docs/workloads.md), `transfer` and `noop`, written against txq's public API
 //! the way a user would write them. The bank example runs them; the integration
 //! tests and benchmarks include this file too, so all three exercise the same code.
 

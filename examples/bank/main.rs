@@ -1,4 +1,4 @@
-//! The bank: DESIGN.md's `transfer` and `noop` workloads as a txq worker.
+//! The bank: the `transfer` and `noop` workloads (docs/workloads.md) as a txq worker.
 //!
 //! ```text
 //! cargo run --example bank -- --database-url mysql://root@127.0.0.1:3306/test --setup

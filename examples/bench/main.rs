@@ -1,4 +1,4 @@
-//! The DESIGN.md benchmark workloads, end to end, beside the limits they are judged
+//! The bank benchmark workloads (docs/workloads.md), end to end, beside the limits they are judged
 //! against — all in one invocation, on the same machine state:
 //!
 //! - `txq`: the bank example (Rust handlers) as a separate worker process;

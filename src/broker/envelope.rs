@@ -1,4 +1,4 @@
-//! The message contract (DESIGN.md) in AMQP terms: what a request's properties mean,
+//! The message contract (docs/contract.md) in AMQP terms: what a request's properties mean,
 //! and the properties of a reply.
 
 use lapin::BasicProperties;
