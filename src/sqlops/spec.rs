@@ -192,40 +192,57 @@ pub fn check(ops: &OpsFile) -> (Vec<SpecError>, Vec<SpecError>) {
                 errors.push(err(&at, format!("duplicate step name `{}`", step.name)));
             }
             let later: Vec<&str> = op.steps[i + 1..].iter().map(|s| s.name.as_str()).collect();
-            let texts = [
-                Some(&step.sql),
-                step.sql_mysql.as_ref(),
-                step.sql_postgres.as_ref(),
-                step.sql_sqlite.as_ref(),
-            ];
-            for sql in texts.into_iter().flatten() {
-                let names = match parse_names(sql) {
+            // Each text as each backend that runs it reads it.
+            let backends = [Backend::MySql, Backend::Postgres, Backend::Sqlite];
+            let mut problems: Vec<(String, Vec<Backend>)> = Vec::new();
+            for backend in backends {
+                let names = match parse_names(step.sql_for(backend), backend) {
                     Ok(n) => n,
                     Err(problem) => {
-                        errors.push(err(&at, problem));
+                        match problems.iter_mut().find(|(p, _)| *p == problem) {
+                            Some((_, on)) => on.push(backend),
+                            None => problems.push((problem, vec![backend])),
+                        }
                         continue;
                     }
                 };
                 for ph in names {
-                    match ph {
+                    let problem = match ph {
                         Placeholder::Param(p) => {
                             if op.params.contains_key(&p) {
                                 used.insert(p);
-                            } else if !BUILTINS.contains(&p.as_str()) {
-                                errors.push(err(&at, format!("unknown parameter `:{p}`")));
+                                continue;
+                            } else if BUILTINS.contains(&p.as_str()) {
+                                continue;
                             }
+                            format!("unknown parameter `:{p}`")
                         }
                         Placeholder::Column(s, _) => {
                             if later.contains(&s.as_str()) || s == step.name {
-                                errors.push(err(
-                                    &at,
-                                    format!("`:{s}.…` refers to a step that has not run yet"),
-                                ));
+                                format!("`:{s}.…` refers to a step that has not run yet")
                             } else if !seen_steps.contains(&s.as_str()) {
-                                errors.push(err(&at, format!("`:{s}.…` refers to no step")));
+                                format!("`:{s}.…` refers to no step")
+                            } else {
+                                continue;
                             }
                         }
+                    };
+                    match problems.iter_mut().find(|(p, _)| *p == problem) {
+                        Some((_, on)) if !on.contains(&backend) => on.push(backend),
+                        Some(_) => {}
+                        None => problems.push((problem, vec![backend])),
                     }
+                }
+            }
+            for (problem, on) in problems {
+                if on.len() == backends.len() {
+                    errors.push(err(&at, problem));
+                } else {
+                    let names: Vec<&str> = on.iter().map(|b| backend_name(*b)).collect();
+                    errors.push(err(
+                        &at,
+                        format!("{problem} (as {} read it)", names.join(" and ")),
+                    ));
                 }
             }
             if step.expect_rows.is_some()
@@ -255,6 +272,14 @@ pub fn check(ops: &OpsFile) -> (Vec<SpecError>, Vec<SpecError>) {
         }
     }
     (errors, warnings)
+}
+
+fn backend_name(b: Backend) -> &'static str {
+    match b {
+        Backend::MySql => "MySQL/MariaDB",
+        Backend::Postgres => "PostgreSQL",
+        Backend::Sqlite => "SQLite",
+    }
 }
 
 fn valid_ident(s: &str) -> bool {
