@@ -1,7 +1,11 @@
 //! Running an operation: bind the payload, run each step in the job's
 //! transaction, check its expectations, and compose the result. Column values map
-//! to JSON faithfully: integers stay integers, decimals become strings, timestamps
-//! RFC 3339, NULL null, JSON columns JSON, bytes base64.
+//! to JSON faithfully: integers stay integers, decimals become strings in plain
+//! notation with their scale, timestamps RFC 3339, NULL null, JSON columns JSON
+//! (every digit of their numbers kept), bytes base64.
+//!
+//! A value a later step refers to (`:step.column`) is bound again as the database
+//! gave it, with its own type, never from its JSON form.
 //!
 //! Whether a step yields rows or an affected count is what the database says of
 //! its prepared statement (result columns or none), never a guess from the text:
@@ -12,21 +16,55 @@ use std::sync::{Arc, OnceLock};
 
 use base64::Engine as _;
 use futures_util::TryStreamExt as _;
-use serde_json::{Map, Value as Json};
+use serde_json::value::RawValue;
+use sqlx::mysql::types::MySqlTime;
 use sqlx::types::BigDecimal;
-use sqlx::types::chrono::{DateTime, NaiveDate, NaiveDateTime, NaiveTime, Utc};
+use sqlx::types::chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
 use sqlx::{
     AssertSqlSafe, Column as _, Either, Executor as _, Row as _, SqlSafeStr as _, TypeInfo as _,
     ValueRef as _,
 };
 
 use super::params::{ParamSpec, ParamType, Value, bind_payload};
+use super::pg::{self, PgRaw};
 use super::spec::{Operation, ResultSpec, SpecError};
 use super::sql::{Placeholder, compile};
 use crate::db::{Backend, Tx};
 use crate::{Handler, JobError, JobMeta};
 
-type Row = Map<String, Json>;
+/// One row: each column's name and JSON text, and for a step's first row (the one
+/// `:step.column` reads) each column's value as the database gave it.
+#[derive(Debug)]
+struct Row {
+    cells: Vec<(String, Box<RawValue>)>,
+    typed: Vec<Typed>,
+}
+
+/// A column value as the database gave it, to bind again with its own type.
+#[derive(Debug, Clone)]
+enum Typed {
+    Null,
+    Int(i64),
+    UInt(u64),
+    F32(f32),
+    F64(f64),
+    /// MySQL DECIMAL, in plain notation.
+    Decimal(String),
+    Text(String),
+    Bytes(Vec<u8>),
+    Bool(bool),
+    Date(NaiveDate),
+    DateTime(NaiveDateTime),
+    Timestamp(DateTime<Utc>),
+    Time(MySqlTime),
+    Pg(PgRaw),
+}
+
+/// What one placeholder binds.
+enum Arg {
+    Param(Value),
+    Column(Typed),
+}
 
 /// A job type defined by an operation of the file.
 #[derive(Debug)]
@@ -34,6 +72,15 @@ pub struct OpsHandler {
     params: BTreeMap<String, ParamSpec>,
     steps: Vec<CompiledStep>,
     result: ResultSpec,
+}
+
+impl OpsHandler {
+    /// Checks a payload (a JSON text) against the operation's parameters, as a job
+    /// does before it runs any step: `Err` is the `invalid_parameter` message.
+    pub fn check_payload(&self, payload: &str) -> Result<(), String> {
+        let raw = serde_json::from_str::<&RawValue>(payload).map_err(|e| e.to_string())?;
+        bind_payload(&self.params, raw).map(drop)
+    }
 }
 
 #[derive(Debug)]
@@ -96,10 +143,15 @@ impl OpsHandler {
 }
 
 impl Handler for OpsHandler {
-    type Payload = Json;
-    type Output = Json;
+    type Payload = Box<RawValue>;
+    type Output = Box<RawValue>;
 
-    async fn handle(&self, tx: &mut Tx, payload: Json, meta: &JobMeta) -> Result<Json, JobError> {
+    async fn handle(
+        &self,
+        tx: &mut Tx,
+        payload: Box<RawValue>,
+        meta: &JobMeta,
+    ) -> Result<Box<RawValue>, JobError> {
         let mut values = bind_payload(&self.params, &payload)
             .map_err(|e| JobError::reject("invalid_parameter", e))?;
         let text = |s: &Option<String>| {
@@ -112,14 +164,19 @@ impl Handler for OpsHandler {
             "$attempt".into(),
             Value::Integer(i64::from(meta.delivery_attempt)),
         );
-        values.insert("$now".into(), Value::Timestamp(Utc::now()));
+        // To the microsecond, the finest any of the databases keeps.
+        let now = Utc::now();
+        let now = DateTime::from_timestamp_micros(now.timestamp_micros()).unwrap_or(now);
+        values.insert("$now".into(), Value::Timestamp(now));
 
         let mut done: Vec<(&str, Vec<Row>)> = Vec::new();
         for step in &self.steps {
             let mut args = Vec::with_capacity(step.binds.len());
             for b in &step.binds {
                 args.push(match b {
-                    Placeholder::Param(p) => values.get(p).cloned().unwrap_or(Value::Null(None)),
+                    Placeholder::Param(p) => {
+                        Arg::Param(values.get(p).cloned().unwrap_or(Value::Null(None)))
+                    }
                     Placeholder::Column(s, c) => {
                         let rows = done.iter().find(|(n, _)| n == s).map(|(_, r)| r);
                         let Some(row) = rows.and_then(|r| r.first()) else {
@@ -131,13 +188,13 @@ impl Handler for OpsHandler {
                                 ),
                             ));
                         };
-                        let Some(v) = row.get(c) else {
+                        let Some(at) = row.cells.iter().position(|(n, _)| n == c) else {
                             return Err(JobError::permanent(format!(
                                 "step `{}`: step `{s}` has no column `{c}`",
                                 step.name
                             )));
                         };
-                        Value::from_json(v)
+                        Arg::Column(row.typed[at].clone())
                     }
                 });
             }
@@ -161,60 +218,71 @@ impl Handler for OpsHandler {
             }
             done.push((&step.name, rows));
         }
-        let shape = |name: &str| -> Json {
+        let object = |row: &Row| {
+            let cells: Vec<String> = row
+                .cells
+                .iter()
+                .map(|(k, v)| format!("{}:{}", pg::quote(k), v.get()))
+                .collect();
+            format!("{{{}}}", cells.join(","))
+        };
+        let shape = |name: &str| -> String {
             let Some((_, rows)) = done.iter().find(|(n, _)| *n == name) else {
-                return Json::Null;
+                return "null".into();
             };
             let single = self.steps.iter().any(|s| s.name == name && s.single_row);
             if single {
-                rows.first().cloned().map_or(Json::Null, Json::Object)
+                rows.first().map_or_else(|| "null".into(), object)
             } else {
-                Json::Array(rows.iter().cloned().map(Json::Object).collect())
+                let all: Vec<String> = rows.iter().map(object).collect();
+                format!("[{}]", all.join(","))
             }
         };
-        Ok(match &self.result {
+        let out = match &self.result {
             ResultSpec::Step(s) => shape(s),
             ResultSpec::Object(m) => {
-                Json::Object(m.iter().map(|(k, s)| (k.clone(), shape(s))).collect())
+                let parts: Vec<String> = m
+                    .iter()
+                    .map(|(k, s)| format!("{}:{}", pg::quote(k), shape(s)))
+                    .collect();
+                format!("{{{}}}", parts.join(","))
             }
-        })
+        };
+        RawValue::from_string(out)
+            .map_err(|e| JobError::permanent(format!("internal: a result that is not JSON: {e}")))
     }
 }
 
-/// Binds `args` and runs the step; returns its rows as JSON and its count: the
-/// rows' number for a statement with result columns, else the affected rows.
+/// Binds `args` and runs the step; returns its rows and its count: the rows'
+/// number for a statement with result columns, else the affected rows.
 async fn run(
     tx: &mut Tx,
     step: &CompiledStep,
-    args: Vec<Value>,
-) -> Result<(Vec<Row>, u64), sqlx::Error> {
-    let (sql, json_columns) = (&step.sql, step.json_columns.as_slice());
+    args: Vec<Arg>,
+) -> Result<(Vec<Row>, u64), JobError> {
+    let sql = &step.sql;
     macro_rules! bind_and_run {
-        ($c:expr, $decode:ident, $decimal:expr, $null:ident) => {{
+        ($c:expr, $decode:ident, $bind:ident) => {{
             let mut q = sqlx::query(AssertSqlSafe(sql.clone()));
-            for v in args {
-                q = match v {
-                    Value::Null(t) => $null(q, t),
-                    Value::Integer(i) => q.bind(i),
-                    Value::Float(f) => q.bind(f),
-                    Value::Decimal(d) => q.bind($decimal(d)),
-                    Value::String(s) => q.bind(s),
-                    Value::Bool(b) => q.bind(b),
-                    Value::Json(j) => q.bind(sqlx::types::Json(j)),
-                    Value::Timestamp(t) => q.bind(t),
-                    Value::Date(d) => q.bind(d),
-                    Value::Bytes(b) => q.bind(b),
-                };
+            for a in args {
+                q = $bind(q, a)
+                    .map_err(|e| JobError::permanent(format!("step `{}`: {e}", step.name)))?;
             }
             // One call for either kind of statement: its rows, if it has any,
             // and its affected count; which of the two counts is decided below.
-            let mut rows = Vec::new();
+            let mut rows: Vec<Row> = Vec::new();
             let mut affected = 0;
             let mut results = (&mut *$c).fetch_many(q);
             while let Some(result) = results.try_next().await? {
                 match result {
                     Either::Left(done) => affected += done.rows_affected(),
-                    Either::Right(row) => rows.push($decode(&row, json_columns)?),
+                    Either::Right(row) => {
+                        if rows.is_empty() {
+                            unique_names(&row, step)?;
+                        }
+                        let decoded = $decode(&row, step, rows.is_empty())?;
+                        rows.push(decoded);
+                    }
                 }
             }
             drop(results);
@@ -238,14 +306,26 @@ async fn run(
             })
         }};
     }
-    let same = |d: BigDecimal| d;
-    let text = |d: BigDecimal| d.to_string();
     match tx.conn() {
-        crate::Conn::MySql(c) => bind_and_run!(c, decode_mysql, same, null_mysql),
-        crate::Conn::Postgres(c) => bind_and_run!(c, decode_pg, same, null_pg),
-        // SQLite has no decimal type: decimals are stored as text, exactly.
-        crate::Conn::Sqlite(c) => bind_and_run!(c, decode_sqlite, text, null_sqlite),
+        crate::Conn::MySql(c) => bind_and_run!(c, decode_mysql, bind_mysql),
+        crate::Conn::Postgres(c) => bind_and_run!(c, decode_pg, bind_pg),
+        crate::Conn::Sqlite(c) => bind_and_run!(c, decode_sqlite, bind_sqlite),
     }
+}
+
+/// Two result columns of one name would collapse into one key of the reply.
+fn unique_names(row: &impl sqlx::Row, step: &CompiledStep) -> Result<(), JobError> {
+    let columns = row.columns();
+    for (i, col) in columns.iter().enumerate() {
+        if columns[..i].iter().any(|c| c.name() == col.name()) {
+            return Err(JobError::permanent(format!(
+                "step `{}` returns two columns named `{}`: give them distinct names (AS …)",
+                step.name,
+                col.name()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Whether a statement yields rows (read them) or only a count (affected rows):
@@ -267,156 +347,357 @@ fn has_columns(statement: impl sqlx::Statement) -> bool {
 
 type Q<'q, DB> = sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments>;
 
-fn null_mysql(q: Q<'_, sqlx::MySql>, _: Option<ParamType>) -> Q<'_, sqlx::MySql> {
-    q.bind(None::<String>)
+/// More digits than this on either side of the point, and a decimal is out of
+/// range of every database (PostgreSQL's NUMERIC holds 131072 before the point).
+const MAX_PLAIN_DIGITS: i64 = 200_000;
+
+/// A decimal in plain notation (`0.0000001000`, `100000`), scale kept; `None` when
+/// that text would be absurdly long.
+fn plain(d: &BigDecimal) -> Option<String> {
+    let scale = d.fractional_digit_count();
+    let digits = i64::try_from(d.digits()).unwrap_or(i64::MAX);
+    (scale.abs() <= MAX_PLAIN_DIGITS && digits <= MAX_PLAIN_DIGITS).then(|| d.to_plain_string())
 }
 
-fn null_sqlite(q: Q<'_, sqlx::Sqlite>, _: Option<ParamType>) -> Q<'_, sqlx::Sqlite> {
-    q.bind(None::<String>)
-}
+/// A decimal as MySQL reads it: DECIMAL in text, plain notation.
+#[derive(Debug)]
+struct MyDecimal(String);
 
-/// PostgreSQL types every parameter, so a NULL carries its declared type.
-fn null_pg(q: Q<'_, sqlx::Postgres>, t: Option<ParamType>) -> Q<'_, sqlx::Postgres> {
-    match t {
-        Some(ParamType::Integer) => q.bind(None::<i64>),
-        Some(ParamType::Float) => q.bind(None::<f64>),
-        Some(ParamType::Decimal) => q.bind(None::<BigDecimal>),
-        Some(ParamType::Bool) => q.bind(None::<bool>),
-        Some(ParamType::Json) => q.bind(None::<sqlx::types::Json<Json>>),
-        Some(ParamType::Timestamp) => q.bind(None::<DateTime<Utc>>),
-        Some(ParamType::Date) => q.bind(None::<NaiveDate>),
-        Some(ParamType::Bytes) => q.bind(None::<Vec<u8>>),
-        Some(ParamType::String) | None => q.bind(None::<String>),
+impl sqlx::Type<sqlx::MySql> for MyDecimal {
+    fn type_info() -> sqlx::mysql::MySqlTypeInfo {
+        <BigDecimal as sqlx::Type<sqlx::MySql>>::type_info()
     }
 }
 
-fn b64(bytes: &[u8]) -> Json {
-    Json::String(base64::engine::general_purpose::STANDARD.encode(bytes))
+impl sqlx::Encode<'_, sqlx::MySql> for MyDecimal {
+    fn encode_by_ref(
+        &self,
+        buf: &mut Vec<u8>,
+    ) -> Result<sqlx::encode::IsNull, sqlx::error::BoxDynError> {
+        // On the wire a DECIMAL is its text, as a string is.
+        <&str as sqlx::Encode<sqlx::MySql>>::encode(self.0.as_str(), buf)
+    }
 }
 
-fn num(f: f64) -> Json {
-    serde_json::Number::from_f64(f).map_or(Json::Null, Json::Number)
+fn bind_mysql(q: Q<'_, sqlx::MySql>, arg: Arg) -> Result<Q<'_, sqlx::MySql>, String> {
+    Ok(match arg {
+        Arg::Param(v) => match v {
+            Value::Null(_) => q.bind(None::<String>),
+            Value::Integer(i) => q.bind(i),
+            Value::Float(f) => q.bind(f),
+            // Scientific notation when the plain one would be absurd: MySQL says
+            // it is out of range.
+            Value::Decimal(d) => q.bind(MyDecimal(plain(&d).unwrap_or_else(|| d.to_string()))),
+            Value::String(s) => q.bind(s),
+            Value::Bool(b) => q.bind(b),
+            Value::Json(j) => q.bind(j.get().to_owned()),
+            Value::Timestamp(t) => q.bind(t),
+            Value::Date(d) => q.bind(d),
+            Value::Bytes(b) => q.bind(b),
+        },
+        Arg::Column(t) => match t {
+            Typed::Null => q.bind(None::<String>),
+            Typed::Int(i) => q.bind(i),
+            Typed::UInt(u) => q.bind(u),
+            Typed::F32(f) => q.bind(f),
+            Typed::F64(f) => q.bind(f),
+            Typed::Decimal(d) => q.bind(MyDecimal(d)),
+            Typed::Text(s) => q.bind(s),
+            Typed::Bytes(b) => q.bind(b),
+            Typed::Bool(b) => q.bind(b),
+            Typed::Date(d) => q.bind(d),
+            Typed::DateTime(t) => q.bind(t),
+            Typed::Timestamp(t) => q.bind(t),
+            Typed::Time(t) => q.bind(t),
+            Typed::Pg(_) => return Err("internal: a PostgreSQL value bound on MySQL".into()),
+        },
+    })
 }
 
-fn rfc3339(t: DateTime<Utc>) -> Json {
-    Json::String(t.format("%Y-%m-%dT%H:%M:%S%.fZ").to_string())
+fn bind_pg(q: Q<'_, sqlx::Postgres>, arg: Arg) -> Result<Q<'_, sqlx::Postgres>, String> {
+    Ok(match arg {
+        Arg::Param(v) => match v {
+            // PostgreSQL types every parameter, so a NULL carries its declared type.
+            Value::Null(t) => match t {
+                Some(ParamType::Integer) => q.bind(None::<i64>),
+                Some(ParamType::Float) => q.bind(None::<f64>),
+                Some(ParamType::Decimal) => q.bind(None::<BigDecimal>),
+                Some(ParamType::Bool) => q.bind(None::<bool>),
+                Some(ParamType::Json) => q.bind(None::<sqlx::types::Json<()>>),
+                Some(ParamType::Timestamp) => q.bind(None::<DateTime<Utc>>),
+                Some(ParamType::Date) => q.bind(None::<NaiveDate>),
+                Some(ParamType::Bytes) => q.bind(None::<Vec<u8>>),
+                Some(ParamType::String) | None => q.bind(None::<String>),
+            },
+            Value::Integer(i) => q.bind(i),
+            Value::Float(f) => q.bind(f),
+            // NUMERIC in binary: exact, scale kept.
+            Value::Decimal(d) => q.bind(d),
+            Value::String(s) => q.bind(s),
+            Value::Bool(b) => q.bind(b),
+            Value::Json(j) => q.bind(sqlx::types::Json(j.raw().to_owned())),
+            Value::Timestamp(t) => q.bind(t),
+            Value::Date(d) => q.bind(d),
+            Value::Bytes(b) => q.bind(b),
+        },
+        Arg::Column(Typed::Pg(raw)) => q.bind(raw),
+        Arg::Column(_) => {
+            return Err("internal: a value of another database bound on PostgreSQL".into());
+        }
+    })
 }
 
-/// A zone-less timestamp is taken as UTC.
-fn naive(t: NaiveDateTime) -> Json {
-    rfc3339(t.and_utc())
+/// SQLite's own text form of a timestamp, UTC: `YYYY-MM-DD HH:MM:SS` and the
+/// fraction when there is one (`.SSS` or `.SSSSSS`), as `CURRENT_TIMESTAMP`
+/// and `datetime()` write it, so that text comparisons with them hold.
+pub(super) fn sqlite_timestamp(t: DateTime<Utc>) -> String {
+    t.format("%Y-%m-%d %H:%M:%S%.f").to_string()
 }
 
-macro_rules! get {
-    ($row:expr, $i:expr, $t:ty, $f:expr) => {
-        $row.try_get::<Option<$t>, _>($i)?.map_or(Json::Null, $f)
-    };
+fn bind_sqlite(q: Q<'_, sqlx::Sqlite>, arg: Arg) -> Result<Q<'_, sqlx::Sqlite>, String> {
+    Ok(match arg {
+        Arg::Param(v) => match v {
+            Value::Null(_) => q.bind(None::<String>),
+            Value::Integer(i) => q.bind(i),
+            Value::Float(f) => q.bind(f),
+            // SQLite has no decimal type: decimals are stored as text, exactly.
+            Value::Decimal(d) => q.bind(plain(&d).ok_or("decimal out of range")?),
+            Value::String(s) => q.bind(s),
+            Value::Bool(b) => q.bind(b),
+            Value::Json(j) => q.bind(j.get().to_owned()),
+            Value::Timestamp(t) => q.bind(sqlite_timestamp(t)),
+            Value::Date(d) => q.bind(d.format("%Y-%m-%d").to_string()),
+            Value::Bytes(b) => q.bind(b),
+        },
+        Arg::Column(t) => match t {
+            Typed::Null => q.bind(None::<String>),
+            Typed::Int(i) => q.bind(i),
+            Typed::F64(f) => q.bind(f),
+            Typed::Text(s) => q.bind(s),
+            Typed::Bytes(b) => q.bind(b),
+            _ => return Err("internal: a value of another database bound on SQLite".into()),
+        },
+    })
 }
 
-/// A column the step declared JSON: its text (or bytes, for binary collations)
-/// parsed.
-fn json_text(bytes: Option<Vec<u8>>, column: &str) -> Result<Json, sqlx::Error> {
-    let Some(bytes) = bytes else {
-        return Ok(Json::Null);
-    };
-    serde_json::from_slice(&bytes)
-        .map_err(|e| sqlx::Error::Decode(format!("column `{column}` is not JSON: {e}").into()))
+fn b64(bytes: &[u8]) -> String {
+    pg::quote(&base64::engine::general_purpose::STANDARD.encode(bytes))
 }
 
-fn decode_mysql(row: &sqlx::mysql::MySqlRow, json_columns: &[String]) -> Result<Row, sqlx::Error> {
-    let mut out = Map::new();
+/// RFC 3339 in UTC: `2024-05-06T07:08:09.123456Z`.
+pub(super) fn rfc3339(t: DateTime<Utc>) -> String {
+    t.format("%Y-%m-%dT%H:%M:%S%.fZ").to_string()
+}
+
+fn column_error(step: &CompiledStep, column: &str, problem: impl std::fmt::Display) -> JobError {
+    JobError::permanent(format!(
+        "step `{}`, column `{column}`: {problem}",
+        step.name
+    ))
+}
+
+/// A column the step declared JSON: its text, checked.
+fn json_text(bytes: &[u8], step: &CompiledStep, column: &str) -> Result<String, JobError> {
+    let text = std::str::from_utf8(bytes).map_err(|_| column_error(step, column, "not JSON"))?;
+    serde_json::from_str::<&RawValue>(text)
+        .map(|r| r.get().to_owned())
+        .map_err(|e| column_error(step, column, format!("not JSON: {e}")))
+}
+
+fn finish(
+    step: &CompiledStep,
+    cells: Vec<(String, String)>,
+    typed: Vec<Typed>,
+) -> Result<Row, JobError> {
+    let cells = cells
+        .into_iter()
+        .map(|(name, json)| {
+            RawValue::from_string(json)
+                .map(|raw| (name.clone(), raw))
+                .map_err(|e| column_error(step, &name, format!("internal: not JSON: {e}")))
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(Row { cells, typed })
+}
+
+fn decode_mysql(
+    row: &sqlx::mysql::MySqlRow,
+    step: &CompiledStep,
+    keep: bool,
+) -> Result<Row, JobError> {
+    let mut cells = Vec::new();
+    let mut typed = Vec::new();
     for (i, col) in row.columns().iter().enumerate() {
+        let name = col.name();
         let ty = col.type_info().name();
-        let v = match ty {
-            // MariaDB's JSON is LONGTEXT (or LONGBLOB under a binary collation).
-            _ if json_columns.iter().any(|c| c == col.name()) && ty != "JSON" => {
-                json_text(row.try_get::<Option<Vec<u8>>, _>(i)?, col.name())?
+        let is_json = step.json_columns.iter().any(|c| c == name);
+        macro_rules! get {
+            ($t:ty) => {
+                row.try_get::<$t, _>(i)
+                    .map_err(|e| column_error(step, name, e))?
+            };
+        }
+        let (json, value) = if row.try_get_raw(i)?.is_null() {
+            ("null".to_owned(), Typed::Null)
+        } else {
+            match ty {
+                // MariaDB's JSON is LONGTEXT (or LONGBLOB under a binary collation).
+                "JSON" => {
+                    let s: String = get!(String);
+                    (json_text(s.as_bytes(), step, name)?, Typed::Text(s))
+                }
+                _ if is_json => {
+                    let b: Vec<u8> = get!(Vec<u8>);
+                    let json = json_text(&b, step, name)?;
+                    match String::from_utf8(b) {
+                        Ok(s) => (json, Typed::Text(s)),
+                        Err(e) => (json, Typed::Bytes(e.into_bytes())),
+                    }
+                }
+                "NULL" => ("null".to_owned(), Typed::Null),
+                "BOOLEAN" => {
+                    let b: bool = get!(bool);
+                    (b.to_string(), Typed::Bool(b))
+                }
+                "TINYINT" | "SMALLINT" | "INT" | "MEDIUMINT" | "BIGINT" => {
+                    let n: i64 = get!(i64);
+                    (n.to_string(), Typed::Int(n))
+                }
+                // Two bytes on the wire, which sqlx does not call an integer.
+                "YEAR" => {
+                    let n = row
+                        .try_get_unchecked::<i64, _>(i)
+                        .map_err(|e| column_error(step, name, e))?;
+                    (n.to_string(), Typed::Int(n))
+                }
+                t if t.ends_with("UNSIGNED") => {
+                    let n: u64 = get!(u64);
+                    (n.to_string(), Typed::UInt(n))
+                }
+                "FLOAT" => {
+                    let f: f32 = get!(f32);
+                    (pg::float4(f), Typed::F32(f))
+                }
+                "DOUBLE" => {
+                    let f: f64 = get!(f64);
+                    (pg::float(f), Typed::F64(f))
+                }
+                "DECIMAL" => {
+                    let d: BigDecimal = get!(BigDecimal);
+                    let s = d.to_plain_string();
+                    (pg::quote(&s), Typed::Decimal(s))
+                }
+                "DATE" => {
+                    let d: NaiveDate = get!(NaiveDate);
+                    (pg::quote(&d.format("%Y-%m-%d").to_string()), Typed::Date(d))
+                }
+                "TIME" => {
+                    let t: MySqlTime = get!(MySqlTime);
+                    let mut s = format!(
+                        "{}{:02}:{:02}:{:02}",
+                        // (not `t.is_negative()`, which sqlx 0.9 has backwards)
+                        if t.sign().is_negative() { "-" } else { "" },
+                        t.hours(),
+                        t.minutes(),
+                        t.seconds()
+                    );
+                    let us = t.microseconds();
+                    if us % 1000 != 0 {
+                        s.push_str(&format!(".{us:06}"));
+                    } else if us != 0 {
+                        s.push_str(&format!(".{:03}", us / 1000));
+                    }
+                    (pg::quote(&s), Typed::Time(t))
+                }
+                // A zone-less timestamp is taken as UTC.
+                "DATETIME" => {
+                    let t: NaiveDateTime = get!(NaiveDateTime);
+                    (pg::quote(&rfc3339(t.and_utc())), Typed::DateTime(t))
+                }
+                "TIMESTAMP" => {
+                    let t: DateTime<Utc> = get!(DateTime<Utc>);
+                    (pg::quote(&rfc3339(t)), Typed::Timestamp(t))
+                }
+                // BIT(n): the number its bits make.
+                "BIT" => {
+                    let n: u64 = get!(u64);
+                    (n.to_string(), Typed::UInt(n))
+                }
+                // Text is what has a character set: the BINARY flag (which sqlx
+                // names BINARY, VARBINARY, BLOB…) is set for `_bin` collations,
+                // MariaDB's UUID and INET6 too.
+                _ if <str as sqlx::Type<sqlx::MySql>>::compatible(col.type_info()) => {
+                    let s: String = get!(String);
+                    (pg::quote(&s), Typed::Text(s))
+                }
+                _ => {
+                    let b: Vec<u8> = row
+                        .try_get_unchecked::<Vec<u8>, _>(i)
+                        .map_err(|e| column_error(step, name, e))?;
+                    (b64(&b), Typed::Bytes(b))
+                }
             }
-            "NULL" => Json::Null,
-            "BOOLEAN" => get!(row, i, bool, Json::Bool),
-            "TINYINT" | "SMALLINT" | "INT" | "MEDIUMINT" | "BIGINT" | "YEAR" => {
-                get!(row, i, i64, Json::from)
-            }
-            t if t.ends_with("UNSIGNED") => get!(row, i, u64, Json::from),
-            "FLOAT" => get!(row, i, f32, |f| num(f64::from(f))),
-            "DOUBLE" => get!(row, i, f64, num),
-            "DECIMAL" => get!(row, i, BigDecimal, |d| Json::String(d.to_string())),
-            "DATE" => get!(row, i, NaiveDate, |d| Json::String(d.to_string())),
-            "TIME" => get!(row, i, NaiveTime, |t| Json::String(t.to_string())),
-            "DATETIME" => get!(row, i, NaiveDateTime, naive),
-            "TIMESTAMP" => get!(row, i, DateTime<Utc>, rfc3339),
-            "JSON" => get!(row, i, sqlx::types::Json<Json>, |j| j.0),
-            "BINARY" | "VARBINARY" | "TINYBLOB" | "BLOB" | "MEDIUMBLOB" | "LONGBLOB" | "BIT" => {
-                get!(row, i, Vec<u8>, |b| b64(&b))
-            }
-            _ => get!(row, i, String, Json::String),
         };
-        out.insert(col.name().to_owned(), v);
+        cells.push((name.to_owned(), json));
+        if keep {
+            typed.push(value);
+        }
     }
-    Ok(out)
+    finish(step, cells, typed)
 }
 
-fn decode_pg(row: &sqlx::postgres::PgRow, json_columns: &[String]) -> Result<Row, sqlx::Error> {
-    let mut out = Map::new();
+fn decode_pg(
+    row: &sqlx::postgres::PgRow,
+    step: &CompiledStep,
+    keep: bool,
+) -> Result<Row, JobError> {
+    let mut cells = Vec::new();
+    let mut typed = Vec::new();
     for (i, col) in row.columns().iter().enumerate() {
-        let v = match col.type_info().name() {
-            "VOID" => Json::Null,
-            "BOOL" => get!(row, i, bool, Json::Bool),
-            "INT2" => get!(row, i, i16, Json::from),
-            "INT4" => get!(row, i, i32, Json::from),
-            "INT8" => get!(row, i, i64, Json::from),
-            "OID" => get!(row, i, sqlx::postgres::types::Oid, |o| Json::from(o.0)),
-            "FLOAT4" => get!(row, i, f32, |f| num(f64::from(f))),
-            "FLOAT8" => get!(row, i, f64, num),
-            "NUMERIC" => {
-                let scale = pg_display_scale(row, i)?;
-                get!(row, i, BigDecimal, |d| {
-                    let d = match scale {
-                        Some(s) => d.with_scale(s),
-                        None => d,
-                    };
-                    Json::String(d.to_string())
-                })
-            }
-            "DATE" => get!(row, i, NaiveDate, |d| Json::String(d.to_string())),
-            "TIME" => get!(row, i, NaiveTime, |t| Json::String(t.to_string())),
-            "TIMESTAMP" => get!(row, i, NaiveDateTime, naive),
-            "TIMESTAMPTZ" => get!(row, i, DateTime<Utc>, rfc3339),
-            "JSON" | "JSONB" => get!(row, i, sqlx::types::Json<Json>, |j| j.0),
-            "BYTEA" => get!(row, i, Vec<u8>, |b| b64(&b)),
-            "TEXT" | "VARCHAR" if json_columns.iter().any(|c| c == col.name()) => json_text(
-                row.try_get::<Option<String>, _>(i)?.map(String::into_bytes),
-                col.name(),
-            )?,
-            _ => get!(row, i, String, Json::String),
+        let name = col.name();
+        let ty = col.type_info();
+        let raw = row.try_get_raw(i)?;
+        let bytes = if raw.is_null() {
+            None
+        } else {
+            Some(raw.as_bytes().map_err(|e| column_error(step, name, e))?)
         };
-        out.insert(col.name().to_owned(), v);
+        let json = match bytes {
+            None => "null".to_owned(),
+            // Text columns the step declared JSON.
+            Some(b)
+                if step.json_columns.iter().any(|c| c == name)
+                    && matches!(ty.name(), "TEXT" | "VARCHAR" | "BPCHAR") =>
+            {
+                json_text(b, step, name)?
+            }
+            Some(b) if raw.format() == sqlx::postgres::PgValueFormat::Text => {
+                pg::quote(&String::from_utf8_lossy(b))
+            }
+            Some(b) => pg::to_json(ty, b).map_err(|e| column_error(step, name, e))?,
+        };
+        cells.push((name.to_owned(), json));
+        if keep {
+            typed.push(Typed::Pg(PgRaw {
+                ty: ty.clone(),
+                bytes: bytes.map(<[u8]>::to_vec),
+            }));
+        }
     }
-    Ok(out)
-}
-
-/// The display scale of a PostgreSQL NUMERIC (its declared or written number of
-/// decimals), which sqlx's BigDecimal drops: `12.50` must stay `12.50`. In the binary
-/// format it is the fourth 16-bit field.
-fn pg_display_scale(row: &sqlx::postgres::PgRow, i: usize) -> Result<Option<i64>, sqlx::Error> {
-    let raw = row.try_get_raw(i)?;
-    if raw.is_null() || raw.format() != sqlx::postgres::PgValueFormat::Binary {
-        return Ok(None);
-    }
-    let bytes = raw.as_bytes().map_err(sqlx::Error::Decode)?;
-    Ok(bytes
-        .get(6..8)
-        .map(|b| i64::from(u16::from_be_bytes([b[0], b[1]]))))
+    finish(step, cells, typed)
 }
 
 /// SQLite types values, not columns: decode by what the value is, refined by the
-/// declared type (BOOLEAN, JSON).
+/// declared type (BOOLEAN, DATETIME, TIMESTAMP, DATE) and `json_columns`.
 fn decode_sqlite(
     row: &sqlx::sqlite::SqliteRow,
-    json_columns: &[String],
-) -> Result<Row, sqlx::Error> {
-    let mut out = Map::new();
+    step: &CompiledStep,
+    keep: bool,
+) -> Result<Row, JobError> {
+    let mut cells = Vec::new();
+    let mut typed = Vec::new();
     for (i, col) in row.columns().iter().enumerate() {
+        let name = col.name();
         let declared = col.type_info().name().to_ascii_uppercase();
         let raw = row.try_get_raw(i)?;
         let storage = if raw.is_null() {
@@ -424,27 +705,53 @@ fn decode_sqlite(
         } else {
             raw.type_info().name().to_owned()
         };
-        let v = match storage.as_str() {
-            "NULL" => Json::Null,
-            "INTEGER" if declared == "BOOLEAN" => get!(row, i, bool, Json::Bool),
-            "TEXT" if matches!(declared.as_str(), "DATETIME" | "TIMESTAMP") => {
-                get!(row, i, DateTime<Utc>, rfc3339)
+        macro_rules! get {
+            ($t:ty) => {
+                row.try_get::<$t, _>(i)
+                    .map_err(|e| column_error(step, name, e))?
+            };
+        }
+        let (json, value) = match storage.as_str() {
+            "NULL" => ("null".to_owned(), Typed::Null),
+            "INTEGER" => {
+                let n: i64 = get!(i64);
+                let json = if declared == "BOOLEAN" {
+                    (n != 0).to_string()
+                } else {
+                    n.to_string()
+                };
+                (json, Typed::Int(n))
             }
-            "TEXT" if declared == "DATE" => {
-                get!(row, i, NaiveDate, |d| Json::String(d.to_string()))
+            "REAL" => {
+                let f: f64 = get!(f64);
+                (pg::float(f), Typed::F64(f))
             }
-            "INTEGER" | "BOOLEAN" => get!(row, i, i64, Json::from),
-            "REAL" => get!(row, i, f64, num),
-            "BLOB" => get!(row, i, Vec<u8>, |b| b64(&b)),
-            "TEXT" if declared == "JSON" || json_columns.iter().any(|c| c == col.name()) => {
-                json_text(
-                    row.try_get::<Option<String>, _>(i)?.map(String::into_bytes),
-                    col.name(),
-                )?
+            "BLOB" => {
+                let b: Vec<u8> = get!(Vec<u8>);
+                (b64(&b), Typed::Bytes(b))
             }
-            _ => get!(row, i, String, Json::String),
+            _ => {
+                let s: String = get!(String);
+                // (sqlx cannot say that a column was declared JSON: such columns
+                // are listed in `json_columns`, as on MariaDB.)
+                let json = if step.json_columns.iter().any(|c| c == name) {
+                    json_text(s.as_bytes(), step, name)?
+                } else if matches!(declared.as_str(), "DATETIME" | "TIMESTAMP") {
+                    let t: DateTime<Utc> = get!(DateTime<Utc>);
+                    pg::quote(&rfc3339(t))
+                } else if declared == "DATE" {
+                    let d: NaiveDate = get!(NaiveDate);
+                    pg::quote(&d.format("%Y-%m-%d").to_string())
+                } else {
+                    pg::quote(&s)
+                };
+                (json, Typed::Text(s))
+            }
         };
-        out.insert(col.name().to_owned(), v);
+        cells.push((name.to_owned(), json));
+        if keep {
+            typed.push(value);
+        }
     }
-    Ok(out)
+    finish(step, cells, typed)
 }

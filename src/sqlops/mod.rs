@@ -6,6 +6,7 @@
 
 mod exec;
 mod params;
+mod pg;
 mod schema;
 mod spec;
 mod sql;
@@ -13,7 +14,7 @@ mod sql;
 use std::path::Path;
 
 pub use exec::OpsHandler;
-pub use params::{ParamSpec, ParamType, Value};
+pub use params::{JsonText, ParamSpec, ParamType, Value};
 pub use schema::schemas;
 pub use spec::{Operation, OpsFile, ParamDecl, ResultSpec, SpecError, Step, check};
 pub use sql::{Compiled, Placeholder, compile, parse_names};
@@ -214,19 +215,20 @@ mod tests {
             ("note".to_owned(), spec(ParamType::String, true)),
         ]
         .into();
-        let ok =
-            params::bind_payload(&params, &serde_json::json!({"n": 1, "d": "12.50"})).expect("ok");
+        let check = |payload: serde_json::Value| {
+            let raw = serde_json::value::to_raw_value(&payload).expect("json");
+            params::bind_payload(&params, &raw)
+        };
+        let ok = check(serde_json::json!({"n": 1, "d": "12.50"})).expect("ok");
         assert_eq!(ok["n"], Value::Integer(1));
         assert_eq!(ok["note"], Value::Null(Some(ParamType::String)));
-        let e = params::bind_payload(&params, &serde_json::json!({"d": "1"})).unwrap_err();
+        let e = check(serde_json::json!({"d": "1"})).unwrap_err();
         assert_eq!(e, "parameter `n` is missing");
-        let e =
-            params::bind_payload(&params, &serde_json::json!({"n": "1", "d": "1"})).unwrap_err();
+        let e = check(serde_json::json!({"n": "1", "d": "1"})).unwrap_err();
         assert_eq!(e, "parameter `n` must be integer");
-        let e = params::bind_payload(&params, &serde_json::json!({"n": 1, "d": "1", "x": 2}))
-            .unwrap_err();
+        let e = check(serde_json::json!({"n": 1, "d": "1", "x": 2})).unwrap_err();
         assert_eq!(e, "unknown parameter `x`");
-        let e = params::bind_payload(&params, &serde_json::json!({"n": 1, "d": "1e"})).unwrap_err();
+        let e = check(serde_json::json!({"n": 1, "d": "1e"})).unwrap_err();
         assert_eq!(e, "parameter `d` must be decimal");
     }
 }

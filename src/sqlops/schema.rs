@@ -3,22 +3,33 @@
 
 use serde_json::{Value as Json, json};
 
-use super::params::ParamType;
+use super::params::{BASE64_PATTERN, DATE_PATTERN, DECIMAL_PATTERN, ParamType, TIMESTAMP_PATTERN};
 use super::spec::OpsFile;
 
+/// Exactly what the worker accepts for each type: a payload valid against the
+/// schema passes the worker's checks, and one invalid is rejected. (A validator
+/// that reads numbers as 64-bit floats cannot see beyond them: `1e400`, or a
+/// decimal with an exponent of more than 18 digits, are the worker's to refuse.)
 fn type_schema(t: ParamType) -> Json {
     match t {
-        ParamType::Integer => json!({"type": "integer"}),
+        ParamType::Integer => json!({
+            "type": "integer",
+            "minimum": i64::MIN,
+            "maximum": i64::MAX,
+        }),
         ParamType::Float => json!({"type": "number"}),
-        ParamType::Decimal => {
-            json!({"type": ["string", "number"], "pattern": "^-?[0-9]+(\\.[0-9]+)?$"})
-        }
+        ParamType::Decimal => json!({"type": ["string", "number"], "pattern": DECIMAL_PATTERN}),
         ParamType::String => json!({"type": "string"}),
         ParamType::Bool => json!({"type": "boolean"}),
-        ParamType::Json => json!({}),
-        ParamType::Timestamp => json!({"type": "string", "format": "date-time"}),
-        ParamType::Date => json!({"type": "string", "format": "date"}),
-        ParamType::Bytes => json!({"type": "string", "contentEncoding": "base64"}),
+        // Anything but null, which only a nullable parameter takes.
+        ParamType::Json => json!({"not": {"type": "null"}}),
+        ParamType::Timestamp => {
+            json!({"type": "string", "format": "date-time", "pattern": TIMESTAMP_PATTERN})
+        }
+        ParamType::Date => json!({"type": "string", "format": "date", "pattern": DATE_PATTERN}),
+        ParamType::Bytes => {
+            json!({"type": "string", "contentEncoding": "base64", "pattern": BASE64_PATTERN})
+        }
     }
 }
 

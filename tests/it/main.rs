@@ -15,6 +15,7 @@ mod hardening;
 mod http_port;
 mod observe;
 mod ops;
+mod ops_types;
 mod roundtrip;
 mod submit;
 mod transfers;
