@@ -36,7 +36,8 @@ use crate::{Handler, JobError, JobMeta};
 /// `:step.column` reads) each column's value as the database gave it.
 #[derive(Debug)]
 struct Row {
-    cells: Vec<(String, Box<RawValue>)>,
+    /// JSON texts made here or checked as JSON: the reply is checked once whole.
+    cells: Vec<(String, String)>,
     typed: Vec<Typed>,
 }
 
@@ -222,7 +223,7 @@ impl Handler for OpsHandler {
             let cells: Vec<String> = row
                 .cells
                 .iter()
-                .map(|(k, v)| format!("{}:{}", pg::quote(k), v.get()))
+                .map(|(k, v)| format!("{}:{v}", pg::quote(k)))
                 .collect();
             format!("{{{}}}", cells.join(","))
         };
@@ -504,22 +505,6 @@ fn json_text(bytes: &[u8], step: &CompiledStep, column: &str) -> Result<String, 
         .map_err(|e| column_error(step, column, format!("not JSON: {e}")))
 }
 
-fn finish(
-    step: &CompiledStep,
-    cells: Vec<(String, String)>,
-    typed: Vec<Typed>,
-) -> Result<Row, JobError> {
-    let cells = cells
-        .into_iter()
-        .map(|(name, json)| {
-            RawValue::from_string(json)
-                .map(|raw| (name.clone(), raw))
-                .map_err(|e| column_error(step, &name, format!("internal: not JSON: {e}")))
-        })
-        .collect::<Result<_, _>>()?;
-    Ok(Row { cells, typed })
-}
-
 fn decode_mysql(
     row: &sqlx::mysql::MySqlRow,
     step: &CompiledStep,
@@ -643,7 +628,7 @@ fn decode_mysql(
             typed.push(value);
         }
     }
-    finish(step, cells, typed)
+    Ok(Row { cells, typed })
 }
 
 fn decode_pg(
@@ -684,7 +669,7 @@ fn decode_pg(
             }));
         }
     }
-    finish(step, cells, typed)
+    Ok(Row { cells, typed })
 }
 
 /// SQLite types values, not columns: decode by what the value is, refined by the
@@ -753,5 +738,5 @@ fn decode_sqlite(
             typed.push(value);
         }
     }
-    finish(step, cells, typed)
+    Ok(Row { cells, typed })
 }
