@@ -89,7 +89,9 @@ pub(crate) async fn run(
             }
         }
     };
-    drain(&tracker, &hard_stop, shared.shutdown_grace).await;
+    // The grace period runs from the stop, whatever the broker did since.
+    let stopped_at = tokio::time::Instant::now();
+    let teardown_by = drain(&tracker, &hard_stop, stopped_at + shared.shutdown_grace).await;
     if let Some((conn, channel)) = connection {
         // Bounded: a broker in a resource alarm stops reading from the socket, a
         // half-open socket never answers, and the process must still exit. What is
@@ -98,16 +100,23 @@ pub(crate) async fn run(
             let _ = channel.close(200, "txq worker stopping".into()).await;
             let _ = conn.close(200, "txq worker stopping".into()).await;
         };
-        if tokio::time::timeout(TEARDOWN_LIMIT, close).await.is_err() {
-            warn!(limit = ?TEARDOWN_LIMIT, "rabbitmq did not answer the close; leaving the connection");
+        if answers(&conn) && tokio::time::timeout_at(teardown_by, close).await.is_err() {
+            warn!("rabbitmq did not answer the close; leaving the connection");
         }
     }
     result
 }
 
-/// How long each step of stopping may wait for the broker (the consumer's cancel,
-/// the settles of jobs rolled back after the grace period, the close), so that a
-/// stop ends within `shutdown_grace` plus a few of these whatever the broker does.
+/// Whether the broker can answer on `conn`: a connection RabbitMQ blocked (a
+/// resource alarm) is not read from until the alarm clears.
+fn answers(conn: &Connection) -> bool {
+    !conn.status().blocked()
+}
+
+/// How long stopping may wait for the broker beyond `shutdown_grace`: the
+/// consumer's cancel, then (shared) the settles of jobs rolled back after the grace
+/// period and the close. A stop so ends within `shutdown_grace` plus twice this,
+/// whatever the broker does.
 const TEARDOWN_LIMIT: Duration = Duration::from_secs(3);
 
 /// `step`, unless shutdown comes first: then `None`. Connecting, declaring and
@@ -233,9 +242,12 @@ async fn session(
                 in_flight = tracker.len(),
                 "stopping: no new deliveries; finishing jobs in flight"
             );
-            let cancel = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default());
-            if tokio::time::timeout(TEARDOWN_LIMIT, cancel).await.is_err() {
-                warn!(limit = ?TEARDOWN_LIMIT, "rabbitmq did not confirm the consumer's cancel; draining anyway");
+            if answers(&conn) {
+                let cancel =
+                    channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default());
+                if tokio::time::timeout(TEARDOWN_LIMIT, cancel).await.is_err() {
+                    warn!(limit = ?TEARDOWN_LIMIT, "rabbitmq did not confirm the consumer's cancel; draining anyway");
+                }
             }
             SessionEnd::Shutdown(conn, channel)
         }
@@ -252,28 +264,39 @@ async fn session(
     }
 }
 
-/// Waits for the jobs in flight; after `grace`, makes the rest roll back and
-/// requeue, and waits for that.
-async fn drain(tracker: &TaskTracker, hard_stop: &CancellationToken, grace: Duration) {
+/// Waits for the jobs in flight until `grace_ends`; then makes the rest roll back
+/// and requeue, and waits for that a little. Returns when the close must be done by.
+async fn drain(
+    tracker: &TaskTracker,
+    hard_stop: &CancellationToken,
+    grace_ends: tokio::time::Instant,
+) -> tokio::time::Instant {
     tracker.close();
-    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+    if tokio::time::timeout_at(grace_ends, tracker.wait())
+        .await
+        .is_ok()
+    {
+        return tokio::time::Instant::now() + TEARDOWN_LIMIT;
+    }
+    warn!(
+        in_flight = tracker.len(),
+        "grace period over; rolling back and requeueing the rest"
+    );
+    hard_stop.cancel();
+    // Each rolled-back job hands its delivery back; a broker that does not read
+    // its socket (a resource alarm) must not hold the stop. Unsettled deliveries
+    // return to the queue when the connection closes.
+    let teardown_by = tokio::time::Instant::now() + TEARDOWN_LIMIT;
+    if tokio::time::timeout_at(teardown_by, tracker.wait())
+        .await
+        .is_err()
+    {
         warn!(
             in_flight = tracker.len(),
-            ?grace,
-            "grace period over; rolling back and requeueing the rest"
+            "jobs did not hand their deliveries back in time; closing"
         );
-        hard_stop.cancel();
-        // Each rolled-back job hands its delivery back; a broker that does not read
-        // its socket (a resource alarm) must not hold the stop. Unsettled deliveries
-        // return to the queue when the connection closes.
-        let wait = tracker.wait();
-        if tokio::time::timeout(TEARDOWN_LIMIT, wait).await.is_err() {
-            warn!(
-                in_flight = tracker.len(),
-                "jobs did not hand their deliveries back in time; closing"
-            );
-        }
     }
+    teardown_by
 }
 
 /// Exponential backoff with jitter for reconnects: about 0.5s, 1s, 2s… up to 30s.

@@ -251,6 +251,25 @@ async fn sigterm_during_a_memory_alarm_exits_in_time_with_a_reply_blocked() {
     drop(alarm);
     let next = BankWorker::spawn("bank-after", &s.config);
     s.collector.wait_answered(2, Duration::from_secs(60)).await;
+    // The blocked reply may have reached the broker from the first worker's socket
+    // buffer once the alarm cleared: wait for the new worker itself to consume
+    // before signalling it, or the signal could come before its handler.
+    let channel = s.conn.create_channel().await.expect("channel");
+    eventually("the new worker to consume", Duration::from_secs(60), || {
+        let channel = channel.clone();
+        let queue = s.queue.clone();
+        async move {
+            let passive = lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            };
+            channel
+                .queue_declare(queue.as_str().into(), passive, Default::default())
+                .await
+                .is_ok_and(|q| q.consumer_count() >= 1)
+        }
+    })
+    .await;
     let got = s.collector.snapshot();
     assert!(
         got["stuck"].iter().all(|r| r.status() == "ok"),
