@@ -6,11 +6,15 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+#[cfg(feature = "cli")]
 use std::path::Path;
 use std::time::Duration;
 
-use figment::Figment;
-use figment::providers::{Env, Format, Serialized, Toml};
+#[cfg(feature = "cli")]
+use figment::{
+    Figment,
+    providers::{Env, Format, Serialized, Toml},
+};
 use serde::{Deserialize, Serialize};
 
 use crate::db::{Backend, Isolation};
@@ -223,7 +227,8 @@ impl QueueType {
 }
 
 /// Log line format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// Human-readable lines.
@@ -233,6 +238,7 @@ pub enum LogFormat {
 }
 
 /// Overrides from the command line; `None` leaves the lower layers alone.
+#[cfg(feature = "cli")]
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct Overrides {
     /// `--amqp-url`
@@ -257,8 +263,10 @@ pub struct Overrides {
 
 /// Why a configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ConfigError {
     /// The file or an environment variable does not parse, or has the wrong type.
+    #[cfg(feature = "cli")]
     #[error("configuration: {0}")]
     Parse(#[from] Box<figment::Error>),
     /// A value parses but is not allowed.
@@ -275,6 +283,7 @@ impl Config {
     /// Loads defaults, then `file` (when given), then `TXQ_*` environment variables
     /// (`TXQ_RETRY__MAX_ATTEMPTS` reaches `retry.max_attempts`), then `overrides`, and
     /// validates the result.
+    #[cfg(feature = "cli")]
     pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Self, ConfigError> {
         let mut figment = Figment::new();
         if let Some(file) = file {
@@ -714,6 +723,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "cli")]
     fn amqp_url_takes_a_toml_list() {
         figment::Jail::expect_with(|jail| {
             jail.create_file(
@@ -750,6 +760,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "cli")]
     fn file_then_env_then_flags() {
         figment::Jail::expect_with(|jail| {
             jail.create_file(
@@ -782,6 +793,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "cli")]
     fn unknown_keys_and_bad_types_are_errors() {
         figment::Jail::expect_with(|jail| {
             jail.create_file("a.toml", "concurency = 4\n")?;

@@ -65,6 +65,7 @@ pub trait Handler: Send + Sync + 'static {
 
 /// How a job can fail.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum JobError {
     /// A business refusal: rolled back, replied as `rejected`, never retried.
     #[error("rejected ({code}): {message}")]
@@ -79,10 +80,103 @@ pub enum JobError {
     Database(#[from] sqlx::Error),
     /// Worth another attempt in a fresh transaction.
     #[error("{0}")]
-    Transient(BoxError),
+    Transient(#[source] BoxError),
     /// Will fail the same way every time: not retried.
     #[error("{0}")]
-    Permanent(BoxError),
+    Permanent(#[source] BoxError),
+}
+
+/// `error` and its sources, `: `-separated, for replies and dead-letter headers.
+/// A level whose text the previous one already shows (a wrapper that prints its
+/// source) is left out, so nothing is said twice.
+pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = error.to_string();
+    let mut last = out.clone();
+    let mut next = error.source();
+    while let Some(e) = next {
+        let text = e.to_string();
+        if !last.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        last = text;
+        next = e.source();
+    }
+    out
+}
+
+/// An `async fn(&mut Tx, Payload, &JobMeta) -> Result<Output, JobError>` as a
+/// handler: what [`handler_fn`] accepts. Implemented for every such function; a
+/// handler with state implements [`Handler`] instead.
+pub trait HandlerFn<'a, P, O>: Send + Sync + 'static {
+    /// The future the function returns, borrowing the transaction.
+    type Future: Future<Output = Result<O, JobError>> + Send + 'a;
+    /// Calls the function.
+    fn call(&self, tx: &'a mut Tx, payload: P, meta: &'a JobMeta) -> Self::Future;
+}
+
+impl<'a, F, Fut, P, O> HandlerFn<'a, P, O> for F
+where
+    F: Fn(&'a mut Tx, P, &'a JobMeta) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<O, JobError>> + Send + 'a,
+{
+    type Future = Fut;
+
+    fn call(&self, tx: &'a mut Tx, payload: P, meta: &'a JobMeta) -> Fut {
+        self(tx, payload, meta)
+    }
+}
+
+/// A plain `async fn` as a [`Handler`]:
+///
+/// ```
+/// use txq::{JobError, JobMeta, Tx, handler_fn};
+///
+/// async fn echo(_tx: &mut Tx, p: serde_json::Value, _m: &JobMeta)
+///     -> Result<serde_json::Value, JobError> {
+///     Ok(p)
+/// }
+///
+/// let handler = handler_fn(echo);
+/// # let _ = handler;
+/// ```
+pub fn handler_fn<F, P, O>(f: F) -> FnHandler<F, P, O>
+where
+    F: for<'a> HandlerFn<'a, P, O>,
+{
+    FnHandler {
+        f,
+        types: std::marker::PhantomData,
+    }
+}
+
+/// The handler [`handler_fn`] makes.
+pub struct FnHandler<F, P, O> {
+    f: F,
+    types: std::marker::PhantomData<fn(P) -> O>,
+}
+
+impl<F, P, O> std::fmt::Debug for FnHandler<F, P, O> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FnHandler")
+            .field("fn", &std::any::type_name::<F>())
+            .finish()
+    }
+}
+
+impl<F, P, O> Handler for FnHandler<F, P, O>
+where
+    F: for<'a> HandlerFn<'a, P, O>,
+    P: DeserializeOwned + Send + 'static,
+    O: Serialize + Send + 'static,
+{
+    type Payload = P;
+    type Output = O;
+
+    // An `async fn` holds both borrows, so the call may tie them together.
+    async fn handle(&self, tx: &mut Tx, payload: P, meta: &JobMeta) -> Result<O, JobError> {
+        self.f.call(tx, payload, meta).await
+    }
 }
 
 impl JobError {

@@ -5,9 +5,16 @@
 //! request's reply queue. A request is acked only after its transaction committed
 //! and its reply was confirmed by the broker.
 //!
+//! A handler is a plain `async fn` (wrapped by [`handler_fn`]) or, when it has
+//! state, a type implementing [`Handler`]:
+//!
 //! ```no_run
-//! use txq::{Config, Handler, JobError, JobMeta, Tx, Worker};
-//! use tokio_util::sync::CancellationToken;
+//! use txq::{Config, Handler, JobError, JobMeta, Tx, Worker, handler_fn};
+//!
+//! async fn echo(_tx: &mut Tx, p: serde_json::Value, _m: &JobMeta)
+//!     -> Result<serde_json::Value, JobError> {
+//!     Ok(p)
+//! }
 //!
 //! struct Noop;
 //!
@@ -22,10 +29,19 @@
 //! }
 //!
 //! # async fn run() -> Result<(), txq::WorkerError> {
-//! let worker = Worker::builder(Config::default()).handler("noop", Noop).build().await?;
-//! worker.run(CancellationToken::new()).await
+//! let worker = Worker::builder(Config::default())
+//!     .handler("noop", Noop)
+//!     .handler("echo", handler_fn(echo))
+//!     .build()
+//!     .await?;
+//! // Runs until SIGINT/SIGTERM, then drains.
+//! worker.run(txq::signals::shutdown_signal()).await
 //! # }
 //! ```
+//!
+//! With its default feature `cli`, the crate also builds the `txq` command, its
+//! tools and the SQL operations file. A crate that only writes handlers depends on
+//! it with `default-features = false`.
 
 pub mod broker;
 pub mod config;
@@ -33,16 +49,20 @@ pub mod db;
 pub mod events;
 mod handler;
 pub mod health;
+#[cfg(feature = "cli")]
 pub mod http;
 pub mod signals;
+#[cfg(feature = "cli")]
 pub mod sqlops;
+#[cfg(feature = "cli")]
 pub mod telemetry;
+#[cfg(feature = "cli")]
 pub mod tools;
 mod worker;
 
 pub use config::Config;
 pub use db::{Backend, Conn, Db, Isolation, Tx};
-pub use handler::{Handler, JobError, JobMeta};
+pub use handler::{FnHandler, Handler, HandlerFn, JobError, JobMeta, handler_fn};
 pub use health::Health;
 pub use worker::{FailureKind, Worker, WorkerBuilder, WorkerError};
 

@@ -226,7 +226,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             let worker = builder.build().await.context("starting the worker")?;
             let shutdown = CancellationToken::new();
-            txq::signals::cancel_on_signals(shutdown.clone());
+            cancel_on_signals(shutdown.clone());
             let health = worker.health();
             // Outlives the drain: /healthz keeps answering, /readyz says no.
             let server_stop = CancellationToken::new();
@@ -245,7 +245,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 _ => None,
             };
-            let result = worker.run(shutdown).await.context("worker");
+            let result = worker.run(shutdown.cancelled_owned()).await.context("worker");
             server_stop.cancel();
             if let Some(task) = server {
                 let _ = task.await;
@@ -389,4 +389,18 @@ impl Handler for Echo {
         });
         Ok(serde_json::json!({ "echo": payload, "db": one }))
     }
+}
+
+/// Cancels `token` on the first SIGINT or SIGTERM, and exits at once (status 130)
+/// on the second: the broker redelivers whatever was unacked, and the inbox keeps
+/// that safe.
+fn cancel_on_signals(token: CancellationToken) {
+    tokio::spawn(async move {
+        txq::signals::shutdown_signal().await;
+        info!("shutdown signal: finishing jobs in flight (signal again to exit at once)");
+        token.cancel();
+        txq::signals::shutdown_signal().await;
+        tracing::warn!("second signal: exiting now; unacked requests will be redelivered");
+        std::process::exit(130);
+    });
 }

@@ -1,24 +1,10 @@
-//! Shutdown on SIGINT/SIGTERM: the first signal starts a graceful drain, a second
-//! one exits at once (the broker redelivers whatever was unacked, and the inbox
-//! keeps that safe).
+//! Shutdown signals. The worker stops when the future given to
+//! [`Worker::run`](crate::Worker::run) completes; [`shutdown_signal`] is the usual
+//! one. What a second signal does is the program's business (`txq` exits at once):
+//! library code never ends the process.
 
-use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
-
-/// Spawns a task that cancels `token` on the first SIGINT or SIGTERM and exits the
-/// process with status 130 on the second.
-pub fn cancel_on_signals(token: CancellationToken) {
-    tokio::spawn(async move {
-        wait_for_signal().await;
-        info!("shutdown signal: finishing jobs in flight (signal again to exit at once)");
-        token.cancel();
-        wait_for_signal().await;
-        warn!("second signal: exiting now; unacked requests will be redelivered");
-        std::process::exit(130);
-    });
-}
-
-async fn wait_for_signal() {
+/// Completes on the first SIGINT or SIGTERM (Ctrl-C only, off Unix).
+pub async fn shutdown_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};

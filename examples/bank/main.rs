@@ -91,9 +91,16 @@ async fn main() -> anyhow::Result<()> {
         .build()
         .await?;
     let shutdown = CancellationToken::new();
-    txq::signals::cancel_on_signals(shutdown.clone());
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        txq::signals::shutdown_signal().await;
+        stop.cancel();
+        // A second signal: out at once; the broker redelivers what was unacked.
+        txq::signals::shutdown_signal().await;
+        std::process::exit(130);
+    });
     let health = worker.health();
-    worker.run(shutdown).await?;
+    worker.run(shutdown.cancelled_owned()).await?;
     // One machine-readable line for the benchmark driver.
     println!(
         "txq-stats {{\"settled\":{},\"retries\":{}}}",

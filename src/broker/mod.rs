@@ -22,6 +22,7 @@ pub use trace::Trace;
 
 /// Errors talking to RabbitMQ.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum BrokerError {
     /// Connecting, declaring or consuming failed.
     #[error("rabbitmq: {0}")]

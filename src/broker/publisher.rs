@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 /// How a confirmed publish ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum PublishOutcome {
     /// The broker took responsibility for the message.
     Confirmed,
@@ -32,6 +33,7 @@ pub enum PublishOutcome {
 
 /// Why a publish was not confirmed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum PublishError {
     /// The broker nacked the message: it did not take responsibility for it.
     #[error("rabbitmq nacked the publish")]

@@ -19,6 +19,7 @@ pub enum ErrorClass {
 
 /// Why an error is transient; the `reason` label of retry metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum TransientReason {
     /// MySQL 1213, PostgreSQL 40P01.
     Deadlock,

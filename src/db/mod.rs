@@ -96,6 +96,7 @@ pub enum Isolation {
 
 /// Errors from setting up the database.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum DbError {
     /// The URL names no backend txq knows.
     #[error("unknown database URL scheme `{0}` (use mysql:, mariadb:, postgres: or sqlite:)")]

@@ -13,7 +13,7 @@ use super::{Context, JobSpec};
 use crate::broker::Envelope;
 use crate::db::inbox::{self, StoredReply};
 use crate::db::{ErrorClass, TransientReason};
-use crate::handler::{DynHandler, JobError, JobMeta, Payload};
+use crate::handler::{DynHandler, JobError, JobMeta, Payload, error_chain};
 
 /// The worker's own timeout runs a little past the database's, so that the
 /// database normally ends a runaway statement first and releases its locks cleanly.
@@ -184,9 +184,11 @@ pub(crate) async fn execute(
                     return failed(FailureKind::DatabaseError, format!("database: {e}"));
                 }
             },
-            AttemptError::Job(JobError::Transient(e)) => (TransientReason::Handler, e.to_string()),
+            AttemptError::Job(JobError::Transient(e)) => {
+                (TransientReason::Handler, error_chain(e.as_ref()))
+            }
             AttemptError::Job(JobError::Permanent(e)) => {
-                return failed(FailureKind::HandlerError, e.to_string());
+                return failed(FailureKind::HandlerError, error_chain(e.as_ref()));
             }
         };
         if attempt == max {

@@ -26,6 +26,7 @@ pub use outcome::FailureKind;
 
 /// Why a worker could not start or stopped.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum WorkerError {
     /// The configuration is invalid.
     #[error(transparent)]
@@ -275,24 +276,35 @@ impl Worker {
     }
 
     /// Connects to RabbitMQ (retrying with backoff), declares the topology and
-    /// processes requests until `shutdown` fires, reconnecting whenever the broker
-    /// connection is lost. Then it stops consuming, gives jobs in flight
-    /// `shutdown_grace` to finish, rolls back and requeues the rest, and closes the
-    /// connection.
-    pub async fn run(self, shutdown: CancellationToken) -> Result<(), WorkerError> {
+    /// processes requests until `shutdown` completes (for example
+    /// [`signals::shutdown_signal`](crate::signals::shutdown_signal)), reconnecting
+    /// whenever the broker connection is lost. Then it stops consuming, gives jobs in
+    /// flight `shutdown_grace` to finish, rolls back and requeues the rest, and
+    /// closes the connection.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), WorkerError> {
         info!(amqp_url = %self.shared.amqp_url, queue = %self.shared.topology.request_queue, "starting");
+        let stop = CancellationToken::new();
+        let trigger = stop.clone();
+        let watcher = tokio::spawn(async move {
+            shutdown.await;
+            trigger.cancel();
+        });
         let pruner = self.prune.map(|(every, retention)| {
             tokio::spawn(prune_every(
                 self.shared.db.clone(),
                 every,
                 retention,
-                shutdown.clone(),
+                stop.clone(),
             ))
         });
-        let result = dispatch::run(self.shared, shutdown).await;
+        let result = dispatch::run(self.shared, stop).await;
         if let Some(p) = pruner {
             p.abort();
         }
+        watcher.abort();
         info!("worker stopped");
         result
     }

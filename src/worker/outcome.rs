@@ -8,6 +8,7 @@ use crate::db::TransientReason;
 /// Why a job failed for good; the `kind` of a `failed` reply and of
 /// `x-txq-error-kind` on its dead-letter copy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum FailureKind {
     /// The body is larger than `max_body_bytes`.
     BodyTooLarge,

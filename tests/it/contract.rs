@@ -361,3 +361,80 @@ async fn a_refused_failed_or_panicking_job_rolls_back_everything_it_wrote() {
     );
     assert_eq!(client.depth(&requests).await, 0);
 }
+
+/// Fails with a permanent error whose cause has a cause of its own.
+async fn chained(_tx: &mut Tx, _p: serde_json::Value, _m: &JobMeta) -> Result<(), JobError> {
+    let root = std::io::Error::other("disk quota exceeded");
+    #[derive(Debug, thiserror::Error)]
+    #[error("writing the export")]
+    struct Export(#[source] std::io::Error);
+    Err(JobError::permanent(Export(root)))
+}
+
+/// Echoes its payload.
+async fn echo(
+    _tx: &mut Tx,
+    p: serde_json::Value,
+    _m: &JobMeta,
+) -> Result<serde_json::Value, JobError> {
+    Ok(p)
+}
+
+/// A plain `async fn` is a handler (through `handler_fn`), and a handler error's
+/// whole source chain reaches the reply and the dead-letter headers.
+#[tokio::test]
+async fn plain_async_fns_are_handlers_and_error_chains_reach_the_dead_letter() {
+    let test_db = TestDb::new(Backend::Sqlite).await;
+    let mut client = Client::new().await;
+    let requests = client.queue(&unique("requests")).await;
+    let replies = client.queue(&unique("replies")).await;
+    let worker = RunningWorker::start(
+        Worker::builder(config(&test_db.url, &requests, &replies, 2))
+            .handler("echo", txq::handler_fn(echo))
+            .handler("chained", txq::handler_fn(chained))
+            .database(test_db.db.clone()),
+    )
+    .await;
+    client
+        .publish_all(
+            &requests,
+            &[
+                Request::json("echo", json!({"n": 7})).correlation("echo"),
+                Request::json("chained", json!({})).correlation("chained"),
+            ],
+        )
+        .await;
+    let got = client.replies(&replies, 2).await;
+    worker.stop().await.expect("clean stop");
+    let echoed = got
+        .iter()
+        .find(|r| r.correlation_id() == Some("echo"))
+        .expect("echo");
+    assert_eq!(echoed.body, json!({"status": "ok", "result": {"n": 7}}));
+    let failed = got
+        .iter()
+        .find(|r| r.correlation_id() == Some("chained"))
+        .expect("chained");
+    assert_eq!(
+        failed.body["error"]["message"],
+        "writing the export: disk quota exceeded"
+    );
+    let channel = client.conn.create_channel().await.expect("channel");
+    let dead = channel
+        .basic_get(
+            format!("{requests}.dlq").as_str().into(),
+            lapin::options::BasicGetOptions { no_ack: true },
+        )
+        .await
+        .expect("basic.get")
+        .expect("a dead letter");
+    let error = dead.delivery.properties.headers().as_ref().and_then(|h| {
+        h.inner()
+            .get("x-txq-error")
+            .and_then(txq::broker::header_text)
+    });
+    assert_eq!(
+        error.as_deref(),
+        Some("writing the export: disk quota exceeded")
+    );
+}

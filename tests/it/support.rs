@@ -560,7 +560,7 @@ impl RunningWorker {
         let worker = builder.build().await.expect("worker builds");
         let health = worker.health();
         let token = CancellationToken::new();
-        let handle = tokio::spawn(worker.run(token.clone()));
+        let handle = tokio::spawn(worker.run(token.clone().cancelled_owned()));
         RunningWorker {
             token,
             handle,
