@@ -97,6 +97,10 @@ struct CompiledStep {
     /// Whether the statement has result columns, as its first run found out;
     /// the same for every connection to the database.
     returns_rows: OnceLock<bool>,
+    /// SQLite: the result columns declared `JSON` in their table, found before
+    /// the first run (sqlx does not tell a column's declared type unless it is
+    /// one of its own).
+    sqlite_json: OnceLock<Vec<String>>,
 }
 
 impl OpsHandler {
@@ -126,6 +130,7 @@ impl OpsHandler {
                 single_row: step.single_row(),
                 json_columns: step.json_columns.clone(),
                 returns_rows: OnceLock::new(),
+                sqlite_json: OnceLock::new(),
             });
         }
         let result = op.result.clone().unwrap_or_else(|| {
@@ -310,8 +315,45 @@ async fn run(
     match tx.conn() {
         crate::Conn::MySql(c) => bind_and_run!(c, decode_mysql, bind_mysql),
         crate::Conn::Postgres(c) => bind_and_run!(c, decode_pg, bind_pg),
-        crate::Conn::Sqlite(c) => bind_and_run!(c, decode_sqlite, bind_sqlite),
+        crate::Conn::Sqlite(c) => {
+            if step.sqlite_json.get().is_none() {
+                let found = sqlite_json_columns(&mut *c, sql).await?;
+                let _ = step.sqlite_json.set(found);
+            }
+            bind_and_run!(c, decode_sqlite, bind_sqlite)
+        }
     }
+}
+
+/// The result columns of `sql` that come from a table column declared `JSON`.
+async fn sqlite_json_columns(
+    c: &mut sqlx::SqliteConnection,
+    sql: &Arc<str>,
+) -> Result<Vec<String>, sqlx::Error> {
+    let statement = (&mut *c)
+        .prepare(AssertSqlSafe(sql.clone()).into_sql_str())
+        .await?;
+    let mut found = Vec::new();
+    for col in sqlx::Statement::columns(&statement) {
+        let Some(origin) = col.origin().table_column().cloned() else {
+            continue;
+        };
+        let (schema, table) = match origin.table.split_once('.') {
+            Some((schema, table)) => (schema.to_owned(), table.to_owned()),
+            None => ("main".to_owned(), origin.table.to_string()),
+        };
+        let declared: Option<String> =
+            sqlx::query_scalar("SELECT upper(type) FROM pragma_table_info(?1, ?2) WHERE name = ?3")
+                .bind(table)
+                .bind(schema)
+                .bind(origin.name.to_string())
+                .fetch_optional(&mut *c)
+                .await?;
+        if declared.as_deref() == Some("JSON") {
+            found.push(col.name().to_owned());
+        }
+    }
+    Ok(found)
 }
 
 /// Two result columns of one name would collapse into one key of the reply.
@@ -673,7 +715,7 @@ fn decode_pg(
 }
 
 /// SQLite types values, not columns: decode by what the value is, refined by the
-/// declared type (BOOLEAN, DATETIME, TIMESTAMP, DATE) and `json_columns`.
+/// declared type (BOOLEAN, DATETIME, TIMESTAMP, DATE, JSON) and `json_columns`.
 fn decode_sqlite(
     row: &sqlx::sqlite::SqliteRow,
     step: &CompiledStep,
@@ -717,9 +759,11 @@ fn decode_sqlite(
             }
             _ => {
                 let s: String = get!(String);
-                // (sqlx cannot say that a column was declared JSON: such columns
-                // are listed in `json_columns`, as on MariaDB.)
-                let json = if step.json_columns.iter().any(|c| c == name) {
+                let declared_json = step
+                    .sqlite_json
+                    .get()
+                    .is_some_and(|j| j.iter().any(|c| c == name));
+                let json = if declared_json || step.json_columns.iter().any(|c| c == name) {
                     json_text(s.as_bytes(), step, name)?
                 } else if matches!(declared.as_str(), "DATETIME" | "TIMESTAMP") {
                     let t: DateTime<Utc> = get!(DateTime<Utc>);

@@ -117,8 +117,10 @@ impl PartialEq for JsonText {
 }
 
 /// The grammar of a decimal in a string: what `txq ops schema` prints as its
-/// pattern. A JSON number has the same grammar (less leading zeros).
-pub(super) const DECIMAL_PATTERN: &str = "^-?[0-9]+(\\.[0-9]+)?([eE][+-]?[0-9]+)?$";
+/// pattern. A JSON number has the same grammar (less leading zeros); either is
+/// refused as out of range when its exponent has more than 18 digits (beyond any
+/// database), unless it is zero.
+pub(super) const DECIMAL_PATTERN: &str = "^-?[0-9]+(\\.[0-9]+)?([eE][+-]?0*[0-9]{1,18})?$";
 /// An RFC 3339 timestamp, as the worker reads it (the calendar is checked too);
 /// no leap second (`:60`), which none of the databases keeps.
 pub(super) const TIMESTAMP_PATTERN: &str = "^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-5][0-9](\\.[0-9]+)?([Zz]|[+-][0-9]{2}:[0-9]{2})$";
@@ -158,6 +160,18 @@ fn decimal_grammar(s: &str) -> bool {
         }
     }
     i == b.len()
+}
+
+/// Whether the exponent of a decimal of [`decimal_grammar`] has at most 18 digits
+/// (leading zeros aside).
+fn exponent_fits(s: &str) -> bool {
+    s.find(['e', 'E']).is_none_or(|at| {
+        s[at + 1..]
+            .trim_start_matches(['+', '-'])
+            .trim_start_matches('0')
+            .len()
+            <= 18
+    })
 }
 
 /// The exact value of a decimal of [`decimal_grammar`]: `Err` when its exponent
@@ -295,7 +309,9 @@ impl ParamSpec {
                 } else {
                     string()?
                 };
-                if !decimal_grammar(&s) {
+                // A string's exponent has at most 18 digits (the schema's pattern
+                // says so); a number's is checked by value below.
+                if !decimal_grammar(&s) || (!is_number && !exponent_fits(&s)) {
                     return Err(wrong());
                 }
                 Value::Decimal(exact_decimal(&s).map_err(|()| "is out of range".to_owned())?)

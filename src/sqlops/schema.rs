@@ -8,8 +8,9 @@ use super::spec::OpsFile;
 
 /// Exactly what the worker accepts for each type: a payload valid against the
 /// schema passes the worker's checks, and one invalid is rejected. (A validator
-/// that reads numbers as 64-bit floats cannot see beyond them: `1e400`, or a
-/// decimal with an exponent of more than 18 digits, are the worker's to refuse.)
+/// that reads numbers as 64-bit floats cannot see beyond them: `1e400` as a float,
+/// `-9223372036854775809` as an integer, or a decimal number with an exponent of
+/// more than 18 digits, are the worker's to refuse.)
 fn type_schema(t: ParamType) -> Json {
     match t {
         ParamType::Integer => json!({
