@@ -230,7 +230,7 @@ async fn mariadb_column_types_map_to_json_and_bind_again_as_themselves() {
         ch CHAR(3), vc VARCHAR(20), tx TEXT, lt LONGTEXT, en ENUM('a','b'), st SET('x','y'),
         bin BINARY(3), vb VARBINARY(10), bl BLOB, j JSON, j_big JSON,
         dt DATE, tm TIME(6), tm_neg TIME, dtt DATETIME(6), tsp TIMESTAMP(6) NULL, yr YEAR,
-        bt BIT(10), uu UUID, ip INET6, vbin VARCHAR(10) COLLATE utf8mb4_bin";
+        bt BIT(10), uu UUID, ip INET6, vbin VARCHAR(10) COLLATE utf8mb4_bin, g POINT";
     let src = format!("CREATE TABLE types_src (id INT PRIMARY KEY, {cols})");
     let dst = format!("CREATE TABLE types_dst (id INT PRIMARY KEY, {cols})");
     let row = r#"INSERT INTO types_src VALUES (1, 1, -128, -32768, -8388608, -2147483648,
@@ -240,7 +240,8 @@ async fn mariadb_column_types_map_to_json_and_bind_again_as_themselves() {
         x'000102', x'00ff10', x'ff', '{"a": [1, 2.5]}', '{"n": 12345678901234567890123456789}',
         '2024-02-29', '07:08:09.5', '-838:59:59', '2024-05-06 07:08:09.123456',
         '2024-05-06 07:08:09.5', 2024, b'1000000001',
-        'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '2001:db8::1', 'text_bin')"#;
+        'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '2001:db8::1', 'text_bin',
+        ST_GeomFromText('POINT(1 2)'))"#;
     let want = serde_json::from_str::<Value>(
         r#"{
         "bo": true, "ti": -128, "si": -32768, "mi": -8388608, "i": -2147483648,
@@ -254,7 +255,8 @@ async fn mariadb_column_types_map_to_json_and_bind_again_as_themselves() {
         "dt": "2024-02-29", "tm": "07:08:09.500", "tm_neg": "-838:59:59",
         "dtt": "2024-05-06T07:08:09.123456Z", "tsp": "2024-05-06T07:08:09.500Z",
         "yr": 2024, "bt": 513,
-        "uu": "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", "ip": "2001:db8::1", "vbin": "text_bin"
+        "uu": "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", "ip": "2001:db8::1", "vbin": "text_bin",
+        "g": "AAAAAAEBAAAAAAAAAAAA8D8AAAAAAAAAQA=="
     }"#,
     )
     .expect("JSON");
