@@ -17,10 +17,13 @@ pub mod exit {
     /// Done.
     pub const OK: u8 = 0;
     /// `replay` left some selected messages in the dead-letter queue (no original
-    /// queue recorded, or the target queue does not exist).
+    /// queue recorded, the target queue does not exist, or a message txq's
+    /// worker cannot read, without `--to`).
     pub const NOT_ALL: u8 = 1;
-    /// Bad flags or configuration, a dead-letter queue that does not exist, or
-    /// `purge` without `--yes` when stdin is not a terminal: nothing was changed.
+    /// Bad flags or configuration, a dead-letter queue that does not exist,
+    /// `purge` without `--yes` when stdin is not a terminal, or a non-classic
+    /// queue this user may not publish to (so it cannot be read without counting
+    /// deliveries): nothing was changed.
     pub const USAGE: u8 = 2;
     /// The command stopped mid-way: the broker failed (unreachable, connection
     /// lost, a publish nacked) or stdout was closed (`| head`). Nothing is lost;
@@ -40,11 +43,12 @@ impl DlqError {
             Self::QueueNotFound(_)
             | Self::InvalidName(_)
             | Self::ToIsDlq(_)
-            | Self::NeedsConfirmation => exit::USAGE,
+            | Self::NeedsConfirmation
+            | Self::CannotRotate { .. } => exit::USAGE,
             Self::Connect { .. }
-            | Self::Amqp(_)
+            | Self::Broker(_)
             | Self::ConnectionLost
-            | Self::Publish(_)
+            | Self::Nacked(_)
             | Self::Io(_)
             | Self::Output(_) => exit::BROKER,
         }
@@ -122,6 +126,10 @@ pub struct Select {
     /// These message_ids (repeat, or list several)
     #[arg(long = "id", num_args = 1..)]
     pub ids: Vec<String>,
+    /// Only messages with properties that are not UTF-8 (which txq's worker
+    /// cannot read)
+    #[arg(long)]
+    pub unreadable: bool,
     /// At most this many messages
     #[arg(long)]
     pub limit: Option<u64>,
@@ -134,6 +142,7 @@ impl Select {
             error_kind: self.error_kind.clone(),
             grep: self.grep.clone(),
             ids: self.ids.clone(),
+            unreadable: self.unreadable,
         }
     }
 }
@@ -193,6 +202,7 @@ async fn run_command(config: &Config, args: DlqArgs) -> Result<u8, DlqError> {
                 "{} of {} message(s) in `{}`",
                 counts.matched, counts.depth, target.dlq
             ));
+            note_counts(&counts);
             Ok(exit::OK)
         }
         DlqCommand::List {
@@ -221,6 +231,7 @@ async fn run_command(config: &Config, args: DlqArgs) -> Result<u8, DlqError> {
                 counts.depth,
                 target.dlq
             ));
+            note_counts(&counts);
             Ok(exit::OK)
         }
         DlqCommand::Show { id } => {
@@ -272,6 +283,7 @@ async fn run_command(config: &Config, args: DlqArgs) -> Result<u8, DlqError> {
                 report.counts.depth,
                 target.dlq
             ));
+            note_counts(&report.counts);
             Ok(if report.counts.matched == 0 {
                 exit::NO_MATCH
             } else if report.skipped > 0 {
@@ -311,6 +323,7 @@ async fn run_command(config: &Config, args: DlqArgs) -> Result<u8, DlqError> {
                 "purged {} of {} selected ({} in `{}` at the start)",
                 report.purged, report.counts.matched, report.counts.depth, target.dlq
             ));
+            note_counts(&report.counts);
             Ok(if report.counts.matched == 0 {
                 exit::NO_MATCH
             } else if !report.confirmed {
@@ -325,6 +338,17 @@ async fn run_command(config: &Config, args: DlqArgs) -> Result<u8, DlqError> {
 // Output goes through `writeln!`, never `println!`: Rust ignores SIGPIPE, so
 // `println!` panics once stdout is closed (`txq dlq list | head`), skipping the
 // ordered hand-back of the messages taken. A write error ends the scan instead.
+
+/// What the operator should know beyond the counts: messages no AMQP client
+/// library reads.
+fn note_counts(counts: &super::Counts) {
+    if counts.unreadable > 0 {
+        note(format_args!(
+            "{} of them have properties that are not UTF-8 (shown with U+FFFD; `show --json` has the bytes): txq's worker and most AMQP clients cannot read them; `--unreadable` selects them",
+            counts.unreadable
+        ));
+    }
+}
 
 /// A line on stdout.
 fn out(line: std::fmt::Arguments<'_>) -> std::io::Result<()> {
@@ -414,6 +438,13 @@ fn print_full(m: &DeadLetter) -> std::io::Result<()> {
         m.job_type.as_deref().unwrap_or("-")
     )?;
     writeln!(o, "origin:         {}", serde_json::json!(m.origin))?;
+    if m.is_unreadable() {
+        writeln!(
+            o,
+            "unreadable:     {} (not UTF-8: txq's worker cannot read this message)",
+            m.unreadable_fields()
+        )?;
+    }
     writeln!(o, "error_kind:     {}", m.error_kind)?;
     writeln!(o, "error:          {}", m.error)?;
     writeln!(

@@ -20,6 +20,8 @@ pub struct Filter {
     pub grep: Option<String>,
     /// Any of these message_ids.
     pub ids: Vec<String>,
+    /// Only messages with properties that are not UTF-8.
+    pub unreadable: bool,
 }
 
 impl Filter {
@@ -33,6 +35,9 @@ impl Filter {
             return false;
         }
         if self.error_kind.as_ref().is_some_and(|k| &m.error_kind != k) {
+            return false;
+        }
+        if self.unreadable && !m.is_unreadable() {
             return false;
         }
         if !self.ids.is_empty()
@@ -59,6 +64,7 @@ impl Filter {
             && self.error_kind.is_none()
             && self.grep.is_none()
             && self.ids.is_empty()
+            && !self.unreadable
     }
 }
 

@@ -9,6 +9,7 @@ use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use serde::Serialize;
 
+use super::wire::Unreadable;
 use crate::broker::{header_int, header_text, headers, long_string};
 
 /// Headers the replayed copy carries: how often it was replayed, and when last.
@@ -35,7 +36,7 @@ const FAILURE_HEADERS: &[&str] = &[
     "x-last-death-queue",
     "x-last-death-reason",
     "x-last-death-exchange",
-    // Quorum queues count deliveries in this header.
+    // A quorum queue's count of deliveries (of the queue that last delivered it).
     "x-delivery-count",
 ];
 
@@ -63,7 +64,10 @@ pub struct DeadLetter {
     pub error_kind: String,
     /// Why it failed, as recorded.
     pub error: String,
-    /// Deliveries it took: `x-txq-attempts`, or a quorum queue's `x-delivery-count`.
+    /// Deliveries it took, as txq counted them (`x-txq-attempts`); for a message
+    /// RabbitMQ dead-lettered, how many times it died there (the latest `x-death`
+    /// entry's `count`). Never `x-delivery-count`: on a quorum dead-letter queue
+    /// that counts the queue's own redeliveries, reads included.
     pub attempts: Option<i64>,
     /// When it was dead-lettered, RFC 3339.
     pub failed_at: Option<String>,
@@ -73,6 +77,10 @@ pub struct DeadLetter {
     pub origin: Origin,
     /// How many times it was replayed already (`x-txq-replayed`).
     pub replayed: i64,
+    /// Properties whose bytes are not UTF-8 (shown with U+FFFD in their place).
+    /// No AMQP client library reads such a message: lapin, which txq's worker
+    /// uses, drops the connection it comes on.
+    pub unreadable: Vec<Unreadable>,
     /// All its properties and headers.
     pub properties: BasicProperties,
     /// The body, unchanged.
@@ -101,6 +109,9 @@ pub struct Summary<'a> {
     pub origin: Origin,
     /// See [`DeadLetter`].
     pub replayed: i64,
+    /// The names of [`DeadLetter::unreadable`] properties (absent when none).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unreadable: Vec<&'static str>,
 }
 
 impl DeadLetter {
@@ -116,12 +127,17 @@ impl DeadLetter {
                 .filter(|s| !s.is_empty())
         };
         // Without `x-death` (stripped by a shovel or a client), the
-        // `x-first-death-*` headers still say it.
+        // `x-last-death-*` (RabbitMQ 3.13+) or `x-first-death-*` headers still
+        // say it.
         let death = latest_death(table).or_else(|| {
+            let (reason, queue) = match text("x-last-death-reason") {
+                Some(r) => (r, text("x-last-death-queue")),
+                None => (text("x-first-death-reason")?, text("x-first-death-queue")),
+            };
             Some(Death {
-                reason: text("x-first-death-reason")?,
-                queue: text("x-first-death-queue").unwrap_or_default(),
-                count: 1,
+                reason,
+                queue: queue.unwrap_or_default(),
+                count: None,
                 time: None,
             })
         });
@@ -130,10 +146,16 @@ impl DeadLetter {
             (None, Some(d)) => (
                 Origin::Rabbitmq,
                 format!("rabbitmq:{}", d.reason),
-                format!(
-                    "dead-lettered by RabbitMQ from `{}` ({}, {} time(s))",
-                    d.queue, d.reason, d.count
-                ),
+                match d.count {
+                    Some(n) => format!(
+                        "dead-lettered by RabbitMQ from `{}` ({}, {n} time(s))",
+                        d.queue, d.reason
+                    ),
+                    None => format!(
+                        "dead-lettered by RabbitMQ from `{}` ({})",
+                        d.queue, d.reason
+                    ),
+                },
             ),
             (None, None) => (
                 Origin::Unknown,
@@ -159,14 +181,39 @@ impl DeadLetter {
             job_type: prop(properties.kind()),
             error_kind,
             error,
-            attempts: int(headers::ATTEMPTS).or_else(|| int("x-delivery-count")),
+            attempts: match origin {
+                Origin::Txq => int(headers::ATTEMPTS),
+                Origin::Rabbitmq => death.as_ref().and_then(|d| d.count),
+                Origin::Unknown => int(headers::ATTEMPTS),
+            },
             failed_at,
             original_queue,
             origin,
             replayed: int(replay_headers::REPLAYED).unwrap_or(0).max(0),
+            unreadable: Vec::new(),
             properties,
             body,
         }
+    }
+
+    /// The same message, with the properties its reader could not decode.
+    pub fn with_unreadable(mut self, unreadable: Vec<Unreadable>) -> Self {
+        self.unreadable = unreadable;
+        self
+    }
+
+    /// Whether a property is not UTF-8 (or the header table cannot be decoded).
+    pub fn is_unreadable(&self) -> bool {
+        !self.unreadable.is_empty()
+    }
+
+    /// The names of the undecodable properties, comma-separated.
+    pub fn unreadable_fields(&self) -> String {
+        self.unreadable
+            .iter()
+            .map(|u| u.field)
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     /// The one-line view.
@@ -181,14 +228,19 @@ impl DeadLetter {
             original_queue: self.original_queue.as_deref(),
             origin: self.origin,
             replayed: self.replayed,
+            unreadable: self.unreadable.iter().map(|u| u.field).collect(),
         }
     }
 
-    /// The properties of the replayed copy: the same message (message_id,
-    /// correlation_id, reply_to, type, body) without the failure headers, so its
-    /// attempts start over, with `x-txq-replayed` counted up and
-    /// `x-txq-replayed-at` set; persistent.
-    pub fn replay_properties(&self, now: SystemTime) -> BasicProperties {
+    /// The headers of the replayed copy: the message's own without the failure
+    /// headers, so its attempts start over, with `x-txq-replayed` counted up and
+    /// `x-txq-replayed-at` set. (The copy keeps every other property as sent:
+    /// message_id, correlation_id, reply_to, type, body; and is persistent.)
+    /// `None` when the message's header table cannot be decoded.
+    pub fn replayed_headers(&self, now: SystemTime) -> Option<FieldTable> {
+        if self.unreadable.iter().any(|u| u.field == "headers") {
+            return None;
+        }
         let mut table: BTreeMap<ShortString, AMQPValue> = self
             .properties
             .headers()
@@ -206,10 +258,7 @@ impl DeadLetter {
             replay_headers::REPLAYED_AT.into(),
             long_string(&rfc3339(now)),
         );
-        self.properties
-            .clone()
-            .with_headers(FieldTable::from(table))
-            .with_delivery_mode(2)
+        Some(FieldTable::from(table))
     }
 
     /// Everything, for `dlq show --json`: properties, headers (AMQP values as
@@ -256,6 +305,18 @@ impl DeadLetter {
             "headers": headers,
             "body_bytes": self.body.len(),
         });
+        if self.is_unreadable() {
+            // The bytes as sent, for each property shown with U+FFFD.
+            let raw: serde_json::Map<String, serde_json::Value> = self
+                .unreadable
+                .iter()
+                .map(|u| {
+                    let b64 = base64::engine::general_purpose::STANDARD.encode(&u.raw);
+                    (u.field.to_owned(), b64.into())
+                })
+                .collect();
+            out["unreadable_base64"] = raw.into();
+        }
         if let Some(map) = out.as_object_mut() {
             map.extend(body);
         }
@@ -268,7 +329,8 @@ impl DeadLetter {
 struct Death {
     queue: String,
     reason: String,
-    count: i64,
+    /// How many times it died there, when `x-death` says.
+    count: Option<i64>,
     time: Option<u64>,
 }
 
@@ -287,7 +349,7 @@ fn latest_death(table: &BTreeMap<ShortString, AMQPValue>) -> Option<Death> {
             .get("reason")
             .and_then(header_text)
             .unwrap_or_else(|| "unknown".into()),
-        count: e.get("count").and_then(header_int).unwrap_or(1),
+        count: e.get("count").and_then(header_int),
         time: match e.get("time") {
             Some(AMQPValue::Timestamp(t)) => Some(*t),
             _ => None,
@@ -443,18 +505,75 @@ mod tests {
                 ("x-death", AMQPValue::FieldArray(arr)),
                 ("traceparent", long_string("00-a-b-01")),
                 (replay_headers::REPLAYED, AMQPValue::LongLongInt(1)),
+                ("x-delivery-count", AMQPValue::LongLongInt(4)),
+                ("x-last-death-reason", long_string("expired")),
             ]),
             vec![],
         );
-        let p = d.replay_properties(SystemTime::UNIX_EPOCH);
-        let h = p.headers().as_ref().expect("headers").inner();
+        let t = d.replayed_headers(SystemTime::UNIX_EPOCH).expect("headers");
+        let h = t.inner();
         for gone in FAILURE_HEADERS {
             assert!(!h.contains_key(*gone), "{gone}");
         }
         assert_eq!(h[replay_headers::REPLAYED], AMQPValue::LongLongInt(2));
         assert!(h.contains_key("traceparent"));
-        assert_eq!(p.message_id().as_ref().map(|m| m.as_str()), Some("m-1"));
-        assert_eq!(*p.delivery_mode(), Some(2));
+
+        let unreadable = d.with_unreadable(vec![Unreadable {
+            field: "headers",
+            raw: vec![0xFF],
+        }]);
+        assert_eq!(unreadable.replayed_headers(SystemTime::UNIX_EPOCH), None);
+    }
+
+    #[test]
+    fn attempts_never_come_from_x_delivery_count() {
+        // A quorum dead-letter queue counts its own redeliveries in it.
+        let plain = DeadLetter::new(
+            props(vec![("x-delivery-count", AMQPValue::LongLongInt(7))]),
+            vec![],
+        );
+        assert_eq!(plain.attempts, None);
+        assert_eq!(plain.origin, Origin::Unknown);
+        let txq = DeadLetter::new(
+            props(vec![
+                (headers::ERROR_KIND, long_string("timeout")),
+                (headers::ATTEMPTS, AMQPValue::LongLongInt(3)),
+                ("x-delivery-count", AMQPValue::LongLongInt(7)),
+            ]),
+            vec![],
+        );
+        assert_eq!(txq.attempts, Some(3));
+        let mut arr = FieldArray::default();
+        arr.push(death("q", "delivery_limit"));
+        let broker = DeadLetter::new(
+            props(vec![
+                ("x-death", AMQPValue::FieldArray(arr)),
+                ("x-delivery-count", AMQPValue::LongLongInt(7)),
+            ]),
+            vec![],
+        );
+        assert_eq!(broker.attempts, Some(2), "the x-death count");
+        assert!(
+            broker.error.contains("delivery_limit, 2 time(s)"),
+            "{}",
+            broker.error
+        );
+    }
+
+    #[test]
+    fn last_death_headers_win_over_first_death_ones_without_x_death() {
+        let d = DeadLetter::new(
+            props(vec![
+                ("x-first-death-reason", long_string("expired")),
+                ("x-first-death-queue", long_string("q.retry.1s")),
+                ("x-last-death-reason", long_string("maxlen")),
+                ("x-last-death-queue", long_string("q")),
+            ]),
+            vec![],
+        );
+        assert_eq!(d.error_kind, "rabbitmq:maxlen");
+        assert_eq!(d.original_queue.as_deref(), Some("q"));
+        assert_eq!(d.attempts, None, "no count without x-death");
     }
 
     #[test]

@@ -1,25 +1,31 @@
 //! The operator's dead-letter tools: list, show, group, replay and purge what a
 //! dead-letter queue holds, txq's own failures and RabbitMQ's (`x-death`) alike.
 //!
-//! **Invariant:** a `dlq` command never loses or duplicates a message it did not
-//! act on. It takes messages unacked (`scan.rs`), acks one only after it was
-//! replayed (publish confirmed) or purged, and requeues the rest. A replayed copy
-//! keeps its message_id, so if the tool dies between the confirm and the ack, the
-//! second copy that a re-run replays is answered from the worker's inbox instead of
-//! running again.
+//! **Invariant:** a `dlq` command never loses a message it did not act on, and
+//! never brings one closer to a delivery limit. It takes messages unacked
+//! (`scan.rs`), acks one only after it was replayed (publish confirmed) or
+//! purged, and gives back the rest: requeued on a classic queue, copied back to
+//! the tail of any other (a quorum queue counts every requeue as a delivery). A
+//! replayed copy keeps its message_id, so if the tool dies between the confirm
+//! and the ack, the second copy that a re-run replays is answered from the
+//! worker's inbox instead of running again.
+//!
+//! Messages are read with an AMQP client of the tools' own (`wire.rs`), so that
+//! one whose properties are not UTF-8 (which no AMQP library, lapin included,
+//! will parse) is shown, purged, or moved with `replay --to` like any other.
 
 pub mod cli;
 mod filter;
 mod message;
 mod scan;
+mod wire;
 
 use std::time::{Duration, SystemTime};
 
 pub use filter::{Filter, Group, Grouper, fingerprint};
 pub use message::{DeadLetter, Origin, Summary, replay_headers, table_json};
-pub use scan::{Scan, Taken};
-
-use crate::broker::{BrokerError, PublishError, PublishOutcome};
+pub use scan::{HandBack, Held, PublishOutcome, Scan, Taken};
+pub use wire::{RawProperties, Unreadable, WireError};
 
 /// Why a `dlq` command failed. Messages it had taken and not settled are back in
 /// the queue (requeued by the command, or by the broker when the connection went).
@@ -28,14 +34,14 @@ pub enum DlqError {
     /// Connecting failed.
     #[error("connecting to {url}: {source}")]
     Connect {
-        /// The AMQP URL, password redacted.
+        /// The AMQP URL(s), passwords redacted.
         url: String,
         /// What failed.
-        source: BrokerError,
+        source: WireError,
     },
     /// The broker refused an operation.
     #[error("rabbitmq: {0}")]
-    Amqp(#[from] lapin::Error),
+    Broker(WireError),
     /// The dead-letter queue does not exist.
     #[error("queue `{0}` does not exist (is --dlq / the config's queue right?)")]
     QueueNotFound(String),
@@ -49,9 +55,24 @@ pub enum DlqError {
         "lost the connection to RabbitMQ; nothing is lost (unsettled messages are back in the queue), run the command again"
     )]
     ConnectionLost,
-    /// A republish was not confirmed (nacked); it stays in the dead-letter queue.
-    #[error("replaying: {0}")]
-    Publish(#[from] PublishError),
+    /// The broker refused (nacked) a publish to this queue; the message it was a
+    /// copy of stays in the dead-letter queue.
+    #[error(
+        "rabbitmq refused a message published to `{0}` (basic.nack); it stays in the dead-letter queue"
+    )]
+    Nacked(String),
+    /// The queue is not a classic one, so reading it without counting
+    /// deliveries means copying each message back to its tail, which the broker
+    /// does not allow this user: nothing was read.
+    #[error(
+        "`{queue}` is not a classic queue (quorum?): reading it without counting a delivery on each message (which a delivery limit acts on) means putting each back at its tail, and publishing is refused ({reason}); nothing was read. Grant write permission on the default exchange"
+    )]
+    CannotRotate {
+        /// The queue.
+        queue: String,
+        /// What the broker said.
+        reason: String,
+    },
     /// `--to` names the dead-letter queue itself.
     #[error("--to must differ from the dead-letter queue `{0}`")]
     ToIsDlq(String),
@@ -67,6 +88,17 @@ pub enum DlqError {
     /// it stops there, and what it had not settled goes back in its place.
     #[error("writing the output: {0}")]
     Output(std::io::Error),
+}
+
+impl DlqError {
+    /// A broker error; a lost connection is [`DlqError::ConnectionLost`].
+    pub fn from_wire(e: WireError) -> Self {
+        if e.is_connection_lost() {
+            Self::ConnectionLost
+        } else {
+            Self::Broker(e)
+        }
+    }
 }
 
 /// Which queue, on which broker.
@@ -87,6 +119,10 @@ pub struct Counts {
     pub scanned: u64,
     /// Messages the filter selected (up to `--limit`).
     pub matched: u64,
+    /// Of those, messages with properties that are not UTF-8.
+    pub unreadable: u64,
+    /// How the scan gave back what it kept.
+    pub hand_back: Option<HandBack>,
 }
 
 /// Calls `each` for every message `filter` selects, at most `limit`; touches
@@ -98,28 +134,45 @@ pub async fn inspect(
     limit: Option<u64>,
     mut each: impl FnMut(&DeadLetter) -> std::io::Result<()>,
 ) -> Result<Counts, DlqError> {
-    let mut scan = Scan::open(target.amqp_url.expose(), &target.dlq).await?;
-    let mut counts = Counts {
-        depth: scan.depth(),
-        ..Counts::default()
-    };
+    let mut scan = Scan::open(&target.amqp_url, &target.dlq).await?;
+    let mut counts = Counts::new(&scan);
     let result = async {
         while limit.is_none_or(|l| counts.matched < l) {
             let Some(taken) = scan.next().await? else {
                 break;
             };
             counts.scanned += 1;
-            scan.keep(taken.tag);
-            if filter.matches(&taken.message) {
-                counts.matched += 1;
-                each(&taken.message).map_err(DlqError::Output)?;
-            }
+            let shown = if filter.matches(&taken.message) {
+                counts.count(&taken.message);
+                each(&taken.message).map_err(DlqError::Output)
+            } else {
+                Ok(())
+            };
+            scan.keep(taken).await?;
+            shown?;
         }
         Ok(())
     }
     .await;
     settle(scan, result).await?;
     Ok(counts)
+}
+
+impl Counts {
+    fn new(scan: &Scan) -> Self {
+        Self {
+            depth: scan.depth(),
+            hand_back: Some(scan.mode()),
+            ..Self::default()
+        }
+    }
+
+    fn count(&mut self, m: &DeadLetter) {
+        self.matched += 1;
+        if m.is_unreadable() {
+            self.unreadable += 1;
+        }
+    }
 }
 
 /// `replay`'s choices.
@@ -193,13 +246,9 @@ pub async fn replay(
             return Err(DlqError::InvalidName(to.clone()));
         }
     }
-    let mut scan = Scan::open(target.amqp_url.expose(), &target.dlq).await?;
-    let publisher = scan.publisher();
+    let mut scan = Scan::open(&target.amqp_url, &target.dlq).await?;
     let mut report = ReplayReport {
-        counts: Counts {
-            depth: scan.depth(),
-            ..Counts::default()
-        },
+        counts: Counts::new(&scan),
         ..ReplayReport::default()
     };
     let mut pace = options.rate.map(|r| {
@@ -213,66 +262,72 @@ pub async fn replay(
                 break;
             };
             report.counts.scanned += 1;
-            let m = &taken.message;
-            if !options.filter.matches(m) {
-                scan.keep(taken.tag);
+            if !options.filter.matches(&taken.message) {
+                scan.keep(taken).await?;
                 continue;
             }
-            report.counts.matched += 1;
-            let to = match replay_target(options.to.as_deref(), m, &target.dlq) {
-                Ok(to) => to,
+            report.counts.count(&taken.message);
+            let m = &taken.message;
+            let now = SystemTime::now();
+            let planned = replay_target(options.to.as_deref(), m, &target.dlq)
+                .and_then(|to| Ok((to.to_owned(), replay_copy(&taken, now)?)));
+            let (to, copy) = match planned {
+                Ok(plan) => plan,
                 Err(reason) => {
-                    scan.keep(taken.tag);
                     report.skipped += 1;
-                    on_event(ReplayEvent::Skipped { message: m, reason })
-                        .map_err(DlqError::Output)?;
+                    let said = on_event(ReplayEvent::Skipped { message: m, reason });
+                    scan.keep(taken).await?;
+                    said.map_err(DlqError::Output)?;
                     continue;
                 }
             };
             if options.dry_run {
-                scan.keep(taken.tag);
                 report.replayed += 1;
-                on_event(ReplayEvent::WouldReplay { message: m, to }).map_err(DlqError::Output)?;
+                let said = on_event(ReplayEvent::WouldReplay {
+                    message: m,
+                    to: &to,
+                });
+                scan.keep(taken).await?;
+                said.map_err(DlqError::Output)?;
                 continue;
             }
             if let Some(pace) = &mut pace {
                 pace.tick().await;
             }
-            let props = m.replay_properties(SystemTime::now());
-            match publisher.publish(to, &m.body, props).await {
+            match scan.publish(&to, &copy, &m.body).await {
                 Ok(PublishOutcome::Confirmed) => {}
                 Ok(PublishOutcome::Returned(text)) => {
-                    scan.keep(taken.tag);
                     report.skipped += 1;
-                    on_event(ReplayEvent::Skipped {
+                    let said = on_event(ReplayEvent::Skipped {
                         message: m,
                         reason: format!("queue `{to}` does not exist ({text})"),
-                    })
-                    .map_err(DlqError::Output)?;
+                    });
+                    scan.keep(taken).await?;
+                    said.map_err(DlqError::Output)?;
                     continue;
                 }
-                // Whatever the publisher saw (pool, channel, I/O), a dead
-                // connection is the cause to report.
-                Err(_) if scan.connection_gone() => return Err(DlqError::ConnectionLost),
-                Err(PublishError::Amqp(e)) if e.is_io_error() => {
-                    return Err(DlqError::ConnectionLost);
-                }
                 Err(e) => {
-                    // Nacked: the broker did not take it; it stays in its place.
-                    scan.keep(taken.tag);
-                    return Err(e.into());
+                    // Nacked, or the connection went: the broker did not take
+                    // it; it stays in its place.
+                    if !scan.connection_gone() {
+                        scan.keep(taken).await?;
+                    }
+                    return Err(e);
                 }
             }
             // Only now: a crash before this line leaves a copy in both queues, and
             // the kept message_id lets the inbox answer the second one.
-            scan.ack(taken.tag).await?;
+            scan.ack(taken.tag)?;
             report.replayed += 1;
-            on_event(ReplayEvent::Replayed { message: m, to }).map_err(DlqError::Output)?;
+            on_event(ReplayEvent::Replayed {
+                message: m,
+                to: &to,
+            })
+            .map_err(DlqError::Output)?;
         }
         Ok(())
     }
     .await;
-    publisher.close().await;
     settle(scan, result).await?;
     Ok(report)
 }
@@ -298,73 +353,96 @@ pub async fn purge<F: std::future::Future<Output = Result<bool, DlqError>>>(
     mut each: impl FnMut(&DeadLetter) -> std::io::Result<()>,
     confirm: impl FnOnce(u64) -> F,
 ) -> Result<PurgeReport, DlqError> {
-    let mut scan = Scan::open(target.amqp_url.expose(), &target.dlq).await?;
+    let mut scan = Scan::open(&target.amqp_url, &target.dlq).await?;
     let mut report = PurgeReport {
-        counts: Counts {
-            depth: scan.depth(),
-            ..Counts::default()
-        },
+        counts: Counts::new(&scan),
         ..PurgeReport::default()
     };
     let result = async {
-        // Delivery tags only: 8 bytes a message.
-        let mut tags = Vec::new();
+        // Requeue: delivery tags only, 8 bytes a message; Rotate: the messages,
+        // to copy them back if the purge is declined.
+        let mut held = Vec::new();
+        let mut failed = None;
         while limit.is_none_or(|l| report.counts.matched < l) {
             let Some(taken) = scan.next().await? else {
                 break;
             };
             report.counts.scanned += 1;
             if filter.matches(&taken.message) {
-                report.counts.matched += 1;
-                tags.push(taken.tag);
-                if let Err(e) = each(&taken.message).map_err(DlqError::Output) {
+                report.counts.count(&taken.message);
+                let said = each(&taken.message).map_err(DlqError::Output);
+                held.push(scan.hold(taken));
+                if let Err(e) = said {
                     // Nothing is purged unless all of it was seen.
-                    tags.into_iter().for_each(|t| scan.keep(t));
-                    return Err(e);
+                    failed = Some(e);
+                    break;
                 }
             } else {
-                scan.keep(taken.tag);
+                scan.keep(taken).await?;
             }
         }
-        if tags.is_empty() {
-            return Ok(());
+        if held.is_empty() {
+            return failed.map_or(Ok(()), Err);
         }
-        report.confirmed = match confirm(report.counts.matched).await {
-            Ok(yes) => yes,
-            Err(e) => {
-                tags.into_iter().for_each(|t| scan.keep(t));
-                return Err(e);
+        if failed.is_none() {
+            match confirm(report.counts.matched).await {
+                Ok(yes) => report.confirmed = yes,
+                Err(e) => failed = Some(e),
             }
-        };
-        for tag in tags {
+        }
+        for h in held {
             if report.confirmed {
-                scan.ack(tag).await?;
+                scan.ack(h.tag())?;
                 report.purged += 1;
             } else {
-                scan.keep(tag);
+                scan.release(h).await?;
             }
         }
-        Ok(())
+        failed.map_or(Ok(()), Err)
     }
     .await;
     settle(scan, result).await?;
     Ok(report)
 }
 
-/// Requeues what is unsettled and closes; the command's own error comes first.
+/// Gives back what is unsettled and closes; the command's own error comes
+/// first. A command that went well goes round the whole queue (Rotate), so a
+/// quorum queue keeps its order; one that failed stops at once.
 async fn settle(scan: Scan, result: Result<(), DlqError>) -> Result<(), DlqError> {
     match result {
-        Ok(()) => scan.finish().await,
+        Ok(()) => scan.finish(true).await,
         Err(e) => {
             // Best effort: if the connection is gone the broker requeued them already.
-            let _ = tokio::time::timeout(Duration::from_secs(5), scan.finish()).await;
+            let _ = tokio::time::timeout(Duration::from_secs(5), scan.finish(false)).await;
             Err(e)
         }
     }
 }
 
+/// The properties of `taken`'s replayed copy (see [`DeadLetter::replayed_headers`]),
+/// every other property byte for byte; or why there is none.
+fn replay_copy(taken: &Taken, now: SystemTime) -> Result<RawProperties, String> {
+    let headers = taken.message.replayed_headers(now).ok_or_else(|| {
+        "its header table cannot be decoded (a key that is not UTF-8), so the failure headers cannot be taken off a copy: purge it (--unreadable selects it), or read it with a client that takes raw bytes".to_owned()
+    })?;
+    Ok(taken
+        .raw
+        .clone()
+        .with_headers(&headers)
+        .with_delivery_mode(2))
+}
+
 /// Where a replay sends `m`: `--to`, else its original queue; or why it cannot.
 fn replay_target<'a>(to: Option<&'a str>, m: &'a DeadLetter, dlq: &str) -> Result<&'a str, String> {
+    if to.is_none() && m.is_unreadable() {
+        // The worker's client would drop its connection on it, again and again
+        // (a quorum request queue dead-letters it back here after its delivery
+        // limit; a classic one would hand it out for ever).
+        return Err(format!(
+            "its {} is not UTF-8, which txq's worker cannot read (its AMQP client drops the connection on it): pass --to QUEUE to move it, or purge it (--unreadable selects it)",
+            m.unreadable_fields()
+        ));
+    }
     let Some(to) = to.or(m.original_queue.as_deref()) else {
         return Err("no original queue is recorded: pass --to".into());
     };

@@ -1,31 +1,54 @@
-//! Reading a queue without losing or reordering what is not taken.
+//! Reading a queue without losing, reordering or wearing out what is not taken.
 //!
 //! RabbitMQ has no peek. A scan counts the queue's ready messages once (passive
 //! declare) and takes at most that many with `basic.get` and manual ack, so
-//! messages dead-lettered while it runs are left alone. Every message taken stays
-//! *unacked* until the command decides: it acks what it replayed or purged, and
-//! hands every other message back at the end, in queue order. A classic queue
-//! puts each back at its original position; a quorum queue serves returned
-//! messages first, in the order returned, so the order holds there too, but it
-//! counts a delivery on each (`x-delivery-count`, which a delivery limit acts on).
+//! messages dead-lettered while it runs are left alone. What it does not remove
+//! goes back one of two ways ([`HandBack`]):
+//!
+//! - **Requeue**, on a queue proven classic: every message stays unacked until
+//!   the end and goes back with one `basic.nack(multiple, requeue)`, each to its
+//!   old position. A classic queue counts no deliveries and has no delivery limit.
+//! - **Rotate**, on every other queue (quorum): a quorum queue counts each
+//!   requeue as a delivery (`x-delivery-count`, also when a channel closes on
+//!   them) and drops or dead-letters a message past its delivery limit (a policy
+//!   can set one at any time; RabbitMQ 4 sets 20 by default). So nothing is ever
+//!   requeued there: each message is republished, byte for byte, to the tail of
+//!   the same queue, and acked once the broker confirmed the copy. The copy is a
+//!   new message as far as the broker's delivery count goes. The scan then goes
+//!   round the whole queue (up to the depth seen at the start), so that the
+//!   messages end in their old order.
+//!
+//! The queue is proven classic when a `queue.declare` with
+//! `x-queue-type = classic` is accepted (the broker refuses it for any other
+//! type); a queue of another type, or a user who may not declare, gets Rotate.
+//! Rotate needs to publish to the queue: a scan that finds it may not refuses to
+//! read before taking anything.
+//!
 //! If the tool dies or its connection drops, the broker requeues every unacked
-//! message itself: a scan never loses one (a quorum queue may then reorder them).
+//! message itself: nothing is lost (a quorum queue counts that as a delivery of
+//! the few messages it held). Messages are read with the dlq tools' own AMQP
+//! client (`wire.rs`), which takes properties that are not UTF-8.
 //!
 //! Memory stays flat: `basic.get` fetches one message at a time (no prefetch
-//! buffer), and a message not taken is dropped from memory once looked at; only
-//! the broker keeps it, unacked, until the end.
+//! buffer), and a message is dropped from memory once looked at (rotated, or its
+//! tag kept: 8 bytes).
 
-use std::sync::Arc;
-
-use futures_util::StreamExt as _;
-use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions, QueueDeclareOptions};
-use lapin::types::{FieldTable, ShortString};
-use lapin::{Channel, Connection, Event};
-use tokio_util::sync::CancellationToken;
+use lapin::types::{AMQPValue, FieldTable, LongString};
 
 use super::DlqError;
 use super::message::DeadLetter;
-use crate::broker::{self, Publisher};
+use super::wire::{Chan, Published, RawProperties, Wire, WireError};
+use crate::config::SecretUrl;
+
+/// How a scan gives back what it does not remove.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HandBack {
+    /// `basic.nack(requeue)` at the end: a classic queue.
+    Requeue,
+    /// Republish to the tail, then ack: any other queue.
+    Rotate,
+}
 
 /// A message taken from the queue and not yet settled.
 #[derive(Debug)]
@@ -34,21 +57,45 @@ pub struct Taken {
     pub tag: u64,
     /// What it says.
     pub message: DeadLetter,
+    /// Its properties as sent: what a copy is published with.
+    pub raw: RawProperties,
+}
+
+/// A taken message held until a decision (purge's confirmation): in Requeue mode
+/// only its tag, in Rotate mode all of it, to copy it back if it stays.
+#[derive(Debug)]
+pub enum Held {
+    /// Requeue: the delivery tag.
+    Tag(u64),
+    /// Rotate: the message.
+    Message(Box<Taken>),
+}
+
+impl Held {
+    /// Its delivery tag.
+    pub fn tag(&self) -> u64 {
+        match self {
+            Self::Tag(t) => *t,
+            Self::Message(t) => t.tag,
+        }
+    }
 }
 
 /// One connection reading one queue.
 pub struct Scan {
-    connection: Arc<Connection>,
-    channel: Channel,
+    wire: Wire,
+    read: Chan,
+    publish: Chan,
     queue: String,
+    mode: HandBack,
     /// Messages still to take, of those ready at the start.
     remaining: u32,
     /// The depth seen at the start.
     depth: u32,
-    lost: CancellationToken,
-    /// Delivery tags of messages to hand back: 8 bytes a message.
+    /// Requeue: delivery tags of messages to hand back (8 bytes a message); Rotate:
+    /// those whose copy failed, handed back as a last resort.
     kept: Vec<u64>,
-    /// Messages acked (replayed or purged).
+    /// Messages acked (replayed, purged or rotated away).
     acked: u32,
 }
 
@@ -56,68 +103,108 @@ impl std::fmt::Debug for Scan {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Scan")
             .field("queue", &self.queue)
+            .field("mode", &self.mode)
             .field("depth", &self.depth)
             .field("remaining", &self.remaining)
             .finish()
     }
 }
 
+/// What publishing a copy came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PublishOutcome {
+    /// In the queue.
+    Confirmed,
+    /// No such queue: the broker's reason.
+    Returned(String),
+}
+
 impl Scan {
-    /// Connects and counts `queue`'s ready messages; an absent queue is
-    /// [`DlqError::QueueNotFound`].
-    pub async fn open(amqp_url: &str, queue: &str) -> Result<Self, DlqError> {
-        let name = ShortString::try_new(queue)
-            .ok()
-            .filter(|_| !queue.is_empty())
-            .ok_or_else(|| DlqError::InvalidName(queue.to_owned()))?;
-        let connection = broker::connect(amqp_url, "txq dlq")
-            .await
-            .map_err(|source| DlqError::Connect {
-                url: crate::config::redact_url(amqp_url),
-                source,
-            })?;
-        let connection = Arc::new(connection);
-        let lost = CancellationToken::new();
-        let mut events = connection.events_listener();
-        let watch = lost.clone();
-        tokio::spawn(async move {
-            while let Some(event) = events.next().await {
-                if matches!(event, Event::Error(_)) {
-                    watch.cancel();
-                    break;
-                }
-            }
-        });
-        // A passive declare only checks that the queue exists (its type and
-        // arguments, as txq's topology set them, are not compared). A missing queue
+    /// Connects, counts `queue`'s ready messages and finds out how to hand them
+    /// back; an absent queue is [`DlqError::QueueNotFound`].
+    pub async fn open(amqp_url: &SecretUrl, queue: &str) -> Result<Self, DlqError> {
+        if queue.is_empty() || queue.len() > 255 {
+            return Err(DlqError::InvalidName(queue.to_owned()));
+        }
+        let urls: Vec<String> = amqp_url
+            .split()
+            .iter()
+            .map(|u| u.expose().to_owned())
+            .collect();
+        let mut wire =
+            Wire::connect(&urls, "txq dlq")
+                .await
+                .map_err(|source| DlqError::Connect {
+                    url: amqp_url.to_string(),
+                    source,
+                })?;
+        // A passive declare only checks that the queue exists. A missing queue
         // closes the channel, so it gets its own.
-        let probe = connection.create_channel().await?;
-        let options = QueueDeclareOptions {
-            passive: true,
-            ..QueueDeclareOptions::default()
-        };
-        let depth = match probe
-            .queue_declare(name.clone(), options, FieldTable::default())
-            .await
-        {
-            Ok(q) => q.message_count(),
-            Err(e) if is_not_found(&e) => {
+        let mut probe = wire.channel().await.map_err(DlqError::from_wire)?;
+        let depth = match probe.declare(queue, true, FieldTable::default()).await {
+            Ok(n) => n,
+            Err(e) if e.channel_code() == Some(404) => {
                 return Err(DlqError::QueueNotFound(queue.to_owned()));
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(DlqError::from_wire(e)),
         };
-        let _ = probe.close(200, "done".into()).await;
-        let channel = connection.create_channel().await?;
+        let _ = probe.close().await;
+        let mode = Self::hand_back(&mut wire, queue).await?;
+        let read = wire.channel().await.map_err(DlqError::from_wire)?;
+        let mut publish = wire.channel().await.map_err(DlqError::from_wire)?;
+        publish
+            .confirm_select()
+            .await
+            .map_err(DlqError::from_wire)?;
+        if mode == HandBack::Rotate {
+            // Nothing is taken until a copy could be put back: a publish that no
+            // queue takes (the default exchange, an empty routing key) checks the
+            // user's write permission and nothing else.
+            match publish.publish("", &RawProperties::default(), b"").await {
+                Ok(_) => {}
+                Err(e) if e.channel_code().is_some() => {
+                    return Err(DlqError::CannotRotate {
+                        queue: queue.to_owned(),
+                        reason: e.to_string(),
+                    });
+                }
+                Err(e) => return Err(DlqError::from_wire(e)),
+            }
+        }
+        tracing::debug!(queue, depth, ?mode, server = %wire.server, "scan open");
         Ok(Self {
-            connection,
-            channel,
+            wire,
+            read,
+            publish,
             queue: queue.to_owned(),
+            mode,
             remaining: depth,
             depth,
-            lost,
             kept: Vec::new(),
             acked: 0,
         })
+    }
+
+    /// Requeue if the broker accepts `x-queue-type = classic` for the queue.
+    async fn hand_back(wire: &mut Wire, queue: &str) -> Result<HandBack, DlqError> {
+        let mut probe = wire.channel().await.map_err(DlqError::from_wire)?;
+        let mut classic = FieldTable::default();
+        classic.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString(LongString::from("classic")),
+        );
+        match probe.declare(queue, false, classic).await {
+            Ok(_) => {
+                let _ = probe.close().await;
+                Ok(HandBack::Requeue)
+            }
+            // 406 (another type, or other properties), 403 (may not declare)…
+            Err(e) if e.channel_code().is_some() => {
+                tracing::debug!(queue, error = %e, "not proven classic: rotating");
+                Ok(HandBack::Rotate)
+            }
+            Err(e) => Err(DlqError::from_wire(e)),
+        }
     }
 
     /// Ready messages when the scan started.
@@ -125,23 +212,120 @@ impl Scan {
         self.depth
     }
 
-    /// A publisher in confirm mode on the scan's connection.
-    pub fn publisher(&self) -> Publisher {
-        Publisher::new(self.connection.clone(), 1, self.lost.clone())
+    /// How the scan gives messages back.
+    pub fn mode(&self) -> HandBack {
+        self.mode
     }
 
-    /// Fails fast with [`DlqError::ConnectionLost`] once the connection is gone.
-    pub(crate) async fn guard<T>(
-        &self,
-        fut: impl std::future::Future<Output = Result<T, lapin::Error>>,
-    ) -> Result<T, DlqError> {
-        tokio::select! {
-            _ = self.lost.cancelled() => Err(DlqError::ConnectionLost),
-            r = fut => r.map_err(|e| if self.connection_gone() || e.is_io_error() {
-                DlqError::ConnectionLost
-            } else {
-                e.into()
-            }),
+    /// Whether the connection is lost.
+    pub fn connection_gone(&self) -> bool {
+        self.wire.is_lost()
+    }
+
+    fn fail(&self, e: WireError) -> DlqError {
+        if e.is_connection_lost() || self.wire.is_lost() {
+            DlqError::ConnectionLost
+        } else {
+            DlqError::from_wire(e)
+        }
+    }
+
+    /// The next message, unacked; `None` once as many as were ready at the start
+    /// were taken, or the queue is empty.
+    pub async fn next(&mut self) -> Result<Option<Taken>, DlqError> {
+        if self.remaining == 0 {
+            return Ok(None);
+        }
+        let got = match self.read.get(&self.queue).await {
+            Ok(got) => got,
+            Err(e) => return Err(self.fail(e)),
+        };
+        let Some(got) = got else {
+            self.remaining = 0;
+            return Ok(None);
+        };
+        self.remaining -= 1;
+        let (properties, unreadable) = got.properties.decode();
+        Ok(Some(Taken {
+            tag: got.delivery_tag,
+            message: DeadLetter::new(properties, got.body).with_unreadable(unreadable),
+            raw: got.properties,
+        }))
+    }
+
+    /// Publishes `body` with `properties` to `queue`, waiting for the confirm. A
+    /// nack is [`DlqError::Nacked`]: the broker did not take it.
+    pub async fn publish(
+        &mut self,
+        queue: &str,
+        properties: &RawProperties,
+        body: &[u8],
+    ) -> Result<PublishOutcome, DlqError> {
+        match self.publish.publish(queue, properties, body).await {
+            Ok(Published::Confirmed) => Ok(PublishOutcome::Confirmed),
+            Ok(Published::Returned(text)) => Ok(PublishOutcome::Returned(text)),
+            Ok(Published::Nacked) => Err(DlqError::Nacked(queue.to_owned())),
+            Err(e) => Err(self.fail(e)),
+        }
+    }
+
+    /// Removes one taken message from the queue.
+    pub fn ack(&mut self, tag: u64) -> Result<(), DlqError> {
+        self.read.ack(tag).map_err(|e| self.fail(e))?;
+        self.acked = self.acked.saturating_add(1);
+        Ok(())
+    }
+
+    /// Leaves a taken message in the queue. Requeue: it goes back in its place at
+    /// [`finish`](Self::finish). Rotate: its copy goes to the tail now, and the
+    /// original is acked once the copy is confirmed.
+    pub async fn keep(&mut self, taken: Taken) -> Result<(), DlqError> {
+        match self.mode {
+            HandBack::Requeue => {
+                self.kept.push(taken.tag);
+                Ok(())
+            }
+            HandBack::Rotate => {
+                self.rotate(taken.tag, &taken.raw, &taken.message.body)
+                    .await
+            }
+        }
+    }
+
+    /// Holds a taken message until [`release`](Self::release) or
+    /// [`ack`](Self::ack).
+    pub fn hold(&self, taken: Taken) -> Held {
+        match self.mode {
+            HandBack::Requeue => Held::Tag(taken.tag),
+            HandBack::Rotate => Held::Message(Box::new(taken)),
+        }
+    }
+
+    /// Leaves a held message in the queue, as [`keep`](Self::keep).
+    pub async fn release(&mut self, held: Held) -> Result<(), DlqError> {
+        match held {
+            Held::Tag(tag) => {
+                self.kept.push(tag);
+                Ok(())
+            }
+            Held::Message(taken) => self.keep(*taken).await,
+        }
+    }
+
+    async fn rotate(&mut self, tag: u64, raw: &RawProperties, body: &[u8]) -> Result<(), DlqError> {
+        let queue = self.queue.clone();
+        let outcome = self.publish(&queue, raw, body).await;
+        match outcome {
+            Ok(PublishOutcome::Confirmed) => self.ack(tag),
+            Ok(PublishOutcome::Returned(text)) => {
+                // The queue itself is gone: the original stays where it is.
+                self.kept.push(tag);
+                Err(DlqError::QueueNotFound(format!("{queue} ({text})")))
+            }
+            Err(e) => {
+                self.kept.push(tag);
+                Err(e)
+            }
         }
     }
 
@@ -151,24 +335,20 @@ impl Scan {
     /// right after this one would count the queue before they are all back, and
     /// miss some. Gives up after 10s without progress (someone else consumes the
     /// queue): nothing of ours is lost either way.
-    async fn wait_until_back(&self) -> Result<(), DlqError> {
+    async fn wait_until_back(&mut self) -> Result<(), DlqError> {
         const STALL: std::time::Duration = std::time::Duration::from_secs(10);
         let expected = self.depth.saturating_sub(self.acked);
-        let options = QueueDeclareOptions {
-            passive: true,
-            ..QueueDeclareOptions::default()
-        };
         let mut best = 0;
         let mut progress_at = tokio::time::Instant::now();
         loop {
-            let name = ShortString::from(self.queue.as_str());
-            let ready = self
-                .guard(
-                    self.channel
-                        .queue_declare(name, options, FieldTable::default()),
-                )
-                .await?
-                .message_count();
+            let ready = match self
+                .read
+                .declare(&self.queue, true, FieldTable::default())
+                .await
+            {
+                Ok(n) => n,
+                Err(e) => return Err(self.fail(e)),
+            };
             if ready >= expected {
                 return Ok(());
             }
@@ -188,82 +368,53 @@ impl Scan {
         }
     }
 
-    /// Whether the connection is lost (or closing).
-    pub fn connection_gone(&self) -> bool {
-        self.lost.is_cancelled() || !self.connection.status().connected()
-    }
-
-    /// The next message, unacked; `None` once as many as were ready at the start
-    /// were taken, or the queue is empty.
-    pub async fn next(&mut self) -> Result<Option<Taken>, DlqError> {
-        if self.remaining == 0 {
-            return Ok(None);
+    /// Hands the kept messages back, each to its place, and closes. Rotate: with
+    /// `round`, first rotates the messages not taken yet, up to the depth seen at
+    /// the start, so the queue ends in its old order.
+    pub async fn finish(mut self, round: bool) -> Result<(), DlqError> {
+        if self.mode == HandBack::Rotate && round {
+            while self.remaining > 0 {
+                let got = match self.read.get(&self.queue).await {
+                    Ok(Some(got)) => got,
+                    Ok(None) => break,
+                    Err(e) => return Err(self.fail(e)),
+                };
+                self.remaining -= 1;
+                self.rotate(got.delivery_tag, &got.properties, &got.body)
+                    .await?;
+            }
         }
-        let name = ShortString::from(self.queue.as_str());
-        let got = self
-            .guard(
-                self.channel
-                    .basic_get(name, BasicGetOptions { no_ack: false }),
-            )
-            .await?;
-        let Some(got) = got else {
-            self.remaining = 0;
-            return Ok(None);
-        };
-        self.remaining -= 1;
-        let delivery = got.delivery;
-        Ok(Some(Taken {
-            tag: delivery.delivery_tag,
-            message: DeadLetter::new(delivery.properties, delivery.data),
-        }))
-    }
-
-    /// Removes one taken message from the queue.
-    pub async fn ack(&mut self, tag: u64) -> Result<(), DlqError> {
-        self.guard(self.channel.basic_ack(tag, BasicAckOptions::default()))
-            .await?;
-        self.acked = self.acked.saturating_add(1);
-        Ok(())
-    }
-
-    /// Leaves a taken message in the queue: it goes back at [`finish`](Self::finish).
-    pub fn keep(&mut self, tag: u64) {
-        self.kept.push(tag);
-    }
-
-    /// Hands the kept messages back to the queue, each to its place, waits until
-    /// they show, and closes.
-    pub async fn finish(self) -> Result<(), DlqError> {
         // One `basic.nack(multiple, requeue)` naming the highest kept tag hands
         // back every unacked delivery up to it, in one batch: all the kept ones
         // (the others were acked; naming an acked tag would be a channel error).
-        // A classic queue puts each back at its old position; a quorum queue
-        // serves returned messages first, in tag order. One nack a message would
-        // be requeued slowly, one at a time (RabbitMQ 3.10: ~500/s on 10,000).
-        // (Closing the channel requeues too, as after a crash, but a quorum queue
-        // then shuffles them.)
+        // A classic queue puts each back at its old position. One nack a message
+        // would be requeued slowly, one at a time (RabbitMQ 3.10: ~500/s on
+        // 10,000). Rotate keeps none, but for a copy that failed.
         if let Some(highest) = self.kept.iter().copied().max() {
-            let requeue = BasicNackOptions {
-                multiple: true,
-                requeue: true,
-            };
-            self.guard(self.channel.basic_nack(highest, requeue))
-                .await?;
+            if let Err(e) = self.read.nack(highest, true, true) {
+                return Err(self.fail(e));
+            }
+            if self.mode == HandBack::Requeue {
+                self.wait_until_back().await?;
+            }
         }
-        self.wait_until_back().await?;
-        // close-ok comes after the broker handled the nacks, and requeues
-        // anything still unacked.
-        self.guard(self.channel.close(200, "txq dlq done".into()))
-            .await?;
-        let _ = self.connection.close(200, "txq dlq done".into()).await;
-        Ok(())
+        // close-ok comes after the broker handled the acks and nacks, and
+        // requeues anything still unacked.
+        let Self {
+            wire,
+            read,
+            publish,
+            ..
+        } = self;
+        let _ = publish.close().await;
+        let closed = read.close().await;
+        wire.close().await;
+        closed.map_err(|e| {
+            if e.is_connection_lost() {
+                DlqError::ConnectionLost
+            } else {
+                DlqError::from_wire(e)
+            }
+        })
     }
-}
-
-/// The broker's 404 NOT_FOUND (other soft errors, such as ACCESS_REFUSED, are
-/// reported as they are).
-fn is_not_found(e: &lapin::Error) -> bool {
-    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
-    matches!(e.kind(), lapin::ErrorKind::ProtocolError(p)
-        if matches!(p.kind(), AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND)))
 }
