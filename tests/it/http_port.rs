@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use txq::{Backend, Handler, JobError, JobMeta, Tx, Worker, with_conn};
 
 use crate::support::{
-    Client, Request, RunningWorker, TestDb, amqp_url, config, eventually, http_get, unique,
+    Alive as _, Client, Request, RunningWorker, TestDb, Txq, config, eventually, http_get, unique,
 };
 
 /// Holds its transaction (and so the pool's only connection) until let go.
@@ -76,21 +76,6 @@ async fn readyz_stays_ready_while_jobs_hold_every_pooled_connection() {
     worker.stop().await.expect("clean stop");
 }
 
-/// `txq run` with its port on `port`, on a queue of its own.
-fn txq_run(db_url: &str, queue: &str, port: u16) -> tokio::process::Child {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_txq"))
-        .args(["run", "--metrics-addr", &format!("127.0.0.1:{port}")])
-        .env_remove("TXQ_CONFIG")
-        .env("TXQ_AMQP_URL", amqp_url())
-        .env("TXQ_DATABASE_URL", db_url)
-        .env("TXQ_QUEUE", queue)
-        .env("TXQ_REPLY_QUEUE", "")
-        .env("RUST_LOG", "warn")
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawning txq run")
-}
-
 /// A client that sends half a request and waits: the server closes it after
 /// the header-read limit, and a stop does not wait for it.
 #[tokio::test]
@@ -98,9 +83,9 @@ async fn a_half_sent_request_neither_lives_on_nor_holds_the_stop() {
     let test_db = TestDb::new(Backend::Sqlite).await;
     let mut client = Client::new().await;
     let queue = client.queue(&unique("requests")).await;
-    let port = crate::support::free_port();
-    let mut child = txq_run(&test_db.url, &queue, port);
-    eventually("the port to answer", || async {
+    let mut txq = Txq::run(&test_db.url, &queue, "").spawn();
+    let port = txq.http_port().await;
+    txq.eventually("the port to answer", || async {
         http_get(port, "/healthz").await.map(|_| ())
     })
     .await;
@@ -131,17 +116,9 @@ async fn a_half_sent_request_neither_lives_on_nor_holds_the_stop() {
     held.write_all(b"GET /metrics HTTP/1.1\r\n")
         .await
         .expect("write");
-    let pid = child.id().expect("running");
-    let sent = tokio::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .await
-        .expect("kill -TERM");
-    assert!(sent.success());
-    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
-        .await
-        .expect("txq exits within 10 s of SIGTERM with a client half-way through a request")
-        .expect("wait");
-    assert!(status.success(), "{status}");
+    txq.signal("TERM").await;
+    // With a client half-way through a request.
+    let code = txq.exit_within(Duration::from_secs(10)).await;
+    assert_eq!(code, Some(0));
     drop(held);
 }

@@ -2,14 +2,14 @@
 //! `/metrics`, `/healthz` and `/readyz`, and the `traceparent` of what it publishes.
 
 use std::collections::{BTreeMap, HashSet};
-use std::time::Duration;
 
 use serde_json::json;
 use txq::{Backend, Worker};
 
 use crate::bank;
 use crate::support::{
-    Client, Proxy, Request, RunningWorker, TestDb, bank_env, config, free_port, http_get,
+    Alive as _, Client, Proxy, Request, RunningWorker, TestDb, Txq, TxqProcess, bank_env, config,
+    http_get,
 };
 
 const OPS: &str = include_str!("../../examples/bank/ops.toml");
@@ -42,50 +42,37 @@ mod tempfile_path {
     }
 }
 
-/// `txq run --ops` on these queues and database, stopped when dropped.
+/// `txq run --ops` on these queues and database through `amqp_url`, stopped when
+/// dropped.
 fn txq_run(
     amqp_url: &str,
     db_url: &str,
     requests: &str,
     replies: &str,
     ops: &std::path::Path,
-) -> tokio::process::Command {
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_txq"));
-    command
-        .args(["run", "--ops"])
-        .arg(ops)
-        .env_remove("TXQ_CONFIG")
+) -> Txq {
+    Txq::run(db_url, requests, replies)
         .env("TXQ_AMQP_URL", amqp_url)
-        .env("TXQ_DATABASE_URL", db_url)
-        .env("TXQ_QUEUE", requests)
-        .env("TXQ_REPLY_QUEUE", replies)
-        .env(
-            "RUST_LOG",
-            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .kill_on_drop(true);
-    command
+        .arg("--ops")
+        .arg(ops)
 }
 
-/// The worker of the metrics tests: metrics on `port`, quick delayed retries,
-/// and `sleepy` timing out.
+/// The worker of the metrics tests: quick delayed retries, and `sleepy` timing
+/// out.
 fn spawn_txq(
     amqp_url: &str,
     db_url: &str,
     requests: &str,
     replies: &str,
     ops: &std::path::Path,
-    port: u16,
-) -> tokio::process::Child {
+) -> TxqProcess {
     txq_run(amqp_url, db_url, requests, replies, ops)
         .args(["--concurrency", "4"])
-        .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
         .env("TXQ_RETRY__DELAYS", "[\"100ms\"]")
         .env("TXQ_RETRY__MAX_ATTEMPTS", "2")
         .env("TXQ_RETRY__IN_PROCESS_ATTEMPTS", "2")
         .env("TXQ_JOBS__SLEEPY__TIMEOUT", "300ms")
         .spawn()
-        .expect("spawning txq run")
 }
 
 /// One scrape, as `name{sorted labels}` → value.
@@ -114,47 +101,46 @@ fn parse_metrics(text: &str) -> BTreeMap<String, f64> {
     out
 }
 
-async fn scrape(port: u16) -> BTreeMap<String, f64> {
-    let (status, body) = http_get(port, "/metrics").await.expect("/metrics answers");
+async fn scrape(txq: &mut TxqProcess) -> BTreeMap<String, f64> {
+    let (status, body) = txq.get("/metrics").await;
     assert_eq!(status, 200, "{body}");
     parse_metrics(&body)
 }
 
-/// Polls until `ready` says so: the HTTP port comes up, or changes its answer,
-/// on the worker's schedule.
-async fn until<F: Fn(Option<(u16, String)>) -> bool>(port: u16, path: &str, ready: F) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        if ready(http_get(port, path).await) {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{path} never reached the expected state"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+/// Polls `path` until `ready` accepts the answer (the port comes up, or changes
+/// its answer, on the worker's schedule); fails at once if txq exits.
+async fn until<F: Fn(u16, &str) -> bool>(txq: &mut TxqProcess, path: &str, ready: F) {
+    let port = txq.http_port().await;
+    txq.eventually(&format!("{path} to change"), || async {
+        http_get(port, path)
+            .await
+            .filter(|(status, body)| ready(*status, body))
+            .map(drop)
+    })
+    .await;
 }
 
-fn get(m: &BTreeMap<String, f64>, key: &str) -> f64 {
-    m.get(key).copied().unwrap_or(0.0)
+/// The value of a series, which must be there: a renamed or missing series fails
+/// the test rather than read as 0.
+fn present(m: &BTreeMap<String, f64>, key: &str) -> f64 {
+    m.get(key)
+        .copied()
+        .unwrap_or_else(|| panic!("no series {key} in the scrape: {m:#?}"))
 }
 
 #[tokio::test]
 async fn metrics_count_what_happened() {
     let (test_db, client, requests, replies) = bank_env(Backend::MySql, 10).await;
     let ops = ops_file();
-    let port = free_port();
-    let mut child = spawn_txq(
+    let mut txq = spawn_txq(
         &crate::support::amqp_url(),
         &test_db.url,
         &requests,
         &replies,
         &ops.0,
-        port,
     );
-    until(port, "/readyz", |r| r.is_some_and(|(s, _)| s == 200)).await;
-    let (status, _) = http_get(port, "/healthz").await.expect("/healthz");
+    until(&mut txq, "/readyz", |status, _| status == 200).await;
+    let (status, _) = txq.get("/healthz").await;
     assert_eq!(status, 200);
 
     const OK: usize = 40;
@@ -196,6 +182,17 @@ async fn metrics_count_what_happened() {
             .reply_to(&replies),
     );
     client.publish_all(&requests, &batch).await;
+    // A requester whose reply queue is gone: its transfer is done and acked, the
+    // reply dropped and counted.
+    let gone = crate::support::unique("gone");
+    client
+        .publish(
+            &requests,
+            &Request::json("transfer", json!({"from": 1, "to": 6, "amount": 1}))
+                .id("to-a-gone-queue")
+                .reply_to(&gone),
+        )
+        .await;
     let first = client.replies(&replies, batch.len()).await;
     assert_eq!(first.len(), batch.len());
     // A redelivery of a finished request: answered from the inbox.
@@ -214,27 +211,27 @@ async fn metrics_count_what_happened() {
     );
 
     // Replies go out before the ack, and the count after it: wait for the last.
-    let settled = (OK + 3 + 2 + 1 + 2 + 1) as f64;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    let m = loop {
-        let m = scrape(port).await;
-        let total: f64 = m
-            .iter()
-            .filter(|(k, _)| k.starts_with("txq_jobs_total{"))
-            .map(|(_, v)| v)
-            .sum();
-        if total >= settled || tokio::time::Instant::now() > deadline {
-            break m;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let settled = (OK + 1 + 3 + 2 + 1 + 2 + 1) as f64;
+    let port = txq.http_port().await;
+    let m = txq
+        .eventually("every delivery to be counted", || async {
+            let (_, body) = http_get(port, "/metrics").await?;
+            let m = parse_metrics(&body);
+            let total: f64 = m
+                .iter()
+                .filter(|(k, _)| k.starts_with("txq_jobs_total{"))
+                .map(|(_, v)| v)
+                .sum();
+            (total >= settled).then_some(m)
+        })
+        .await;
     let jobs = |t: &str, o: &str| {
-        get(
+        present(
             &m,
             &format!("txq_jobs_total{{outcome=\"{o}\",type=\"{t}\"}}"),
         )
     };
-    assert_eq!(jobs("transfer", "ok"), OK as f64, "{m:#?}");
+    assert_eq!(jobs("transfer", "ok"), (OK + 1) as f64, "{m:#?}");
     assert_eq!(jobs("transfer", "rejected"), 5.0, "{m:#?}");
     assert_eq!(jobs("transfer", "duplicate"), 1.0, "{m:#?}");
     assert_eq!(
@@ -244,57 +241,66 @@ async fn metrics_count_what_happened() {
     );
     assert_eq!(jobs("sleepy", "retried"), 1.0, "{m:#?}");
     assert_eq!(jobs("sleepy", "failed"), 1.0, "{m:#?}");
-    assert_eq!(get(&m, "txq_duplicates_total"), 1.0);
+    assert_eq!(present(&m, "txq_duplicates_total"), 1.0);
     assert_eq!(
-        get(&m, "txq_retries_total{kind=\"timeout\",type=\"sleepy\"}"),
+        present(&m, "txq_retries_total{kind=\"timeout\",type=\"sleepy\"}"),
         1.0,
         "{m:#?}"
     );
     assert_eq!(
-        get(&m, "txq_db_transaction_retries_total{reason=\"timeout\"}"),
+        present(&m, "txq_db_transaction_retries_total{reason=\"timeout\"}"),
         2.0,
         "one in-process retry on each delivery: {m:#?}"
     );
     assert_eq!(
-        get(
+        present(
             &m,
             "txq_dead_lettered_total{kind=\"unknown_type\",type=\"unknown\"}"
         ),
         1.0
     );
     assert_eq!(
-        get(
+        present(
             &m,
             "txq_dead_lettered_total{kind=\"timeout\",type=\"sleepy\"}"
         ),
         1.0
     );
     assert_eq!(
-        get(&m, "txq_job_duration_seconds_count{type=\"transfer\"}"),
-        (OK + 5 + 1) as f64
+        present(&m, "txq_job_duration_seconds_count{type=\"transfer\"}"),
+        (OK + 1 + 5 + 1) as f64
     );
     assert_eq!(
-        get(
+        present(
             &m,
             "txq_job_duration_seconds_bucket{le=\"+Inf\",type=\"transfer\"}"
         ),
-        (OK + 5 + 1) as f64
+        (OK + 1 + 5 + 1) as f64
     );
-    assert_eq!(get(&m, "txq_concurrency_limit"), 4.0);
-    assert_eq!(get(&m, "txq_jobs_in_flight"), 0.0);
+    assert_eq!(present(&m, "txq_concurrency_limit"), 4.0);
+    assert_eq!(present(&m, "txq_jobs_in_flight"), 0.0);
     assert!(
-        get(&m, "txq_db_pool_connections{state=\"max\"}") >= 4.0,
+        present(&m, "txq_db_pool_connections{state=\"max\"}") >= 4.0,
         "{m:#?}"
     );
-    assert_eq!(get(&m, "txq_replies_returned_total"), 0.0);
-    assert_eq!(get(&m, "txq_broker_reconnects_total"), 0.0);
+    present(&m, "txq_db_pool_connections{state=\"idle\"}");
+    present(&m, "txq_db_pool_connections{state=\"in_use\"}");
+    assert_eq!(
+        present(&m, "txq_replies_returned_total"),
+        1.0,
+        "the reply to the gone queue: {m:#?}"
+    );
+    // Counters appear with their first count: none for what never happened.
+    assert_eq!(m.get("txq_broker_reconnects_total"), None, "{m:#?}");
 
     let totals = bank::totals(&test_db.db).await.expect("totals");
     assert_eq!(
-        totals.transfers, OK as i64,
+        totals.transfers,
+        (OK + 1) as i64,
         "the metrics match the database"
     );
-    child.kill().await.expect("stopping txq");
+    assert_eq!(client.depth(&requests).await, 0, "every request was acked");
+    txq.child.kill().await.expect("stopping txq");
 }
 
 #[tokio::test]
@@ -305,27 +311,21 @@ async fn readyz_follows_the_broker_connection() {
     let replies = client.queue(&crate::support::unique("replies")).await;
     let proxy = Proxy::start().await;
     let ops = ops_file();
-    let port = free_port();
-    let mut child = spawn_txq(
-        &proxy.url(),
-        &test_db.url,
-        &requests,
-        &replies,
-        &ops.0,
-        port,
-    );
-    let ok = |r: Option<(u16, String)>| r.is_some_and(|(s, _)| s == 200);
-    until(port, "/readyz", ok).await;
+    let mut txq = spawn_txq(&proxy.url(), &test_db.url, &requests, &replies, &ops.0);
+    until(&mut txq, "/readyz", |status, _| status == 200).await;
 
     proxy.cut();
-    until(port, "/readyz", |r| r.is_some_and(|(s, _)| s == 503)).await;
-    let (status, _) = http_get(port, "/healthz").await.expect("/healthz");
+    until(&mut txq, "/readyz", |status, body| {
+        status == 503 && body.contains("no consumer")
+    })
+    .await;
+    let (status, _) = txq.get("/healthz").await;
     assert_eq!(status, 200, "alive while reconnecting");
 
-    until(port, "/readyz", ok).await;
-    let m = scrape(port).await;
-    assert!(get(&m, "txq_broker_reconnects_total") >= 1.0, "{m:#?}");
-    child.kill().await.expect("stopping txq");
+    until(&mut txq, "/readyz", |status, _| status == 200).await;
+    let m = scrape(&mut txq).await;
+    assert!(present(&m, "txq_broker_reconnects_total") >= 1.0, "{m:#?}");
+    txq.child.kill().await.expect("stopping txq");
 }
 
 #[tokio::test]
@@ -447,7 +447,7 @@ async fn otlp_exports_the_job_span_the_reply_names() {
     let (test_db, client, requests, replies) = bank_env(Backend::Sqlite, 4).await;
     let (collector_port, mut bodies) = collector().await;
     let ops = ops_file();
-    let mut child = txq_run(
+    let mut txq = txq_run(
         &crate::support::amqp_url(),
         &test_db.url,
         &requests,
@@ -462,8 +462,7 @@ async fn otlp_exports_the_job_span_the_reply_names() {
     .env("OTEL_BSP_SCHEDULE_DELAY", "100")
     // The filter applies to exported spans too; the job span is at info.
     .env("RUST_LOG", "info")
-    .spawn()
-    .expect("spawning txq run");
+    .spawn();
     const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
     const PARENT: &str = "00f067aa0ba902b7";
     client
@@ -481,7 +480,7 @@ async fn otlp_exports_the_job_span_the_reply_names() {
     assert_eq!(parts[1], TRACE);
     let (trace, span, parent) = (hex_bytes(TRACE), hex_bytes(parts[2]), hex_bytes(PARENT));
     let contains = |body: &[u8], needle: &[u8]| body.windows(needle.len()).any(|w| w == needle);
-    let found = tokio::time::timeout(Duration::from_secs(30), async {
+    let found = tokio::time::timeout(std::time::Duration::from_secs(30), async {
         while let Some(body) = bodies.recv().await {
             if contains(&body, &trace) && contains(&body, &span) && contains(&body, &parent) {
                 return true;
@@ -496,5 +495,5 @@ async fn otlp_exports_the_job_span_the_reply_names() {
         "the collector got the job span (trace {TRACE}, span {}, parent {PARENT})",
         parts[2]
     );
-    child.kill().await.expect("stopping txq");
+    txq.child.kill().await.expect("stopping txq");
 }
