@@ -100,6 +100,11 @@ pub fn queue_arguments(topology: &Topology) -> Vec<(String, FieldTable)> {
         request.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(limit));
         dead_letter_to(&mut request, &topology.dead_letter_queue);
     }
+    // The DLQ has no `x-delivery-limit`, and needs none: `txq dlq` never
+    // requeues on a quorum queue (it copies what it keeps back to the tail), so
+    // no limit, RabbitMQ 4's default of 20 or a policy's, acts on its reads. An
+    // argument added now would make every existing DLQ fail this declare
+    // (inequivalent arg), and 3.10 takes -1 as "drop at the first requeue".
     let mut queues = vec![
         (topology.request_queue.clone(), request),
         (topology.dead_letter_queue.clone(), typed()),
@@ -206,6 +211,10 @@ mod tests {
             arg(2, "x-dead-letter-strategy"),
             Some(text("at-least-once"))
         );
+        // See queue_arguments: txq dlq's reads count no delivery, and the
+        // declare must match the DLQs that already exist.
+        assert_eq!(queues[1].0, "q.dlq");
+        assert_eq!(queues[1].1.inner().len(), 1, "x-queue-type only");
         assert_eq!(
             arg(1, "x-delivery-limit"),
             None,
