@@ -12,18 +12,20 @@ use txq::{Backend, Db, Worker, with_conn};
 
 use crate::bank;
 use crate::support::{
-    Client, Collector, Proxy, RabbitUser, Reply, Request, RunningWorker, TestDb, amqp_url,
-    bank_env, config, exec, rabbitmqctl, transfers, unique,
+    Client, Collector, Proxy, RabbitUser, Reply, Request, RunningWorker, TestDb, Txq, TxqOutput,
+    amqp_url, bank_env, config, exec, rabbitmqctl, transfers, unique,
 };
 
 /// What a run of the `txq` binary left.
-struct Run {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
+type Run = TxqOutput;
+
+/// What `dlq` commands print with `--json`.
+trait Printed {
+    fn json_lines(&self) -> Vec<Value>;
+    fn summary(&self) -> Value;
 }
 
-impl Run {
+impl Printed for TxqOutput {
     fn json_lines(&self) -> Vec<Value> {
         self.stdout
             .lines()
@@ -39,20 +41,24 @@ impl Run {
     }
 }
 
-impl std::fmt::Debug for Run {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
-            self.code, self.stdout, self.stderr
-        )
-    }
+/// `txq <args>` on the broker at `amqp` with `queue` as the worker's queue, so
+/// the dead-letter queue is `<queue>.dlq`.
+fn txq_at(amqp: &str, queue: &str, args: &[&str]) -> Txq {
+    Txq::new(args)
+        .env("TXQ_AMQP_URL", amqp)
+        .env("TXQ_QUEUE", queue)
 }
 
-/// `txq` with the test broker (or `amqp`) and `queue` as the worker's queue, so
-/// the dead-letter queue is `<queue>.dlq`.
+/// The same as a process to watch (its stdout and stderr piped).
 fn txq_command(amqp: &str, queue: &str, args: &[&str]) -> tokio::process::Command {
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_txq"));
+    // As Txq::new: none of the test environment's TXQ_* settings.
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy().into_owned();
+        if name.starts_with("TXQ_") && !name.starts_with("TXQ_TEST_") {
+            cmd.env_remove(name);
+        }
+    }
     cmd.args(args)
         .env("TXQ_AMQP_URL", amqp)
         .env("TXQ_QUEUE", queue)
@@ -64,16 +70,9 @@ fn txq_command(amqp: &str, queue: &str, args: &[&str]) -> tokio::process::Comman
     cmd
 }
 
+/// `txq <args>` on the test broker, to the end.
 async fn txq(queue: &str, args: &[&str]) -> Run {
-    let out = txq_command(&amqp_url(), queue, args)
-        .output()
-        .await
-        .expect("running txq");
-    Run {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    txq_at(&amqp_url(), queue, args).output().await
 }
 
 /// A dead letter as a txq worker writes it.
@@ -755,16 +754,15 @@ async fn list_show_group_and_purge_print_what_they_did_and_exit_meaningfully() {
     let mut client = Client::new().await;
     let queue = client.queue(&unique("requests")).await;
 
-    let down = txq_command(
+    let down = txq_at(
         "amqp://guest:hunter2@127.0.0.1:1/%2f",
         &queue,
         &["dlq", "list"],
     )
     .output()
-    .await
-    .expect("running txq");
-    let stderr = String::from_utf8_lossy(&down.stderr);
-    assert_eq!(down.status.code(), Some(3), "{stderr}");
+    .await;
+    let stderr = &down.stderr;
+    assert_eq!(down.code, Some(3), "{stderr}");
     assert!(stderr.contains("guest:***@127.0.0.1:1"), "{stderr}");
     assert!(!stderr.contains("hunter2"), "{stderr}");
 
@@ -1225,13 +1223,11 @@ async fn a_quorum_dlq_this_user_may_not_publish_to_is_not_read_at_all() {
     let user = RabbitUser::create().await;
     rabbitmqctl(&["set_permissions", "-p", "/", &user.name, ".*", "^$", ".*"]).await;
     for _ in 0..3 {
-        let out = txq_command(&user.url(), &queue, &["dlq", "list"])
-            .output()
-            .await
-            .expect("running txq");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        let out = txq_at(&user.url(), &queue, &["dlq", "list"]).output().await;
+        let stderr = &out.stderr;
+        assert_eq!(out.code, Some(2), "{stderr}");
         assert!(stderr.contains("is not a classic queue"), "{stderr}");
+        assert!(stderr.contains("amq.default"), "{stderr}");
         assert!(stderr.contains("nothing was read"), "{stderr}");
         assert!(out.stdout.is_empty());
     }

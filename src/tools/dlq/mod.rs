@@ -65,12 +65,15 @@ pub enum DlqError {
     /// deliveries means copying each message back to its tail, which the broker
     /// does not allow this user: nothing was read.
     #[error(
-        "`{queue}` is not a classic queue (quorum?): reading it without counting a delivery on each message (which a delivery limit acts on) means putting each back at its tail, and publishing is refused ({reason}); nothing was read. Grant write permission on the default exchange"
+        "`{queue}` is not a classic queue, or not one this user may declare ({not_classic}): reading it without counting a delivery on each message (which a quorum queue's delivery limit acts on) means putting each back at its tail, and publishing is refused ({reason}); nothing was read. Grant this user write permission on the default exchange (amq.default), or, for a classic queue, configure permission on it"
     )]
     CannotRotate {
         /// The queue.
         queue: String,
-        /// What the broker said.
+        /// Why it is not known to be classic: the broker's answer to a declare
+        /// with `x-queue-type = classic`.
+        not_classic: String,
+        /// Why publishing is refused: what the broker said.
         reason: String,
     },
     /// `--to` names the dead-letter queue itself.

@@ -50,6 +50,9 @@ pub enum HandBack {
     Rotate,
 }
 
+/// Why a queue is not proven classic.
+type NotClassic = String;
+
 /// A message taken from the queue and not yet settled.
 #[derive(Debug)]
 pub struct Taken {
@@ -149,7 +152,10 @@ impl Scan {
             Err(e) => return Err(DlqError::from_wire(e)),
         };
         let _ = probe.close().await;
-        let mode = Self::hand_back(&mut wire, queue).await?;
+        let (mode, not_classic) = match Self::hand_back(&mut wire, queue).await? {
+            None => (HandBack::Requeue, String::new()),
+            Some(why) => (HandBack::Rotate, why),
+        };
         let read = wire.channel().await.map_err(DlqError::from_wire)?;
         let mut publish = wire.channel().await.map_err(DlqError::from_wire)?;
         publish
@@ -165,6 +171,7 @@ impl Scan {
                 Err(e) if e.channel_code().is_some() => {
                     return Err(DlqError::CannotRotate {
                         queue: queue.to_owned(),
+                        not_classic,
                         reason: e.to_string(),
                     });
                 }
@@ -185,8 +192,9 @@ impl Scan {
         })
     }
 
-    /// Requeue if the broker accepts `x-queue-type = classic` for the queue.
-    async fn hand_back(wire: &mut Wire, queue: &str) -> Result<HandBack, DlqError> {
+    /// `None` (Requeue) if the broker accepts `x-queue-type = classic` for the
+    /// queue; else why not (Rotate).
+    async fn hand_back(wire: &mut Wire, queue: &str) -> Result<Option<NotClassic>, DlqError> {
         let mut probe = wire.channel().await.map_err(DlqError::from_wire)?;
         let mut classic = FieldTable::default();
         classic.insert(
@@ -196,12 +204,12 @@ impl Scan {
         match probe.declare(queue, false, classic).await {
             Ok(_) => {
                 let _ = probe.close().await;
-                Ok(HandBack::Requeue)
+                Ok(None)
             }
             // 406 (another type, or other properties), 403 (may not declare)…
             Err(e) if e.channel_code().is_some() => {
                 tracing::debug!(queue, error = %e, "not proven classic: rotating");
-                Ok(HandBack::Rotate)
+                Ok(Some(e.to_string()))
             }
             Err(e) => Err(DlqError::from_wire(e)),
         }

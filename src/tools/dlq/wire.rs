@@ -793,6 +793,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
             }
             match parse_method(&payload) {
                 Ok(AMQPClass::Connection(connection::AMQPMethod::Close(c))) => {
+                    tracing::warn!(code = c.reply_code, reason = %c.reply_text, "rabbitmq closed the connection");
                     let ok = AMQPClass::Connection(connection::AMQPMethod::CloseOk(
                         connection::CloseOk {},
                     ));
@@ -848,6 +849,14 @@ pub(super) struct Chan {
     /// Publishes so far (in confirm mode: the sequence number of the last).
     published: u64,
     closed: bool,
+}
+
+impl Drop for Chan {
+    fn drop(&mut self) {
+        if let Ok(mut routes) = self.shared.routes.lock() {
+            routes.remove(&self.id);
+        }
+    }
 }
 
 impl Chan {
