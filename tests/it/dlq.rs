@@ -1234,9 +1234,18 @@ async fn a_quorum_dlq_this_user_may_not_publish_to_is_not_read_at_all() {
     assert_eq!(listed_ids(&queue).await, ["d-0", "d-1"], "all still there");
 }
 
-/// Publishes one dead letter (as `publish_dead` does) whose message_id `marker`
-/// reaches the broker as bytes that are not UTF-8, through a rewriting proxy.
-async fn publish_unreadable(dlq: &str, original_queue: &str, marker: &str) {
+/// Where `publish_unreadable` puts bytes that are not UTF-8.
+enum Unreadable<'a> {
+    /// The message_id.
+    MessageId,
+    /// A header key; the message_id is this.
+    HeaderKey(&'a str),
+}
+
+/// Publishes one dead letter (as `publish_dead` does) with `marker` as its
+/// message_id or a header key, which reaches the broker as bytes that are not
+/// UTF-8, through a rewriting proxy.
+async fn publish_unreadable(dlq: &str, original_queue: &str, marker: &str, at: Unreadable<'_>) {
     let proxy = Proxy::start_to(
         &amqp_url(),
         Some((marker.as_bytes().to_vec(), vec![0xFF; marker.len()])),
@@ -1256,8 +1265,15 @@ async fn publish_unreadable(dlq: &str, original_queue: &str, marker: &str) {
     h.insert("x-txq-error".into(), text("never parsed"));
     h.insert("x-txq-attempts".into(), AMQPValue::LongLongInt(3));
     h.insert("x-txq-original-queue".into(), text(original_queue));
+    let id = match at {
+        Unreadable::MessageId => marker,
+        Unreadable::HeaderKey(id) => {
+            h.insert(marker.into(), text("x"));
+            id
+        }
+    };
     let props = BasicProperties::default()
-        .with_message_id(marker.into())
+        .with_message_id(id.into())
         .with_type("odd".into())
         .with_delivery_mode(2)
         .with_headers(h);
@@ -1291,7 +1307,7 @@ async fn a_message_no_amqp_client_can_parse_is_listed_moved_with_replay_to_and_p
     let mut dead = sample(&queue);
     dead.truncate(3);
     publish_dead(&client, &dlq, &dead[..1]).await;
-    publish_unreadable(&dlq, &queue, MARKER).await;
+    publish_unreadable(&dlq, &queue, MARKER, Unreadable::MessageId).await;
     publish_dead(&client, &dlq, &dead[1..]).await;
     let order = [
         "d-0".to_owned(),
@@ -1327,6 +1343,15 @@ async fn a_message_no_amqp_client_can_parse_is_listed_moved_with_replay_to_and_p
         2,
         "a header and one row: {table:?}"
     );
+    // Shown by its id as listed, with the bytes as sent.
+    let show = txq(&queue, &["dlq", "show", &replaced(MARKER), "--json"]).await;
+    assert_eq!(show.code, Some(0), "{show:?}");
+    let v = &show.json_lines()[0];
+    assert_eq!(
+        v["unreadable_base64"]["message_id"], "/////////////////////w==",
+        "{v}"
+    );
+    assert_eq!(v["summary"]["attempts"], 3, "{v}");
 
     // Replay to its original queue: the others go, it stays, said why; twice.
     let run = txq(&queue, &["dlq", "replay", "--json"]).await;
@@ -1335,7 +1360,7 @@ async fn a_message_no_amqp_client_can_parse_is_listed_moved_with_replay_to_and_p
     let skipped: Vec<&Value> = lines.iter().filter(|v| v["action"] == "skipped").collect();
     assert_eq!(skipped.len(), 1, "{run:?}");
     let reason = skipped[0]["reason"].as_str().unwrap_or("");
-    assert!(reason.contains("message_id is not UTF-8"), "{reason}");
+    assert!(reason.contains("not UTF-8 (message_id)"), "{reason}");
     assert!(reason.contains("--to"), "{reason}");
     assert_eq!(run.summary()["replayed"], 3, "{run:?}");
     assert_eq!(
@@ -1391,7 +1416,7 @@ async fn a_message_no_amqp_client_can_parse_never_nears_a_quorum_delivery_limit(
     let mut dead = sample(&queue);
     dead.truncate(2);
     publish_dead(&client, &dlq, &dead[..1]).await;
-    publish_unreadable(&dlq, &queue, MARKER).await;
+    publish_unreadable(&dlq, &queue, MARKER, Unreadable::MessageId).await;
     publish_dead(&client, &dlq, &dead[1..]).await;
     let _policy = delivery_limit(&dlq, 0).await;
     let order = ["d-0".to_owned(), replaced(MARKER), "d-1".into()];
@@ -1407,6 +1432,54 @@ async fn a_message_no_amqp_client_can_parse_never_nears_a_quorum_delivery_limit(
         let run = txq(&queue, &["dlq", "replay", "--unreadable", "--json"]).await;
         assert_eq!(run.code, Some(1), "skipped: {run:?}");
     }
+    let purge = txq(&queue, &["dlq", "purge", "--unreadable", "--yes"]).await;
+    assert_eq!(purge.code, Some(0), "{purge:?}");
+    assert_eq!(listed_ids(&queue).await, ["d-0", "d-1"]);
+}
+
+#[tokio::test]
+async fn a_message_whose_headers_cannot_be_decoded_is_purged_and_replay_says_why_not() {
+    const MARKER: &str = "UNREADABLE-KEY-3";
+    let mut client = Client::new().await;
+    let queue = client.queue(&unique("requests")).await;
+    let dlq = client.queue(&format!("{queue}.dlq")).await;
+    let mut dead = sample(&queue);
+    dead.truncate(2);
+    publish_dead(&client, &dlq, &dead[..1]).await;
+    publish_unreadable(&dlq, &queue, MARKER, Unreadable::HeaderKey("bad-key")).await;
+    publish_dead(&client, &dlq, &dead[1..]).await;
+
+    let lines = listed(&queue, &[]).await;
+    let ids: Vec<&str> = lines
+        .iter()
+        .map(|v| v["message_id"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(ids, ["d-0", "bad-key", "d-1"]);
+    // Without its headers, nothing says how it failed.
+    assert_eq!(lines[1]["unreadable"], json!(["headers"]), "{}", lines[1]);
+    assert_eq!(lines[1]["error_kind"], "unknown", "{}", lines[1]);
+
+    // A copy without the failure headers cannot be made: said, and kept.
+    let inspect = client.queue(&unique("inspect")).await;
+    for _ in 0..2 {
+        let run = txq(
+            &queue,
+            &["dlq", "replay", "--unreadable", "--to", &inspect, "--json"],
+        )
+        .await;
+        assert_eq!(run.code, Some(1), "{run:?}");
+        let reason = run.json_lines()[0]["reason"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned();
+        assert!(
+            reason.contains("header table cannot be decoded"),
+            "{reason}"
+        );
+        assert!(reason.contains("purge"), "{reason}");
+    }
+    assert_eq!(client.depth(&inspect).await, 0);
+
     let purge = txq(&queue, &["dlq", "purge", "--unreadable", "--yes"]).await;
     assert_eq!(purge.code, Some(0), "{purge:?}");
     assert_eq!(listed_ids(&queue).await, ["d-0", "d-1"]);

@@ -344,7 +344,7 @@ async fn run_command(config: &Config, args: DlqArgs) -> Result<u8, DlqError> {
 fn note_counts(counts: &super::Counts) {
     if counts.unreadable > 0 {
         note(format_args!(
-            "{} of them have properties that are not UTF-8 (shown with U+FFFD; `show --json` has the bytes): txq's worker and most AMQP clients cannot read them; `--unreadable` selects them",
+            "{} of them have properties that are not UTF-8 (shown with U+FFFD; `show ID --json`, with the ID as shown, has their bytes): txq's worker and most AMQP clients cannot read them; `--unreadable` selects them",
             counts.unreadable
         ));
     }

@@ -442,7 +442,7 @@ fn replay_target<'a>(to: Option<&'a str>, m: &'a DeadLetter, dlq: &str) -> Resul
         // (a quorum request queue dead-letters it back here after its delivery
         // limit; a classic one would hand it out for ever).
         return Err(format!(
-            "its {} is not UTF-8, which txq's worker cannot read (its AMQP client drops the connection on it): pass --to QUEUE to move it, or purge it (--unreadable selects it)",
+            "it has properties that are not UTF-8 ({}), which txq's worker cannot read (its AMQP client drops the connection on it): pass --to QUEUE to move it, or purge it (--unreadable selects it)",
             m.unreadable_fields()
         ));
     }
