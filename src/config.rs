@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use crate::db::{Backend, Isolation};
 
 /// Everything the worker needs to run. Field defaults are the documented ones.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// RabbitMQ URL, or several for a cluster: a TOML array, or one string with the
@@ -69,6 +69,10 @@ pub struct Config {
     /// would refuse is never committed to the inbox. Default 8 MiB, below RabbitMQ
     /// 4.x's `max_message_size` of 16 MiB.
     pub max_reply_bytes: usize,
+    /// Attempts to reach the broker at start-up before `txq run` gives up (with
+    /// backoff: 0.5 s, doubling to 30 s). A refused login stops at once.
+    /// Reconnects after a successful start are never given up. Default 20.
+    pub connect_attempts: u32,
     /// Quorum queues only: deliveries of one request, at most, before RabbitMQ itself
     /// dead-letters it into the dead-letter queue (`x-delivery-limit`). This is what
     /// ends a message no worker can even read. Default 20, RabbitMQ 4.x's own default.
@@ -117,6 +121,7 @@ impl Default for Config {
             max_body_bytes: 1024 * 1024,
             max_reply_bytes: 8 * 1024 * 1024,
             delivery_limit: 20,
+            connect_attempts: 20,
             job_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(30),
             consumer_timeout: Duration::from_secs(30 * 60),
@@ -134,7 +139,7 @@ impl Default for Config {
 /// transaction; a request still failing then is republished to a TTL queue and comes
 /// back after the next delay of `delays`; after `max_attempts` deliveries it goes to
 /// the dead-letter queue.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RetryConfig {
     /// Attempts per delivery, in process (the first one included). Default 3.
@@ -152,7 +157,10 @@ pub struct RetryConfig {
     /// Delay before the 2nd, 3rd… delivery; the last one repeats. Each is a queue
     /// `<queue>.retry.<delay>` whose messages expire back into the request queue.
     /// Default 1s, 5s, 30s, 2m.
-    #[serde(deserialize_with = "duration_list")]
+    #[serde(
+        deserialize_with = "duration_list",
+        serialize_with = "duration_list_out"
+    )]
     pub delays: Vec<Duration>,
 }
 
@@ -170,7 +178,7 @@ impl Default for RetryConfig {
 
 /// The inbox table `txq_inbox`: one row per processed message_id, written in the
 /// job's own transaction.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct InboxConfig {
     /// Deduplicate by message_id. Default true. Off, redelivered requests run again.
@@ -194,7 +202,7 @@ impl Default for InboxConfig {
 }
 
 /// Settings of one job type.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct JobConfig {
     /// Isolation level of the job's transaction. Default: the database's own
@@ -261,14 +269,48 @@ pub struct Overrides {
     pub metrics_addr: Option<String>,
 }
 
+/// `TXQ_*` variables that are not config keys: the config file's name, the
+/// variables of flags that have no config key, and the test suite's.
+#[cfg(feature = "cli")]
+const NOT_CONFIG: &[&str] = &["config", "ops"];
+
+/// Whether `TXQ_<key>` is meant for the config loader. Besides [`NOT_CONFIG`] and
+/// `TXQ_TEST_*`, the variables Kubernetes injects for a Service named `txq-…`
+/// (`TXQ_METRICS_PORT=tcp://…`, `…_SERVICE_HOST`, `…_PORT_9464_TCP_ADDR`) are
+/// skipped: they must never stop txq, and no config key has their shape.
+#[cfg(feature = "cli")]
+fn is_config_variable(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    if NOT_CONFIG.contains(&key.as_str()) || key.starts_with("test_") {
+        return false;
+    }
+    let service_link = key.ends_with("_service_host")
+        || key.contains("_service_port")
+        || key.ends_with("_port")
+        || key.split("_port_").nth(1).is_some_and(|rest| {
+            let mut parts = rest.split('_');
+            parts.next().is_some_and(|n| n.parse::<u16>().is_ok())
+                && parts
+                    .next()
+                    .is_some_and(|proto| ["tcp", "udp", "sctp"].contains(&proto))
+        });
+    !service_link
+}
+
 /// Why a configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConfigError {
-    /// The file or an environment variable does not parse, or has the wrong type.
+    /// The file or an environment variable does not parse, or has the wrong type:
+    /// one line per problem, naming the key and where it came from.
     #[cfg(feature = "cli")]
-    #[error("configuration: {0}")]
-    Parse(#[from] Box<figment::Error>),
+    #[error("configuration: {message}")]
+    Parse {
+        /// What is wrong, for people.
+        message: String,
+        /// figment's own account (not a `source`: `message` says it all).
+        error: Box<figment::Error>,
+    },
     /// A value parses but is not allowed.
     #[error("configuration: `{key}` {problem}")]
     Invalid {
@@ -277,6 +319,64 @@ pub enum ConfigError {
         /// What is wrong with it.
         problem: String,
     },
+}
+
+#[cfg(feature = "cli")]
+impl ConfigError {
+    fn parse(error: figment::Error) -> Self {
+        let lines: Vec<String> = error.clone().into_iter().map(|e| describe(&e)).collect();
+        Self::Parse {
+            message: lines.join("; "),
+            error: Box::new(error),
+        }
+    }
+}
+
+/// One figment error as `` `key` (from where): what; did you mean `…`? ``.
+#[cfg(feature = "cli")]
+fn describe(e: &figment::Error) -> String {
+    use figment::error::Kind;
+    let mut path = e.path.clone();
+    if let Kind::UnknownField(field, _) = &e.kind {
+        if path.last() != Some(field) {
+            path.push(field.clone());
+        }
+    }
+    let key = path.join(".");
+    let from = match &e.metadata {
+        Some(m) if m.name.contains("environment") => {
+            format!(
+                " (environment variable TXQ_{})",
+                path.join("__").to_ascii_uppercase()
+            )
+        }
+        Some(m) => match &m.source {
+            Some(figment::Source::File(file)) => format!(" (in {})", file.display()),
+            _ => String::new(),
+        },
+        None => String::new(),
+    };
+    let what = match &e.kind {
+        Kind::UnknownField(field, expected) => {
+            let closest = expected
+                .iter()
+                .map(|k| (strsim::jaro_winkler(field, k), *k))
+                .filter(|(score, _)| *score > 0.8)
+                .max_by(|a, b| a.0.total_cmp(&b.0));
+            match closest {
+                Some((_, k)) => format!("unknown key; did you mean `{k}`?"),
+                None => format!("unknown key; the keys here are: {}", expected.join(", ")),
+            }
+        }
+        Kind::InvalidType(actual, expected) => format!("expected {expected}, found {actual}"),
+        Kind::MissingField(field) => format!("`{field}` is missing"),
+        other => other.to_string(),
+    };
+    if key.is_empty() {
+        format!("{what}{from}")
+    } else {
+        format!("`{key}`{from}: {what}")
+    }
 }
 
 impl Config {
@@ -290,14 +390,14 @@ impl Config {
             figment = figment.merge(Toml::file_exact(file));
         }
         let config: Config = figment
-            // TXQ_TEST_* belong to the test suite and TXQ_CONFIG names the file itself.
-            .merge(Env::prefixed("TXQ_").split("__").filter(|key| {
-                let key = key.as_str().to_ascii_lowercase();
-                key != "config" && !key.starts_with("test_")
-            }))
+            .merge(
+                Env::prefixed("TXQ_")
+                    .split("__")
+                    .filter(|key| is_config_variable(key.as_str())),
+            )
             .merge(Serialized::defaults(overrides))
             .extract()
-            .map_err(Box::new)?;
+            .map_err(|e| ConfigError::parse(*Box::new(e)))?;
         config.validate()?;
         Ok(config)
     }
@@ -368,6 +468,9 @@ impl Config {
                 "max_reply_bytes",
                 "must be at least 1024 (a `failed` reply must fit)",
             ));
+        }
+        if self.connect_attempts == 0 {
+            return Err(invalid("connect_attempts", "must be at least 1"));
         }
         if self.delivery_limit == 0 || i32::try_from(self.delivery_limit).is_err() {
             return Err(invalid(
@@ -445,8 +548,19 @@ impl Config {
             ));
         }
         for url in self.amqp_url.split() {
-            if let Err(e) = url::Url::parse(url.expose()) {
-                return Err(invalid("amqp_url", &format!("is not a URL: {e}")));
+            let raw = url.expose();
+            let scheme = raw.split_once("://").map(|(s, _)| s.to_ascii_lowercase());
+            if !matches!(scheme.as_deref(), Some("amqp" | "amqps")) {
+                return Err(invalid(
+                    "amqp_url",
+                    &format!("must be an amqp:// or amqps:// URL, not `{url}`"),
+                ));
+            }
+            if let Err(e) = raw.parse::<lapin::uri::AMQPUri>() {
+                return Err(invalid(
+                    "amqp_url",
+                    &format!("is not a valid AMQP URL ({url}): {e}"),
+                ));
             }
         }
         if let Err(e) = Backend::from_url(self.database_url.expose()) {
@@ -502,6 +616,15 @@ impl Config {
             .clone()
             .unwrap_or_else(|| format!("{}.dlq", self.queue))
     }
+}
+
+fn duration_list_out<S: serde::Serializer>(list: &[Duration], s: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeSeq as _;
+    let mut seq = s.serialize_seq(Some(list.len()))?;
+    for d in list {
+        seq.serialize_element(&humantime::format_duration(*d).to_string())?;
+    }
+    seq.end()
 }
 
 fn duration_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
@@ -573,6 +696,13 @@ impl SecretUrl {
             out.push(self.clone());
         }
         out
+    }
+}
+
+/// Serialized redacted, as displayed: what `txq config` prints is safe to paste.
+impl Serialize for SecretUrl {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
     }
 }
 

@@ -8,33 +8,61 @@ use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 use txq::config::{LogFormat, Overrides};
+
+// Exit codes and the `--json` convention: README, "Exit codes".
 use txq::{Config, Handler, JobError, JobMeta, Tx, Worker};
 
 #[derive(Parser)]
-#[command(version, about = "Transactional job processor for RabbitMQ")]
+#[command(
+    version,
+    about = "Transactional job processor for RabbitMQ",
+    after_long_help = "EXIT CODES (every command):\n  0  success\n  1  the command ran, \
+        and some of the work it reports on did not succeed (a reply not ok, a dead letter \
+        left)\n  2  usage or configuration error: flags, config file, TXQ_* variables, an \
+        operations file\n  3  the broker, the database or a file could not be used\n\n\
+        EXAMPLES:\n  txq run --ops examples/bank/ops.toml --init-sql examples/bank/schema.sqlite.sql\n  \
+        txq submit examples/bank/transfers.jsonl --wait\n  txq dlq list --group\n  txq config --json"
+)]
 struct Cli {
-    #[command(flatten)]
-    common: Common,
+    /// TOML config file
+    #[arg(long, short, global = true, env = "TXQ_CONFIG")]
+    config: Option<PathBuf>,
+    /// Log level: error, warn, info, debug or trace (RUST_LOG, when set, wins)
+    #[arg(long, global = true, value_name = "LEVEL")]
+    log_level: Option<tracing::level_filters::LevelFilter>,
+    /// More log lines: -v adds a line per job (type, message_id, outcome, time), -vv debug
+    #[arg(long, short, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
     #[command(subcommand)]
     command: Command,
 }
 
-/// Flags every command shares; each overrides the config file and `TXQ_*` variables.
-#[derive(Args)]
-struct Common {
-    /// TOML config file.
-    #[arg(long, short, global = true, env = "TXQ_CONFIG")]
-    config: Option<PathBuf>,
-    /// RabbitMQ URL [config: amqp_url]
+/// How to reach RabbitMQ [config: amqp_url, queue].
+#[derive(Args, Default)]
+#[command(next_help_heading = "Connection")]
+struct BrokerArgs {
+    /// RabbitMQ URL, or several separated by commas [config: amqp_url]
     #[arg(long, global = true)]
     amqp_url: Option<String>,
-    /// Database URL: mysql://, mariadb://, postgres:// or sqlite:// [config: database_url]
-    #[arg(long, global = true)]
-    database_url: Option<String>,
     /// Request queue [config: queue]
     #[arg(long, global = true)]
     queue: Option<String>,
-    /// Log format [config: log_format]
+}
+
+/// How to reach the database [config: database_url].
+#[derive(Args, Default)]
+#[command(next_help_heading = "Connection")]
+struct DbArgs {
+    /// Database URL: mysql://, mariadb://, postgres:// or sqlite:// [config: database_url]
+    #[arg(long, global = true)]
+    database_url: Option<String>,
+}
+
+/// Log line format [config: log_format].
+#[derive(Args, Default)]
+#[command(next_help_heading = "Connection")]
+struct LogArgs {
+    /// Log format: text or json [config: log_format]
     #[arg(long, global = true, value_enum)]
     log_format: Option<LogFormat>,
 }
@@ -42,31 +70,115 @@ struct Common {
 #[derive(Subcommand)]
 enum Command {
     /// Run the worker until SIGINT or SIGTERM.
-    Run(RunArgs),
-    /// Print the effective configuration (secrets redacted) and exit.
-    Config,
+    #[command(after_long_help = "EXAMPLES:\n  \
+        txq run --ops examples/bank/ops.toml --init-sql examples/bank/schema.sqlite.sql\n  \
+        txq run -v --concurrency 32 --database-url mysql://root@127.0.0.1:3306/test\n  \
+        TXQ_CONFIG=txq.toml txq run --metrics-addr 0.0.0.0:9464")]
+    Run {
+        #[command(flatten)]
+        args: RunArgs,
+        #[command(flatten)]
+        broker: BrokerArgs,
+        #[command(flatten)]
+        db: DbArgs,
+        #[command(flatten)]
+        log: LogArgs,
+    },
+    /// Print the effective configuration as TOML (or JSON), passwords redacted.
+    #[command(after_long_help = "EXAMPLES:\n  txq config\n  txq -c txq.toml config --json")]
+    Config {
+        /// One JSON document instead of TOML
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        broker: BrokerArgs,
+        #[command(flatten)]
+        db: DbArgs,
+        #[command(flatten)]
+        log: LogArgs,
+    },
     /// Create or update txq's tables (the inbox) in the database.
-    Migrate,
+    #[command(
+        after_long_help = "EXAMPLES:\n  txq migrate --database-url postgres://postgres@127.0.0.1/test"
+    )]
+    Migrate {
+        #[command(flatten)]
+        db: DbArgs,
+    },
     /// Operations files: job types defined as SQL steps.
     #[command(subcommand)]
     Ops(OpsCommand),
     /// The inbox of processed message_ids.
     #[command(subcommand)]
     Inbox(InboxCommand),
-    /// The dead-letter queue: list, show, replay, purge (exit codes: README).
-    Dlq(txq::tools::dlq::cli::DlqArgs),
+    /// The dead-letter queue: list, show, replay, purge.
+    #[command(
+        after_long_help = "EXAMPLES:\n  txq dlq list --group\n  txq dlq show 7d0c…\n  \
+        txq dlq replay --kind database_error --dry-run\n  txq dlq purge --yes"
+    )]
+    Dlq {
+        #[command(flatten)]
+        args: txq::tools::dlq::cli::DlqArgs,
+        #[command(flatten)]
+        broker: BrokerArgs,
+    },
     /// Publish a file of JSON-lines requests; with --wait, collect the replies.
-    Submit(SubmitArgs),
+    #[command(
+        after_long_help = "EXAMPLES:\n  txq submit examples/bank/transfers.jsonl --wait\n  \
+        txq submit --type noop --rate 200/s < payloads.jsonl\n  \
+        txq submit big.jsonl --wait --output replies.jsonl --resume"
+    )]
+    Submit {
+        #[command(flatten)]
+        args: SubmitArgs,
+        #[command(flatten)]
+        broker: BrokerArgs,
+    },
+}
+
+impl Command {
+    /// The config overrides this command's flags make.
+    fn overrides(&self) -> Overrides {
+        let none = (BrokerArgs::default(), DbArgs::default(), LogArgs::default());
+        let (broker, db, log) = match self {
+            Command::Run {
+                broker, db, log, ..
+            }
+            | Command::Config {
+                broker, db, log, ..
+            } => (broker, db, log),
+            Command::Migrate { db } => (&none.0, db, &none.2),
+            Command::Dlq { broker, .. } | Command::Submit { broker, .. } => {
+                (broker, &none.1, &none.2)
+            }
+            Command::Ops(_) => (&none.0, &none.1, &none.2),
+            Command::Inbox(InboxCommand::Prune { db, .. }) => (&none.0, db, &none.2),
+        };
+        let run = match self {
+            Command::Run { args, .. } => Some(args),
+            _ => None,
+        };
+        Overrides {
+            amqp_url: broker.amqp_url.clone(),
+            database_url: db.database_url.clone(),
+            queue: broker.queue.clone(),
+            concurrency: run.and_then(|r| r.concurrency),
+            log_format: log.log_format,
+            metrics_addr: run.and_then(|r| r.metrics_addr.clone()),
+        }
+    }
 }
 
 #[derive(Subcommand)]
 enum OpsCommand {
-    /// Check a file: parameters, step references, types; exit 1 on any error.
+    /// Check a file: parameters, step references, types; exit 2 on any error.
+    #[command(after_long_help = "EXAMPLES:\n  txq ops check examples/bank/ops.toml")]
     Check {
         /// The operations file.
         file: PathBuf,
     },
     /// Print a JSON Schema of each operation's payload and reply.
+    #[command(after_long_help = "EXAMPLES:\n  txq ops schema examples/bank/ops.toml > schema.json")]
     Schema {
         /// The operations file.
         file: PathBuf,
@@ -76,10 +188,13 @@ enum OpsCommand {
 #[derive(Subcommand)]
 enum InboxCommand {
     /// Delete rows older than a duration; a redelivery of such a request runs again.
+    #[command(after_long_help = "EXAMPLES:\n  txq inbox prune --older-than 7d")]
     Prune {
         /// For example 7d, 12h, 30m.
         #[arg(long, value_parser = humantime::parse_duration)]
         older_than: std::time::Duration,
+        #[command(flatten)]
+        db: DbArgs,
     },
 }
 
@@ -106,60 +221,137 @@ fn main() -> ExitCode {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("txq: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
+            return ExitCode::from(exit::UNAVAILABLE);
         }
     };
     match runtime.block_on(run(cli)) {
         Ok(code) => code,
+        // A closed stdout (`txq config | head -1`) ends the command quietly, as
+        // ripgrep and cargo do.
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("txq: {e:#}");
-            // A bad configuration is a usage error, as clap's own are.
-            if e.downcast_ref::<txq::config::ConfigError>().is_some() {
-                ExitCode::from(2)
-            } else {
-                ExitCode::FAILURE
-            }
+            eprintln!("txq: {}", report(&e));
+            ExitCode::from(exit::code(&e))
         }
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let (concurrency, metrics_addr) = match &cli.command {
-        Command::Run(args) => (args.concurrency, args.metrics_addr.clone()),
-        _ => (None, None),
-    };
-    let overrides = Overrides {
-        amqp_url: cli.common.amqp_url,
-        database_url: cli.common.database_url,
-        queue: cli.common.queue,
-        concurrency,
-        log_format: cli.common.log_format,
-        metrics_addr,
-    };
-    let config = Config::load(cli.common.config.as_deref(), &overrides)?;
-    // Held to the end of the command: dropping it flushes exported spans.
-    let _telemetry = match cli.command {
-        // Their stderr is for their own counts and errors (`--json`: one object);
-        // lapin logs the 404 of a missing queue and a lost connection, which the
-        // commands report themselves.
-        Command::Dlq(_) | Command::Submit(_) => {
-            txq::telemetry::init_with(config.log_format, "warn,lapin=off")
+/// The exit codes of every command (README, "Exit codes").
+mod exit {
+    /// The command ran, and some of what it reports on did not succeed.
+    #[allow(dead_code)]
+    pub(crate) const NOT_ALL_OK: u8 = 1;
+    /// Usage or configuration: flags, config, `TXQ_*` variables, an operations file.
+    pub(crate) const USAGE: u8 = 2;
+    /// The broker, the database or a file could not be used.
+    pub(crate) const UNAVAILABLE: u8 = 3;
+
+    /// The code of an error that ended a command.
+    pub(crate) fn code(e: &anyhow::Error) -> u8 {
+        let usage = e.chain().any(|c| {
+            c.is::<txq::config::ConfigError>()
+                || c.is::<txq::sqlops::SpecError>()
+                || c.downcast_ref::<txq::sqlops::OpsError>()
+                    .is_some_and(|o| !matches!(o, txq::sqlops::OpsError::Read { .. }))
+                || c.downcast_ref::<txq::WorkerError>().is_some_and(|w| {
+                    matches!(
+                        w,
+                        txq::WorkerError::Config(_) | txq::WorkerError::NoHandlers
+                    )
+                })
+        });
+        if usage { USAGE } else { UNAVAILABLE }
+    }
+}
+
+/// `e` and its causes on one line, each said once: a cause whose text the level
+/// above already shows (sqlx and io errors repeat theirs) is left out.
+fn report(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    let mut shown = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        // PostgreSQL names the line of its own source that raised the error.
+        let text = match text.rsplit_once(" at line ") {
+            Some((head, line)) if line.chars().all(|c| c.is_ascii_digit()) => head,
+            _ => text.as_str(),
+        };
+        let text = text.trim();
+        if text.is_empty() || shown.contains(text) {
+            continue;
         }
-        _ => txq::telemetry::init(config.log_format),
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(text);
+        shown.push_str(text);
+    }
+    out.replace('\n', " ")
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+/// Writes `text` and a newline to stdout; a closed pipe is an error the caller
+/// turns into a quiet exit.
+fn out(text: impl std::fmt::Display) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{text}")?;
+    stdout.flush()
+}
+
+/// The log filter when `RUST_LOG` is unset: `--log-level`, or from `-v`. Per-job
+/// lines (target `txq::job`) show from `-v`; lapin stays quiet (txq
+/// reports what they are about itself, and they carry raw bytes).
+fn log_filter(cli: &Cli, quiet_default: bool) -> String {
+    let level = match (cli.log_level, cli.verbose) {
+        (Some(level), _) => level.to_string().to_lowercase(),
+        (None, 0) if quiet_default => "warn".into(),
+        (None, 0 | 1) => "info".into(),
+        (None, 2) => "debug".into(),
+        (None, _) => "trace".into(),
     };
+    let jobs = if cli.verbose >= 1 || cli.log_level.is_some() {
+        &level
+    } else {
+        "warn"
+    };
+    format!("{level},txq::job={jobs},lapin=off")
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let overrides = cli.command.overrides();
+    let config = Config::load(cli.config.as_deref(), &overrides)?;
+    // Their stderr is for their own counts and errors (`--json`: one object).
+    let quiet = matches!(cli.command, Command::Dlq { .. } | Command::Submit { .. });
+    // Held to the end of the command: dropping it flushes exported spans.
+    let _telemetry = txq::telemetry::init_with(config.log_format, &log_filter(&cli, quiet));
     match cli.command {
-        Command::Dlq(args) => Ok(txq::tools::dlq::cli::run(&config, args).await),
-        Command::Config => {
-            println!("{config:#?}");
+        Command::Dlq { args, .. } => Ok(txq::tools::dlq::cli::run(&config, args).await),
+        Command::Config { json, .. } => {
+            let text = if json {
+                serde_json::to_string_pretty(&config).context("encoding the config")?
+            } else {
+                toml::to_string(&config).context("encoding the config")?
+            };
+            out(text.trim_end())?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Migrate => {
+        Command::Migrate { .. } => {
             let db = connect_db(&config).await?;
             let applied = txq::db::migrate(&db).await.context("migrating")?;
-            println!("applied {} migration(s): {applied:?}", applied.len());
+            out(format_args!(
+                "applied {} migration(s): {applied:?}",
+                applied.len()
+            ))?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Inbox(InboxCommand::Prune { older_than }) => {
+        Command::Inbox(InboxCommand::Prune { older_than, .. }) => {
             let db = connect_db(&config).await?;
             let older =
                 i64::try_from(older_than.as_millis()).context("--older-than is too large")?;
@@ -172,7 +364,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let removed = txq::db::inbox::prune(&db, now - older)
                 .await
                 .context("pruning")?;
-            println!("removed {removed} inbox row(s)");
+            out(format_args!("removed {removed} inbox row(s)"))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Ops(OpsCommand::Check { file }) => {
@@ -180,86 +372,100 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             for w in &ops.warnings {
                 eprintln!("warning: {w}");
             }
-            println!(
+            out(format_args!(
                 "{}: {} operation(s), ok",
                 file.display(),
                 ops.operations.len()
-            );
+            ))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Ops(OpsCommand::Schema { file }) => {
             let ops = txq::sqlops::load(&file)?;
-            println!("{:#}", txq::sqlops::schemas(&ops.operations));
+            out(format_args!("{:#}", txq::sqlops::schemas(&ops.operations)))?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Submit(args) => Ok(submit(&config, args).await),
-        Command::Run(args) => {
-            info!(?config, "starting");
-            let metrics_addr = config.metrics_addr();
-            let recorder = match metrics_addr {
-                Some(_) => Some(txq::http::install_recorder()?),
-                None => None,
-            };
-            let db = txq::Db::connect(config.database_url.expose(), &config.pool_options())
-                .await
-                .with_context(|| format!("connecting to {}", config.database_url))?;
-            if let Some(path) = &args.init_sql {
-                let text = std::fs::read_to_string(path)
-                    .with_context(|| format!("reading {}", path.display()))?;
-                let n = db
-                    .execute_sql_file(&text)
-                    .await
-                    .with_context(|| format!("running {}", path.display()))?;
-                info!(statements = n, file = %path.display(), "ran the init SQL");
-            }
-            let mut builder = Worker::builder(config).database(db.clone());
-            match &args.ops {
-                Some(path) => {
-                    let ops = txq::sqlops::load(path)?;
-                    for w in &ops.warnings {
-                        tracing::warn!("{w}");
-                    }
-                    builder = ops.register(builder, db.backend())?;
-                    info!(operations = ops.operations.len(), file = %path.display(), "loaded operations");
-                }
-                None => builder = builder.handler("echo", Echo),
-            }
-            let worker = builder.build().await.context("starting the worker")?;
-            let shutdown = CancellationToken::new();
-            cancel_on_signals(shutdown.clone());
-            let health = worker.health();
-            // Outlives the drain: /healthz keeps answering, /readyz says no.
-            let server_stop = CancellationToken::new();
-            let server = match (metrics_addr, recorder) {
-                (Some(addr), Some(recorder)) => {
-                    let (bound, task) = txq::http::serve(
-                        addr,
-                        recorder,
-                        health.clone(),
-                        worker.db().clone(),
-                        server_stop.clone(),
-                    )
-                    .await?;
-                    info!(addr = %bound, "serving /metrics, /healthz and /readyz");
-                    Some(task)
-                }
-                _ => None,
-            };
-            let result = worker.run(shutdown.cancelled_owned()).await.context("worker");
-            server_stop.cancel();
-            if let Some(task) = server {
-                let _ = task.await;
-            }
-            result?;
-            // One machine-readable line for scripts and the benchmark driver.
-            println!(
-                "txq-stats {{\"settled\":{},\"retries\":{}}}",
-                health.settled(),
-                health.retries()
-            );
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Submit { args, .. } => Ok(submit(&config, args).await),
+        Command::Run { args, .. } => run_worker(config, args).await,
     }
+}
+
+async fn run_worker(config: Config, args: RunArgs) -> anyhow::Result<ExitCode> {
+    info!(
+        queue = %config.queue,
+        queue_type = config.queue_type.as_str(),
+        amqp_url = %config.amqp_url,
+        database_url = %config.database_url,
+        concurrency = config.concurrency,
+        prefetch = config.prefetch(),
+        job_timeout = %humantime::format_duration(config.job_timeout),
+        max_attempts = config.retry.max_attempts,
+        inbox = config.inbox.enabled,
+        metrics_addr = %config.metrics_addr,
+        "starting"
+    );
+    let metrics_addr = config.metrics_addr();
+    let recorder = match metrics_addr {
+        Some(_) => Some(txq::http::install_recorder()?),
+        None => None,
+    };
+    let db = txq::Db::connect(config.database_url.expose(), &config.pool_options())
+        .await
+        .with_context(|| format!("connecting to {}", config.database_url))?;
+    if let Some(path) = &args.init_sql {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let n = db
+            .execute_sql_file(&text)
+            .await
+            .with_context(|| format!("running {}", path.display()))?;
+        info!(statements = n, file = %path.display(), "ran the init SQL");
+    }
+    let mut builder = Worker::builder(config).database(db.clone());
+    match &args.ops {
+        Some(path) => {
+            let ops = txq::sqlops::load(path)?;
+            for w in &ops.warnings {
+                tracing::warn!("{w}");
+            }
+            builder = ops.register(builder, db.backend())?;
+            info!(operations = ops.operations.len(), file = %path.display(), "loaded operations");
+        }
+        None => builder = builder.handler("echo", Echo),
+    }
+    let worker = builder.build().await.context("starting the worker")?;
+    let shutdown = CancellationToken::new();
+    cancel_on_signals(shutdown.clone());
+    let health = worker.health();
+    // Outlives the drain: /healthz keeps answering, /readyz says no.
+    let server_stop = CancellationToken::new();
+    let server = match (metrics_addr, recorder) {
+        (Some(addr), Some(recorder)) => {
+            let (bound, task) = txq::http::serve(
+                addr,
+                recorder,
+                health.clone(),
+                worker.db().clone(),
+                server_stop.clone(),
+            )
+            .await?;
+            info!(addr = %bound, "serving /metrics, /healthz and /readyz");
+            Some(task)
+        }
+        _ => None,
+    };
+    let result = worker.run(shutdown.cancelled_owned()).await;
+    server_stop.cancel();
+    if let Some(task) = server {
+        let _ = task.await;
+    }
+    result?;
+    // One machine-readable line on stdout for scripts and the benchmark driver
+    // (README, "Commands"); stdout carries nothing else.
+    out(format_args!(
+        "txq-stats {}",
+        serde_json::json!({"settled": health.settled(), "retries": health.retries()})
+    ))?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `txq submit`; exit codes in `txq::tools::submit::exit`.

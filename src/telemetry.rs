@@ -27,14 +27,19 @@ impl Drop for Telemetry {
 
 /// Installs the global subscriber; a second call is a no-op.
 pub fn init(format: LogFormat) -> Telemetry {
-    init_with(format, "info")
+    init_with(format, "info,txq::job=warn,lapin=off")
 }
 
 /// As [`init`], with `default` as the filter when `RUST_LOG` is unset (the `dlq`
 /// commands keep stderr for their own counts and errors: `warn,lapin=off`).
 pub fn init_with(format: LogFormat, default: &str) -> Telemetry {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Colour only on a terminal, and never with NO_COLOR set (no-color.org).
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     let fmt = match format {
         LogFormat::Text => fmt.boxed(),
         LogFormat::Json => fmt.json().flatten_event(true).boxed(),

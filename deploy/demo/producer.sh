@@ -48,7 +48,7 @@ while :; do
     q=$((q + 1))
     # A non-zero exit only says that some request did not end ok, which the bad ones
     # are meant to do; the summary on stderr says how many of each.
-    requests "$n" "$q" | txq --queue "$queue" submit --wait - >/dev/null ||
+    requests "$n" "$q" | txq submit --queue "$queue" --wait - >/dev/null ||
       echo "producer: batch $n to $queue: not all ok (expected: some are bad on purpose)"
   done
   sleep "$pause"

@@ -38,6 +38,16 @@ pub enum BrokerError {
     /// A queue or routing key longer than AMQP's 255 bytes.
     #[error("rabbitmq: `{0}` is longer than 255 bytes")]
     InvalidName(String),
+    /// No broker answered at start-up, after this many attempts.
+    #[error(
+        "rabbitmq: no broker could be reached after {attempts} attempts; the last error: {last}"
+    )]
+    Unreachable {
+        /// Attempts made.
+        attempts: u32,
+        /// What the last one said.
+        last: String,
+    },
     /// Shutdown came before the session was consuming.
     #[error("stopped before consuming")]
     Stopped,

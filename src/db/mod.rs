@@ -104,6 +104,28 @@ pub enum DbError {
     /// sqlx refused the URL or could not connect.
     #[error("database: {0}")]
     Sqlx(#[from] sqlx::Error),
+    /// The server did not answer a connection in time.
+    #[error("database: no answer within {0:?}")]
+    ConnectTimeout(Duration),
+}
+
+/// Opens one connection at once and closes it: a server that refuses (connection
+/// refused, authentication, an unknown database) says so now, instead of a pool
+/// retrying in silence until its acquire timeout.
+async fn probe<C>(options: &C, limit: Duration) -> Result<(), DbError>
+where
+    C: sqlx::ConnectOptions,
+    C::Connection: Sized,
+{
+    use sqlx::Connection as _;
+    match tokio::time::timeout(limit, options.connect()).await {
+        Ok(Ok(conn)) => {
+            let _ = conn.close().await;
+            Ok(())
+        }
+        Ok(Err(e)) => Err(DbError::Sqlx(e)),
+        Err(_) => Err(DbError::ConnectTimeout(limit)),
+    }
 }
 
 /// Pool settings.
@@ -176,6 +198,7 @@ impl Db {
                         })
                     });
                 }
+                probe(&connect, options.acquire_timeout).await?;
                 let pool = pool.connect_with(connect).await?;
                 Self::MySql(pool)
             }
@@ -189,6 +212,7 @@ impl Db {
                         ("lock_timeout", ms.as_str()),
                     ]);
                 }
+                probe(&connect, options.acquire_timeout).await?;
                 let pool = PgPoolOptions::new()
                     .max_connections(options.max_connections)
                     .acquire_timeout(options.acquire_timeout)

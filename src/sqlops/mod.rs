@@ -85,7 +85,7 @@ pub fn load(path: &Path) -> Result<Ops, OpsError> {
 pub fn parse(text: &str) -> Result<Ops, OpsError> {
     let operations: OpsFile = toml::from_str(text).map_err(|e| OpsError::Parse {
         path: String::new(),
-        message: e.to_string(),
+        message: one_line(text, &e),
     })?;
     let (errors, warnings) = check(&operations);
     if !errors.is_empty() {
@@ -98,6 +98,20 @@ pub fn parse(text: &str) -> Result<Ops, OpsError> {
         operations,
         warnings,
     })
+}
+
+/// toml's error as `line L, column C: message`, without its drawing of the line.
+fn one_line(text: &str, e: &toml::de::Error) -> String {
+    let message = e.message().trim().replace('\n', " ");
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!("line {line}, column {column}: {message}")
+        }
+        None => message,
+    }
 }
 
 impl Ops {

@@ -48,6 +48,9 @@ pub(crate) async fn run(
     // Which of the configured broker URLs to try first: the one that worked last,
     // or after a loss the next one (fail-over in a cluster).
     let mut cursor = 0;
+    // Whether a session ever consumed: until then, connecting is bounded.
+    let mut started = false;
+    let mut startup_attempts: u32 = 0;
     crate::events::started(shared.concurrency);
     let (connection, result) = loop {
         let end = session(
@@ -67,6 +70,26 @@ pub(crate) async fn run(
                 if shutdown.is_cancelled() {
                     break (None, Ok(()));
                 }
+                started |= consumed;
+                if !started {
+                    // Never connected yet: a refused login will not change, and a
+                    // broker that never answers is given a bounded time.
+                    if e.is_refused_login() {
+                        break (None, Err(e));
+                    }
+                    startup_attempts += 1;
+                    if startup_attempts >= shared.connect_attempts {
+                        let last = e.to_string();
+                        break (
+                            None,
+                            Err(BrokerError::Unreachable {
+                                attempts: startup_attempts,
+                                last,
+                            }
+                            .into()),
+                        );
+                    }
+                }
                 cursor = cursor.wrapping_add(1);
                 // A frame the AMQP client cannot parse ends the connection, and the
                 // same message comes back first: never reset the backoff for it.
@@ -80,8 +103,12 @@ pub(crate) async fn run(
                     failures.saturating_add(1)
                 };
                 let delay = reconnect_delay(failures);
-                crate::events::reconnecting(&e, delay);
-                shared.health.count_reconnect();
+                if started {
+                    crate::events::reconnecting(&e, delay);
+                    shared.health.count_reconnect();
+                } else {
+                    crate::events::connecting(&e, startup_attempts, shared.connect_attempts, delay);
+                }
                 tokio::select! {
                     _ = shutdown.cancelled() => break (None, Ok(())),
                     _ = tokio::time::sleep(delay) => {}

@@ -43,6 +43,22 @@ pub enum WorkerError {
 }
 
 impl WorkerError {
+    /// RabbitMQ refused the login or the virtual host: retrying cannot help.
+    pub fn is_refused_login(&self) -> bool {
+        use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
+        let Self::Broker(BrokerError::Amqp(e)) = self else {
+            return false;
+        };
+        match e.kind() {
+            lapin::ErrorKind::ProtocolError(e) => matches!(
+                e.kind(),
+                AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED)
+                    | AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED)
+            ),
+            _ => false,
+        }
+    }
+
     /// The broker connection ended because the AMQP client could not parse a frame
     /// the broker sent: in practice, a message whose short-string properties are not
     /// UTF-8. The broker hands that message to the next consumer, unread.
@@ -191,6 +207,7 @@ impl WorkerBuilder {
             prefetch: config.prefetch(),
             concurrency: config.concurrency,
             shutdown_grace: config.shutdown_grace,
+            connect_attempts: config.connect_attempts,
             health: Health::default(),
             db,
             registry: self.registry,
@@ -342,6 +359,8 @@ pub(crate) struct Shared {
     prefetch: u16,
     concurrency: usize,
     shutdown_grace: Duration,
+    /// Connection attempts at start-up before giving up.
+    connect_attempts: u32,
     pub(crate) health: Health,
     pub(crate) db: Db,
     pub(crate) registry: Registry,

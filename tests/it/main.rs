@@ -8,6 +8,7 @@ mod support;
 mod bank;
 
 mod bench;
+mod cli;
 mod contract;
 mod dlq;
 mod faults;
