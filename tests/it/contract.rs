@@ -1,6 +1,7 @@
 //! The message contract and the worker's bounds: replies, bad input, rejections,
 //! panics, concurrency.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -12,58 +13,171 @@ use serde_json::json;
 use txq::{Backend, Handler, JobError, JobMeta, Tx, Worker, with_conn};
 
 use crate::bank;
-use crate::support::{Client, Request, RunningWorker, TestDb, bank_env, by_status, config, unique};
+use tokio::sync::Semaphore;
 
-/// Counts the jobs inside handlers at once.
-#[derive(Clone, Default)]
-struct Probe {
+use crate::support::{
+    Alive as _, Client, Collector, Proxy, REPLY_DEADLINE, Request, RunningWorker, TestDb, Txq,
+    bank_env, by_status, config, correlation_ids, http_get, rabbitmqctl, unique,
+};
+
+/// Logs its message_id in `jobs_log`, then waits at the gate with its
+/// transaction open; counts the jobs started, inside and waiting at once.
+#[derive(Clone)]
+struct Gated {
+    gate: Arc<Semaphore>,
+    started: Arc<AtomicUsize>,
     now: Arc<AtomicUsize>,
     peak: Arc<AtomicUsize>,
+    waiting: tokio::sync::watch::Sender<usize>,
 }
 
-impl Handler for Probe {
+impl Handler for Gated {
     type Payload = serde_json::Value;
     type Output = ();
 
-    async fn handle(&self, tx: &mut Tx, _: serde_json::Value, _: &JobMeta) -> Result<(), JobError> {
+    async fn handle(
+        &self,
+        tx: &mut Tx,
+        _: serde_json::Value,
+        meta: &JobMeta,
+    ) -> Result<(), JobError> {
+        self.started.fetch_add(1, Ordering::SeqCst);
         let now = self.now.fetch_add(1, Ordering::SeqCst) + 1;
         self.peak.fetch_max(now, Ordering::SeqCst);
-        // Hold the transaction open a while, as a real job would.
-        with_conn!(tx, c => { txq::sqlx::query("SELECT pg_sleep(0.02)").execute(c).await?; });
+        with_conn!(tx, c => {
+            txq::sqlx::query("INSERT INTO jobs_log (message_id) VALUES ($1)")
+                .bind(meta.message_id.as_deref())
+                .execute(c)
+                .await?;
+        });
+        self.waiting.send_modify(|n| *n += 1);
+        self.gate.acquire().await.expect("gate open").forget();
+        self.waiting.send_modify(|n| *n -= 1);
         self.now.fetch_sub(1, Ordering::SeqCst);
         Ok(())
     }
 }
 
+/// Messages delivered to a consumer of `queue` and not yet acked, as the broker
+/// counts them.
+async fn unacked(queue: &str) -> u64 {
+    let out = rabbitmqctl(&[
+        "list_queues",
+        "-q",
+        "--no-table-headers",
+        "name",
+        "messages_unacknowledged",
+    ])
+    .await;
+    out.lines()
+        .find_map(|l| {
+            let (name, n) = l.split_once('\t')?;
+            (name == queue).then(|| n.trim().parse().expect("a count"))
+        })
+        .unwrap_or_else(|| panic!("{queue} is not listed: {out}"))
+}
+
+/// With a prefetch above the concurrency the broker hands over more than may run:
+/// the worker itself must hold the rest back, across a reconnect too.
 #[tokio::test]
 async fn jobs_in_flight_never_exceed_the_concurrency() {
-    const CONCURRENCY: usize = 4;
-    let test_db = TestDb::new(Backend::Postgres).await;
-    let mut client = Client::new().await;
-    let requests = client.queue(&unique("requests")).await;
-    let replies = client.queue(&unique("replies")).await;
-    let batch: Vec<Request> = (0..60).map(|_| Request::json("probe", json!({}))).collect();
+    const CONCURRENCY: usize = 3;
+    const PREFETCH: u16 = 10;
+    const N: usize = 30;
+    let (test_db, client, requests, replies) = bank_env(Backend::Postgres, 2).await;
+    let batch: Vec<Request> = (0..N)
+        .map(|i| {
+            Request::json("gated", json!({}))
+                .id(&format!("g-{i}-{}", unique("m")))
+                .correlation(&format!("c-{i}"))
+        })
+        .collect();
     client.publish_all(&requests, &batch).await;
 
-    let probe = Probe::default();
-    let worker = RunningWorker::start(
-        Worker::builder(config(&test_db.url, &requests, &replies, CONCURRENCY))
-            .handler("probe", probe.clone())
+    let proxy = Proxy::start().await;
+    let mut cfg = config(&test_db.url, &requests, &replies, CONCURRENCY);
+    cfg.amqp_url = txq::config::SecretUrl::new(proxy.url());
+    cfg.prefetch = Some(PREFETCH);
+    let (waiting, mut held) = tokio::sync::watch::channel(0);
+    let gated = Gated {
+        gate: Arc::new(Semaphore::new(0)),
+        started: Arc::default(),
+        now: Arc::default(),
+        peak: Arc::default(),
+        waiting,
+    };
+    let mut worker = RunningWorker::start(
+        Worker::builder(cfg)
+            .handler("gated", gated.clone())
             .database(test_db.db.clone()),
     )
     .await;
-    let got = client.replies(&replies, batch.len()).await;
+    let all_held = |n: &usize| *n == CONCURRENCY;
+    tokio::time::timeout(REPLY_DEADLINE, held.wait_for(all_held))
+        .await
+        .expect("the first jobs reach the gate")
+        .expect("watch");
+    // The broker has handed over a full prefetch, more than may run…
+    worker
+        .eventually("a full prefetch delivered", || async {
+            (unacked(&requests).await == u64::from(PREFETCH)).then_some(())
+        })
+        .await;
+    // …and none of the rest started.
+    assert_eq!(gated.started.load(Ordering::SeqCst), CONCURRENCY);
+
+    // A cut while they are held: the broker takes the deliveries back, and the
+    // held jobs go on. (The worker notices the loss once a permit is free: it
+    // does not read its consumer while every permit is taken.)
+    proxy.cut();
+    worker
+        .eventually("the broker to take the deliveries back", || async {
+            (unacked(&requests).await == 0).then_some(())
+        })
+        .await;
+    assert_eq!(gated.started.load(Ordering::SeqCst), CONCURRENCY);
+
+    gated.gate.add_permits(2 * N);
+    let mut collector = Collector::start(&client, &replies).await;
+    collector
+        .wait_for_ids_while(&correlation_ids(N), &mut worker)
+        .await;
+    assert!(worker.health.reconnects() >= 1, "the worker reconnected");
     worker.stop().await.expect("clean stop");
-    assert!(got.iter().all(|r| r.status() == "ok"));
-    let peak = probe.peak.load(Ordering::SeqCst);
+    let got = collector.stop();
+    assert!(got.iter().all(|r| r.status() == "ok"), "{got:?}");
+    // A request cut off after its commit may be answered again, from the inbox
+    // (flagged duplicate): never run twice, so never two first answers.
+    let answered: HashSet<&str> = got.iter().filter_map(|r| r.correlation_id()).collect();
+    assert_eq!(answered.len(), N, "every request was answered");
+    let mut first = HashSet::new();
+    for r in got.iter().filter(|r| r.header("x-txq-duplicate").is_none()) {
+        let id = r.correlation_id().expect("correlation_id");
+        assert!(
+            first.insert(id),
+            "{id} was answered twice as a first answer"
+        );
+    }
+    let peak = gated.peak.load(Ordering::SeqCst);
     assert!(
         peak <= CONCURRENCY,
         "{peak} jobs ran at once with concurrency {CONCURRENCY}"
     );
-    assert!(
-        peak > 1,
-        "jobs ran one at a time: the pool is not concurrent"
-    );
+    assert_eq!(peak, CONCURRENCY, "jobs ran one at a time");
+    let (rows, ids) = jobs_logged(&test_db).await;
+    assert_eq!((rows, ids), (N as i64, N as i64), "each job committed once");
+    assert_eq!(client.depth(&requests).await, 0);
+}
+
+/// Rows in `jobs_log`, and distinct message_ids among them.
+async fn jobs_logged(test_db: &TestDb) -> (i64, i64) {
+    let sql = "SELECT COUNT(*), COUNT(DISTINCT message_id) FROM jobs_log";
+    match &test_db.db {
+        txq::Db::MySql(p) => txq::sqlx::query_as(sql).fetch_one(p).await,
+        txq::Db::Postgres(p) => txq::sqlx::query_as(sql).fetch_one(p).await,
+        txq::Db::Sqlite(p) => txq::sqlx::query_as(sql).fetch_one(p).await,
+    }
+    .expect("jobs_log")
 }
 
 #[tokio::test]
@@ -127,51 +241,67 @@ async fn a_reply_reaches_a_direct_reply_to_consumer() {
     worker.stop().await.expect("clean stop");
 }
 
+/// The bank operations file, for `txq run --ops`.
+const BANK_OPS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/bank/ops.toml");
+
+/// Without reply_to and with no default reply queue, nothing is published at all:
+/// a reply sent anyway would come back unroutable, and be counted.
 #[tokio::test]
-async fn a_request_without_reply_to_is_processed_and_acked() {
+async fn a_request_without_reply_to_and_no_reply_queue_gets_no_reply() {
+    let test_db = TestDb::new(Backend::Sqlite).await;
+    bank::setup(&test_db.db, 2).await.expect("schema");
+    let mut client = Client::new().await;
+    let requests = client.queue(&unique("requests")).await;
+    let replies = client.queue(&unique("replies")).await;
+    let mut txq = Txq::run(&test_db.url, &requests, "")
+        .args(["--ops", BANK_OPS, "--concurrency", "1"])
+        .spawn();
+    client
+        .publish_all(
+            &requests,
+            &[
+                Request::json("noop", json!({})).id("quiet"),
+                Request::json("noop", json!({}))
+                    .id("loud")
+                    .reply_to(&replies),
+            ],
+        )
+        .await;
+    let loud = client.replies(&replies, 1).await.remove(0);
+    assert_eq!(
+        loud.header_text("x-txq-request-id").as_deref(),
+        Some("loud")
+    );
+    let port = txq.http_port().await;
+    let metrics = txq
+        .eventually("both requests to be counted", || async {
+            let (_, body) = http_get(port, "/metrics").await?;
+            body.contains("txq_jobs_total{type=\"noop\",outcome=\"ok\"} 2")
+                .then_some(body)
+        })
+        .await;
+    assert!(
+        !metrics.contains("txq_replies_returned_total"),
+        "a reply was published for the quiet request: {metrics}"
+    );
+    txq.signal("TERM").await;
+    assert_eq!(txq.exit_within(Duration::from_secs(30)).await, Some(0));
+    assert_eq!(
+        bank::totals(&test_db.db).await.expect("totals").jobs_logged,
+        2,
+        "the quiet request was processed"
+    );
+    assert_eq!(client.depth(&requests).await, 0, "and acked");
+    assert_eq!(client.depth(&replies).await, 0);
+}
+
+#[tokio::test]
+async fn a_request_without_reply_to_is_answered_on_the_default_reply_queue() {
     let test_db = TestDb::new(Backend::Sqlite).await;
     bank::setup(&test_db.db, 2).await.expect("schema");
     let mut client = Client::new().await;
     let requests = client.queue(&unique("requests")).await;
     let default_replies = client.queue(&unique("replies")).await;
-
-    // With no default reply queue: no reply at all.
-    let worker = RunningWorker::start(
-        Worker::builder(config(&test_db.url, &requests, "", 2))
-            .handler("noop", bank::Noop)
-            .database(test_db.db.clone()),
-    )
-    .await;
-    client
-        .publish(&requests, &Request::json("noop", json!({})).id("quiet"))
-        .await;
-    // Then a request whose reply proves the first one is behind us (one queue,
-    // taken in order with concurrency 1 would be stricter; the count below checks
-    // the effect itself).
-    client
-        .publish(
-            &requests,
-            &Request::json("noop", json!({})).reply_to(&default_replies),
-        )
-        .await;
-    client.replies(&default_replies, 1).await;
-    worker.stop().await.expect("clean stop");
-    assert_eq!(
-        bank::totals(&test_db.db).await.expect("totals").jobs_logged,
-        2
-    );
-    assert_eq!(
-        client.depth(&requests).await,
-        0,
-        "acked, not left or requeued"
-    );
-    assert_eq!(
-        client.depth(&default_replies).await,
-        0,
-        "no reply for the quiet request"
-    );
-
-    // With a default reply queue: the reply goes there.
     let worker = RunningWorker::start(
         Worker::builder(config(&test_db.url, &requests, &default_replies, 2))
             .handler("noop", bank::Noop)

@@ -20,7 +20,7 @@ pub use amqp::{
 };
 pub use process::{Alive, RunningWorker, Txq, TxqOutput, TxqProcess, config, http_get, spawn_bank};
 pub use proxy::{Blackhole, Proxy};
-pub use services::{TestDb, amqp_url, exec};
+pub use services::{TestDb, amqp_url, exec, mysql_url, pg_url};
 
 /// Delayed-retry schedule of test workers: short, so retry tests are quick.
 pub const TEST_DELAYS: [Duration; 2] = [Duration::from_millis(100), Duration::from_millis(300)];
@@ -82,4 +82,23 @@ pub async fn bank_env(backend: txq::Backend, accounts: i64) -> (TestDb, Client, 
     let requests = client.queue(&unique("requests")).await;
     let replies = client.queue(&unique("replies")).await;
     (test_db, client, requests, replies)
+}
+
+/// A file of a test's own in the temporary directory, removed on drop.
+pub struct TempFile(pub std::path::PathBuf);
+
+impl TempFile {
+    /// Writes `text` to a fresh file named after `name` (`name` ends in the
+    /// extension).
+    pub fn with(name: &str, text: &str) -> TempFile {
+        let path = std::env::temp_dir().join(format!("{}-{name}", unique("file")));
+        std::fs::write(&path, text).expect("writing a temporary file");
+        TempFile(path)
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
