@@ -2,7 +2,7 @@
 //! duplicates. Each ends by checking that every request was answered, each accepted
 //! transfer applied exactly once, the books balance, and nothing is left queued.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use serde_json::json;
@@ -11,20 +11,50 @@ use txq::{Backend, Db, Handler, JobError, JobMeta, Tx, Worker, with_conn};
 
 use crate::bank;
 use crate::support::{
-    Client, Collector, Proxy, Reply, Request, RunningWorker, TestDb, bank_env, by_status, config,
-    correlation_ids, spawn_bank, transfers, unique,
+    Alive as _, Client, Collector, Proxy, Reply, Request, RunningWorker, TempFile, TestDb, Txq,
+    TxqProcess, bank_env, by_status, config, correlation_ids, eventually, spawn_bank, transfers,
+    unique,
 };
 
 const ACCOUNTS: i64 = 50;
 
-/// The end-of-test checks every fault test shares.
+/// The bank tables without `UNIQUE(message_id)` on `transfers`: only the inbox
+/// can keep a transfer from applying twice.
+async fn fault_env(backend: Backend) -> (TestDb, Client, String, String) {
+    let env = bank_env(backend, ACCOUNTS).await;
+    let drop_unique = match backend {
+        Backend::MySql => "ALTER TABLE transfers DROP INDEX message_id",
+        Backend::Postgres => "ALTER TABLE transfers DROP CONSTRAINT transfers_message_id_key",
+        Backend::Sqlite => panic!("the fault tests run on MariaDB and PostgreSQL"),
+    };
+    crate::support::exec(&env.0.db, drop_unique).await;
+    env
+}
+
+/// Each account's balance now.
+async fn balances(db: &Db) -> BTreeMap<i64, i64> {
+    let sql = "SELECT id, balance FROM accounts";
+    let rows: Vec<(i64, i64)> = match db {
+        Db::MySql(p) => txq::sqlx::query_as(sql).fetch_all(p).await,
+        Db::Postgres(p) => txq::sqlx::query_as(sql).fetch_all(p).await,
+        Db::Sqlite(p) => txq::sqlx::query_as(sql).fetch_all(p).await,
+    }
+    .expect("balances");
+    rows.into_iter().collect()
+}
+
+/// The end-of-test checks every fault test shares: every request of `batch` was
+/// answered, and each transfer applied exactly once, account by account (a
+/// transfer applied twice moves its amount twice, which the sum of balances would
+/// not show).
 async fn assert_exactly_once(
     test_db: &TestDb,
     client: &Client,
     requests: &str,
+    batch: &[Request],
     replies: &[Reply],
-    n: usize,
 ) {
+    let n = batch.len();
     let ids: HashSet<&str> = replies.iter().filter_map(Reply::correlation_id).collect();
     assert_eq!(ids.len(), n, "every request was answered");
     let not_ok: Vec<&Reply> = replies.iter().filter(|r| r.status() != "ok").collect();
@@ -32,6 +62,29 @@ async fn assert_exactly_once(
         not_ok.is_empty(),
         "all transfers were accepted: {:?}",
         not_ok.first().map(|r| &r.body)
+    );
+    let mut expected: BTreeMap<i64, i64> = (1..=ACCOUNTS)
+        .map(|id| (id, bank::INITIAL_BALANCE))
+        .collect();
+    for request in batch {
+        let t: serde_json::Value = serde_json::from_slice(&request.body).expect("JSON");
+        let (from, to, amount) = (
+            t["from"].as_i64().expect("from"),
+            t["to"].as_i64().expect("to"),
+            t["amount"].as_i64().expect("amount"),
+        );
+        *expected.get_mut(&from).expect("account") -= amount;
+        *expected.get_mut(&to).expect("account") += amount;
+    }
+    let actual = balances(&test_db.db).await;
+    let wrong: Vec<_> = expected
+        .iter()
+        .filter(|(id, balance)| actual.get(id) != Some(balance))
+        .map(|(id, balance)| (id, balance, actual.get(id)))
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "accounts off (id, expected, actual): {wrong:?}"
     );
     let totals = bank::totals(&test_db.db).await.expect("totals");
     assert_eq!(
@@ -43,11 +96,6 @@ async fn assert_exactly_once(
         "no message_id applied twice"
     );
     assert_eq!(
-        totals.balance_sum,
-        ACCOUNTS * bank::INITIAL_BALANCE,
-        "the books balance"
-    );
-    assert_eq!(
         client.depth(requests).await,
         0,
         "nothing left queued or unacked"
@@ -57,24 +105,25 @@ async fn assert_exactly_once(
 #[tokio::test]
 async fn a_worker_killed_nine_times_over_loses_and_repeats_nothing() {
     const N: usize = 5000;
-    let (test_db, client, requests, replies) = bank_env(Backend::MySql, ACCOUNTS).await;
-    client
-        .publish_all(&requests, &transfers(N, ACCOUNTS, &replies))
-        .await;
+    let (test_db, client, requests, replies) = fault_env(Backend::MySql).await;
+    let batch = transfers(N, ACCOUNTS, &replies);
+    client.publish_all(&requests, &batch).await;
     let mut collector = Collector::start(&client, &replies).await;
     let cfg = config(&test_db.url, &requests, &replies, 16);
     for seen in [300, 1500, 3000] {
         let mut worker = spawn_bank(&cfg);
-        collector.wait_for(seen).await;
+        collector.wait_while(seen, &mut worker).await;
         worker.start_kill().expect("kill -9");
         let status = worker.wait().await.expect("wait");
         assert!(!status.success(), "killed, not exited");
     }
     let mut worker = spawn_bank(&cfg);
-    collector.wait_for_ids(&correlation_ids(N)).await;
+    collector
+        .wait_for_ids_while(&correlation_ids(N), &mut worker)
+        .await;
     terminate(&mut worker).await;
     let got = collector.stop();
-    assert_exactly_once(&test_db, &client, &requests, &got, N).await;
+    assert_exactly_once(&test_db, &client, &requests, &batch, &got).await;
 }
 
 /// Sends SIGTERM and expects a clean exit.
@@ -96,14 +145,13 @@ async fn terminate(worker: &mut tokio::process::Child) {
 #[tokio::test]
 async fn sigterm_finishes_jobs_in_flight_exits_zero_and_leaves_the_rest_queued() {
     const N: usize = 3000;
-    let (test_db, client, requests, replies) = bank_env(Backend::MySql, ACCOUNTS).await;
-    client
-        .publish_all(&requests, &transfers(N, ACCOUNTS, &replies))
-        .await;
+    let (test_db, client, requests, replies) = fault_env(Backend::MySql).await;
+    let batch = transfers(N, ACCOUNTS, &replies);
+    client.publish_all(&requests, &batch).await;
     let mut collector = Collector::start(&client, &replies).await;
     let cfg = config(&test_db.url, &requests, &replies, 8);
     let mut worker = spawn_bank(&cfg);
-    collector.wait_for(200).await;
+    collector.wait_while(200, &mut worker).await;
     terminate(&mut worker).await;
 
     let left = client.depth(&requests).await as usize;
@@ -118,41 +166,44 @@ async fn sigterm_finishes_jobs_in_flight_exits_zero_and_leaves_the_rest_queued()
         "no half-done or lost job"
     );
 
-    let next = RunningWorker::start(
+    let mut next = RunningWorker::start(
         Worker::builder(cfg)
             .handler("transfer", bank::Transfer)
             .database(test_db.db.clone()),
     )
     .await;
-    collector.wait_for_ids(&correlation_ids(N)).await;
+    collector
+        .wait_for_ids_while(&correlation_ids(N), &mut next)
+        .await;
     next.stop().await.expect("clean stop");
     let got = collector.stop();
     assert_eq!(got.len(), N, "no request answered twice");
-    assert_exactly_once(&test_db, &client, &requests, &got, N).await;
+    assert_exactly_once(&test_db, &client, &requests, &batch, &got).await;
 }
 
 #[tokio::test]
 async fn cut_broker_connections_are_rebuilt_and_nothing_is_lost() {
     const N: usize = 3000;
-    let (test_db, client, requests, replies) = bank_env(Backend::Postgres, ACCOUNTS).await;
-    client
-        .publish_all(&requests, &transfers(N, ACCOUNTS, &replies))
-        .await;
+    let (test_db, client, requests, replies) = fault_env(Backend::Postgres).await;
+    let batch = transfers(N, ACCOUNTS, &replies);
+    client.publish_all(&requests, &batch).await;
     let mut collector = Collector::start(&client, &replies).await;
     let proxy = Proxy::start().await;
     let mut cfg = config(&test_db.url, &requests, &replies, 16);
     cfg.amqp_url = txq::config::SecretUrl::new(proxy.url());
-    let worker = RunningWorker::start(
+    let mut worker = RunningWorker::start(
         Worker::builder(cfg)
             .handler("transfer", bank::Transfer)
             .database(test_db.db.clone()),
     )
     .await;
     for seen in [300, 1200] {
-        collector.wait_for(seen).await;
+        collector.wait_while(seen, &mut worker).await;
         proxy.cut();
     }
-    collector.wait_for_ids(&correlation_ids(N)).await;
+    collector
+        .wait_for_ids_while(&correlation_ids(N), &mut worker)
+        .await;
     assert!(
         worker.health.reconnects() >= 2,
         "the worker reconnected after each cut"
@@ -160,17 +211,16 @@ async fn cut_broker_connections_are_rebuilt_and_nothing_is_lost() {
     assert!(worker.health.is_consuming(), "and consumes again");
     worker.stop().await.expect("clean stop");
     let got = collector.stop();
-    assert_exactly_once(&test_db, &client, &requests, &got, N).await;
+    assert_exactly_once(&test_db, &client, &requests, &batch, &got).await;
 }
 
 async fn killed_database_connections_are_retried(backend: Backend) {
     const N: usize = 3000;
-    let (test_db, client, requests, replies) = bank_env(backend, ACCOUNTS).await;
-    client
-        .publish_all(&requests, &transfers(N, ACCOUNTS, &replies))
-        .await;
+    let (test_db, client, requests, replies) = fault_env(backend).await;
+    let batch = transfers(N, ACCOUNTS, &replies);
+    client.publish_all(&requests, &batch).await;
     let mut collector = Collector::start(&client, &replies).await;
-    let worker = RunningWorker::start(
+    let mut worker = RunningWorker::start(
         Worker::builder(config(&test_db.url, &requests, &replies, 16))
             .handler("transfer", bank::Transfer)
             .database(test_db.db.clone()),
@@ -178,18 +228,20 @@ async fn killed_database_connections_are_retried(backend: Backend) {
     .await;
     let mut killed = 0;
     for seen in [300, 1200] {
-        collector.wait_for(seen).await;
+        collector.wait_while(seen, &mut worker).await;
         killed += test_db.kill_connections().await;
     }
     assert!(killed > 0, "connections were killed");
-    collector.wait_for_ids(&correlation_ids(N)).await;
+    collector
+        .wait_for_ids_while(&correlation_ids(N), &mut worker)
+        .await;
     assert!(
         worker.is_running(),
         "a lost database connection never kills the worker"
     );
     worker.stop().await.expect("clean stop");
     let got = collector.stop();
-    assert_exactly_once(&test_db, &client, &requests, &got, N).await;
+    assert_exactly_once(&test_db, &client, &requests, &batch, &got).await;
 }
 
 #[tokio::test]
@@ -666,4 +718,119 @@ async fn a_request_with_huge_headers_is_dead_lettered_without_breaking_the_conne
     );
     worker.stop().await.expect("clean stop");
     assert_eq!(client.depth(&requests).await, 0);
+}
+
+/// An operation that logs a row, then sleeps in the database for a minute: a job
+/// that outlives any grace period.
+const SLOW_OPS: &str = r#"
+[slow]
+[[slow.steps]]
+name = "log"
+sql = "INSERT INTO jobs_log (message_id) VALUES (:$message_id)"
+[[slow.steps]]
+name = "nap"
+sql = "SELECT pg_sleep(60)"
+"#;
+
+/// Waits until a job of `txq` sleeps in PostgreSQL.
+async fn until_sleeping(txq: &mut TxqProcess, test_db: &TestDb) {
+    let Db::Postgres(pool) = &test_db.db else {
+        unreachable!("PostgreSQL")
+    };
+    txq.eventually("the job to sleep in the database", || async {
+        let n: i64 = txq::sqlx::query_scalar(
+            "SELECT COUNT(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event = 'PgSleep'",
+        )
+        .fetch_one(pool)
+        .await
+        .expect("pg_stat_activity");
+        (n == 1).then_some(())
+    })
+    .await;
+}
+
+/// The exit code of a stop past its grace period, and of a second signal.
+const EXIT_AFTER_GRACE: Option<i32> = Some(0);
+const EXIT_ON_SECOND_SIGNAL: Option<i32> = Some(130);
+
+/// SIGTERM with a job running past the grace period: it is rolled back and its
+/// request handed back, and txq exits 0 soon after the grace period.
+#[tokio::test]
+async fn a_job_past_the_grace_period_is_rolled_back_and_requeued() {
+    const GRACE: Duration = Duration::from_millis(500);
+    let (test_db, client, requests, replies) = bank_env(Backend::Postgres, 2).await;
+    let ops = TempFile::with("slow.toml", SLOW_OPS);
+    let mut txq = Txq::run(&test_db.url, &requests, &replies)
+        .arg("--ops")
+        .arg(&ops.0)
+        .env("TXQ_SHUTDOWN_GRACE", format!("{}ms", GRACE.as_millis()))
+        .spawn();
+    client
+        .publish(&requests, &Request::json("slow", json!({})).id("slow"))
+        .await;
+    until_sleeping(&mut txq, &test_db).await;
+
+    let signalled = tokio::time::Instant::now();
+    txq.signal("TERM").await;
+    txq.logged("grace period over; rolling back and requeueing")
+        .await;
+    let code = txq.exit_within(GRACE + Duration::from_secs(10)).await;
+    let took = signalled.elapsed();
+    assert_eq!(code, EXIT_AFTER_GRACE, "a stop past the grace period");
+    assert!(took >= GRACE, "it waited for the grace period: {took:?}");
+    assert!(
+        took < GRACE + Duration::from_secs(6),
+        "it stopped soon after the grace period: {took:?}"
+    );
+
+    let requeued = eventually("the request back in its queue", || async {
+        let channel = client.conn.create_channel().await.expect("channel");
+        let got = channel
+            .basic_get(
+                requests.as_str().into(),
+                lapin::options::BasicGetOptions { no_ack: true },
+            )
+            .await
+            .expect("basic.get");
+        got
+    })
+    .await;
+    assert!(requeued.delivery.redelivered, "handed back, not lost");
+    assert_eq!(
+        bank::totals(&test_db.db).await.expect("totals").jobs_logged,
+        0,
+        "its row was rolled back"
+    );
+    assert_eq!(client.depth(&replies).await, 0, "and nothing answered");
+}
+
+/// A second signal ends txq at once, whatever is in flight.
+#[tokio::test]
+async fn a_second_signal_exits_at_once() {
+    let (test_db, client, requests, replies) = bank_env(Backend::Postgres, 2).await;
+    let ops = TempFile::with("slow.toml", SLOW_OPS);
+    let mut txq = Txq::run(&test_db.url, &requests, &replies)
+        .arg("--ops")
+        .arg(&ops.0)
+        .env("TXQ_SHUTDOWN_GRACE", "60s")
+        .spawn();
+    client
+        .publish(&requests, &Request::json("slow", json!({})).id("slow"))
+        .await;
+    until_sleeping(&mut txq, &test_db).await;
+    txq.signal("TERM").await;
+    txq.logged("shutdown signal: finishing jobs in flight")
+        .await;
+    txq.signal("TERM").await;
+    let code = txq.exit_within(Duration::from_secs(5)).await;
+    assert_eq!(code, EXIT_ON_SECOND_SIGNAL, "a second signal");
+    assert_eq!(
+        bank::totals(&test_db.db).await.expect("totals").jobs_logged,
+        0
+    );
+    eventually("the request back in its queue", || async {
+        (client.depth(&requests).await == 1).then_some(())
+    })
+    .await;
 }
