@@ -122,3 +122,101 @@ async fn a_half_sent_request_neither_lives_on_nor_holds_the_stop() {
     assert_eq!(code, Some(0));
     drop(held);
 }
+
+/// Serves `/readyz` for `health` and `db` as `txq run` does, on a port of its own.
+async fn serve(
+    health: txq::Health,
+    db: txq::Db,
+) -> (u16, CancellationToken, tokio::task::JoinHandle<()>) {
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .build_recorder()
+        .handle();
+    let stop = CancellationToken::new();
+    let (addr, server) = txq::http::serve(
+        "127.0.0.1:0".parse().expect("addr"),
+        recorder,
+        health,
+        db,
+        stop.clone(),
+    )
+    .await
+    .expect("serve");
+    (addr.port(), stop, server)
+}
+
+/// Waits until `/readyz` answers `status` with `text` in its body.
+async fn readyz_until(worker: &mut RunningWorker, port: u16, status: u16, text: &str) {
+    worker
+        .eventually(&format!("/readyz to answer {status} ({text})"), || async {
+            let (got, body) = http_get(port, "/readyz").await?;
+            (got == status && body.contains(text)).then_some(())
+        })
+        .await;
+}
+
+/// A database outage makes the worker unready, and its end ready again.
+#[tokio::test]
+async fn readyz_says_unready_while_the_database_is_down() {
+    let test_db = TestDb::new(Backend::Postgres).await;
+    let proxy = crate::support::Proxy::start_to(&test_db.url, None).await;
+    let db = txq::Db::connect(&proxy.url(), &txq::db::PoolOptions::default())
+        .await
+        .expect("connect through the proxy");
+    let mut client = Client::new().await;
+    let requests = client.queue(&unique("requests")).await;
+    let replies = client.queue(&unique("replies")).await;
+    let mut worker = RunningWorker::start(
+        Worker::builder(config(&proxy.url(), &requests, &replies, 1))
+            .handler("held", Held(Arc::new(Semaphore::new(1))))
+            .database(db.clone()),
+    )
+    .await;
+    let (port, stop, server) = serve(worker.health.clone(), db).await;
+    readyz_until(&mut worker, port, 200, "ready").await;
+    proxy.down();
+    readyz_until(&mut worker, port, 503, "database").await;
+    let (status, _) = http_get(port, "/healthz").await.expect("/healthz");
+    assert_eq!(status, 200, "alive all the same");
+    proxy.up();
+    readyz_until(&mut worker, port, 200, "ready").await;
+    stop.cancel();
+    server.await.expect("server task");
+    worker.stop().await.expect("clean stop");
+}
+
+/// During a drain the worker takes no new work: unready, while its job finishes.
+#[tokio::test]
+async fn readyz_says_unready_during_a_drain() {
+    let test_db = TestDb::new(Backend::Postgres).await;
+    let mut client = Client::new().await;
+    let requests = client.queue(&unique("requests")).await;
+    let replies = client.queue(&unique("replies")).await;
+    let gate = Arc::new(Semaphore::new(0));
+    let mut worker = RunningWorker::start(
+        Worker::builder(config(&test_db.url, &requests, &replies, 1))
+            .handler("held", Held(gate.clone()))
+            .database(test_db.db.clone()),
+    )
+    .await;
+    let (port, stop, server) = serve(worker.health.clone(), test_db.db.clone()).await;
+    client
+        .publish(&requests, &Request::json("held", json!({})))
+        .await;
+    let db = test_db.db.clone();
+    worker
+        .eventually("the job to hold its connection", || async {
+            let (size, idle) = db.pool_state();
+            (size as usize > idle).then_some(())
+        })
+        .await;
+    readyz_until(&mut worker, port, 200, "ready").await;
+    worker.begin_stop();
+    readyz_until(&mut worker, port, 503, "no consumer").await;
+    assert_eq!(client.depth(&replies).await, 0, "the job is still held");
+    gate.add_permits(1);
+    let reply = client.replies(&replies, 1).await.remove(0);
+    assert_eq!(reply.status(), "ok", "the job in flight finished");
+    worker.stop().await.expect("clean stop");
+    stop.cancel();
+    server.await.expect("server task");
+}

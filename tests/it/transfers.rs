@@ -11,7 +11,7 @@ use txq::{Backend, Handler, Isolation, JobError, JobMeta, Tx, Worker, with_conn}
 
 use crate::bank;
 use crate::support::{
-    Client, Request, RunningWorker, TestDb, bank_env, by_status, config, exec, unique,
+    Alive as _, Client, Request, RunningWorker, TestDb, bank_env, by_status, config, exec, unique,
 };
 
 /// Few accounts, many concurrent transfers: row locks collide all the time.
@@ -299,4 +299,149 @@ async fn each_job_type_runs_at_its_configured_isolation_level() {
         };
         assert_eq!(r.body["result"], expected, "{r:?}");
     }
+}
+
+/// Reads both accounts, then adds to its own: two at once under SERIALIZABLE are
+/// a write skew PostgreSQL refuses to one of them (40001). On the first attempt
+/// both meet at a barrier after the read, so the conflict is certain.
+struct WriteSkew {
+    barrier: Arc<Barrier>,
+}
+
+impl Handler for WriteSkew {
+    type Payload = i64;
+    type Output = u32;
+
+    async fn handle(&self, tx: &mut Tx, id: i64, meta: &JobMeta) -> Result<u32, JobError> {
+        with_conn!(tx, c => {
+            txq::sqlx::query("SELECT SUM(balance) FROM accounts").execute(&mut *c).await?;
+        });
+        if meta.attempt == 1 {
+            self.barrier.wait().await;
+        }
+        with_conn!(tx, c => {
+            txq::sqlx::query("UPDATE accounts SET balance = balance + 1 WHERE id = $1")
+                .bind(id)
+                .execute(&mut *c)
+                .await?;
+        });
+        Ok(meta.attempt)
+    }
+}
+
+#[tokio::test]
+async fn a_serialization_failure_on_postgres_is_retried_and_both_jobs_apply_once() {
+    let (test_db, client, requests, replies) = bank_env(Backend::Postgres, 2).await;
+    let mut cfg = config(&test_db.url, &requests, &replies, 2);
+    cfg.jobs.insert(
+        "skew".into(),
+        JobConfig {
+            isolation: Some(Isolation::Serializable),
+            ..JobConfig::default()
+        },
+    );
+    cfg.retry.max_attempts = 1;
+    let worker = RunningWorker::start(
+        Worker::builder(cfg)
+            .handler(
+                "skew",
+                WriteSkew {
+                    barrier: Arc::new(Barrier::new(2)),
+                },
+            )
+            .database(test_db.db.clone()),
+    )
+    .await;
+    client
+        .publish_all(
+            &requests,
+            &[
+                Request::json("skew", json!(1)).correlation("a"),
+                Request::json("skew", json!(2)).correlation("b"),
+            ],
+        )
+        .await;
+    let got = client.replies(&replies, 2).await;
+    let retries = worker.health.retries();
+    worker.stop().await.expect("clean stop");
+    assert!(got.iter().all(|r| r.status() == "ok"), "{got:?}");
+    let mut attempts: Vec<i64> = got
+        .iter()
+        .map(|r| r.body["result"].as_i64().expect("attempt"))
+        .collect();
+    attempts.sort_unstable();
+    assert_eq!(attempts, [1, 2], "one job was refused and ran again");
+    assert_eq!(retries, 1, "in a fresh transaction, in process");
+    let totals = bank::totals(&test_db.db).await.expect("totals");
+    assert_eq!(totals.balance_sum, 2 * bank::INITIAL_BALANCE + 2);
+}
+
+/// Reports its attempt.
+struct Attempt;
+
+impl Handler for Attempt {
+    type Payload = serde_json::Value;
+    type Output = u32;
+
+    async fn handle(
+        &self,
+        tx: &mut Tx,
+        _: serde_json::Value,
+        meta: &JobMeta,
+    ) -> Result<u32, JobError> {
+        with_conn!(tx, c => {
+            txq::sqlx::query("UPDATE accounts SET balance = balance + 1 WHERE id = 1")
+                .execute(&mut *c)
+                .await?;
+        });
+        Ok(meta.attempt)
+    }
+}
+
+/// Another connection holds SQLite's write lock past `sqlite_busy_timeout`: the
+/// job's BEGIN IMMEDIATE gives up (`busy`), and is retried in a fresh transaction
+/// until the lock is free.
+#[tokio::test]
+async fn a_busy_sqlite_database_is_retried() {
+    let (test_db, client, requests, replies) = bank_env(Backend::Sqlite, 2).await;
+    let txq::Db::Sqlite(pool) = &test_db.db else {
+        unreachable!("SQLite")
+    };
+    let mut cfg = config(&test_db.url, &requests, &replies, 1);
+    cfg.sqlite_busy_timeout = std::time::Duration::from_millis(100);
+    cfg.retry.in_process_attempts = 10;
+    cfg.retry.max_attempts = 1;
+    // Its own pool, so the busy timeout is the config's.
+    let mut worker = RunningWorker::start(Worker::builder(cfg).handler("attempt", Attempt)).await;
+    // Once it has migrated its tables (which writes).
+    let mut holder = pool.acquire().await.expect("a connection");
+    txq::sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut *holder)
+        .await
+        .expect("the write lock");
+    client
+        .publish(&requests, &Request::json("attempt", json!({})))
+        .await;
+    let health = worker.health.clone();
+    worker
+        .eventually("the job to find the database busy", || async {
+            (health.retries() >= 1).then_some(())
+        })
+        .await;
+    txq::sqlx::query("COMMIT")
+        .execute(&mut *holder)
+        .await
+        .expect("release the write lock");
+    let reply = client.replies(&replies, 1).await.remove(0);
+    worker.stop().await.expect("clean stop");
+    assert_eq!(reply.status(), "ok", "{:?}", reply.body);
+    let attempt = reply.body["result"].as_i64().expect("attempt");
+    assert!(attempt >= 2, "retried in process: attempt {attempt}");
+    drop(holder);
+    let totals = bank::totals(&test_db.db).await.expect("totals");
+    assert_eq!(
+        totals.balance_sum,
+        2 * bank::INITIAL_BALANCE + 1,
+        "applied once"
+    );
 }
