@@ -16,8 +16,8 @@ use txq::config::{QueueType, SecretUrl};
 use txq::{Backend, Handler, JobError, JobMeta, Tx, Worker, with_conn};
 
 use crate::support::{
-    Blackhole, Client, Collector, Proxy, RabbitUser, Request, RunningWorker, TestDb, amqp_url,
-    config, eventually, exec, unique,
+    Alive as _, Blackhole, Client, Collector, Proxy, RabbitUser, Request, RunningWorker, TestDb,
+    Txq, amqp_url, config, eventually, exec, unique,
 };
 
 /// Inserts a row into `t`, then answers with `{"text": "x" * n}`.
@@ -541,4 +541,136 @@ async fn a_jobs_section_in_the_wrong_case_is_refused() {
         .expect_err("a section for `mytype` with a handler `MyType`");
     let text = err.to_string();
     assert!(text.contains("`jobs`") && text.contains("MyType"), "{text}");
+}
+
+/// A request's `expiration` is the producer's deadline for the request, not for
+/// txq's copies of it: the dead-letter copy carries none (it would expire unseen
+/// in the DLQ), and keeps the value in `x-txq-original-expiration`.
+#[tokio::test]
+async fn a_dead_letter_copy_carries_no_expiration_and_keeps_the_original() {
+    let test_db = TestDb::new(Backend::Sqlite).await;
+    let mut client = Client::new().await;
+    let requests = client.queue(&unique("requests")).await;
+    let replies = client.queue(&unique("replies")).await;
+    let worker = RunningWorker::start(
+        Worker::builder(config(&test_db.url, &requests, &replies, 1))
+            .handler("sized", Sized)
+            .database(test_db.db.clone()),
+    )
+    .await;
+    let props = BasicProperties::default()
+        .with_type("no-such-type".into())
+        .with_message_id("expiring".into())
+        .with_expiration("600000".into());
+    let confirm = client
+        .channel
+        .basic_publish(
+            "".into(),
+            requests.as_str().into(),
+            BasicPublishOptions::default(),
+            b"{}",
+            props,
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    assert!(confirm.is_ack());
+    let reply = client.replies(&replies, 1).await.remove(0);
+    assert_eq!(reply.body["error"]["kind"], "unknown_type");
+    worker.stop().await.expect("clean stop");
+    let dead = drain(&client, &format!("{requests}.dlq")).await;
+    assert_eq!(dead.len(), 1);
+    let props = &dead[0].delivery.properties;
+    assert_eq!(props.expiration(), &None, "the copy does not expire");
+    let original = props
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get("x-txq-original-expiration").cloned());
+    assert_eq!(
+        original
+            .as_ref()
+            .and_then(txq::broker::header_text)
+            .as_deref(),
+        Some("600000")
+    );
+}
+
+/// The bank operations file, for `txq run --ops`.
+const BANK_OPS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/bank/ops.toml");
+
+/// The broker nacks the reply (its queue is full and rejects publishes): the
+/// request goes back to its queue, nothing runs twice, and once the queue takes
+/// messages again the answer comes from the inbox, once.
+#[tokio::test]
+async fn a_nacked_reply_requeues_the_request_and_the_inbox_answers_it_once() {
+    let test_db = TestDb::new(Backend::Sqlite).await;
+    crate::bank::setup(&test_db.db, 2).await.expect("schema");
+    let mut client = Client::new().await;
+    let requests = client.queue(&unique("requests")).await;
+    let full = unique("full");
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongLongInt(1));
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    client.declare(&full, args).await;
+    client.own(&full);
+    // Full: the broker nacks every publish to it until this one is taken.
+    client
+        .publish(&full, &Request::json("filler", json!({})).id("filler"))
+        .await;
+
+    let mut txq = Txq::run(&test_db.url, &requests, "")
+        .args(["--ops", BANK_OPS])
+        .spawn();
+    client
+        .publish(
+            &requests,
+            &Request::json("noop", json!({}))
+                .id("nacked")
+                .reply_to(&full),
+        )
+        .await;
+    txq.logged("a publish was not confirmed").await;
+    let channel = client.conn.create_channel().await.expect("channel");
+    let filler = channel
+        .basic_get(full.as_str().into(), BasicGetOptions { no_ack: true })
+        .await
+        .expect("basic.get")
+        .expect("the filler");
+    assert_eq!(
+        filler
+            .delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|m| m.as_str()),
+        Some("filler"),
+        "the broker kept nothing but the filler"
+    );
+
+    let reply = client.replies(&full, 1).await.remove(0);
+    assert_eq!(reply.status(), "ok", "{:?}", reply.body);
+    assert_eq!(
+        reply.header("x-txq-duplicate"),
+        Some(AMQPValue::Boolean(true)),
+        "the answer is the inbox's"
+    );
+    txq.eventually("the request to be acked", || async {
+        (client.depth(&requests).await == 0).then_some(())
+    })
+    .await;
+    txq.signal("TERM").await;
+    txq.exit_within(Duration::from_secs(30)).await;
+    assert_eq!(
+        crate::bank::totals(&test_db.db)
+            .await
+            .expect("totals")
+            .jobs_logged,
+        1,
+        "the job ran once"
+    );
+    assert_eq!(client.depth(&full).await, 0, "one answer");
 }

@@ -9,6 +9,7 @@ mod bank;
 
 mod bench;
 mod cli;
+mod commands;
 mod contract;
 mod dlq;
 mod faults;

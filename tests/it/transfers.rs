@@ -11,7 +11,8 @@ use txq::{Backend, Handler, Isolation, JobError, JobMeta, Tx, Worker, with_conn}
 
 use crate::bank;
 use crate::support::{
-    Alive as _, Client, Request, RunningWorker, TestDb, bank_env, by_status, config, exec, unique,
+    Alive as _, Client, Request, RunningWorker, TestDb, bank_env, by_status, config, eventually,
+    exec, unique,
 };
 
 /// Few accounts, many concurrent transfers: row locks collide all the time.
@@ -204,19 +205,13 @@ async fn a_deadlock_is_retried_in_a_fresh_transaction(backend: Backend) {
         "exactly one job was the deadlock victim and ran again"
     );
     // sqlx rolls back and returns a dropped transaction's connection in a task of
-    // its own: give it a moment, not forever.
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
-    let (size, idle) = loop {
-        let (size, idle) = test_db.db.pool_state();
-        if size as usize == idle || tokio::time::Instant::now() > deadline {
-            break (size, idle);
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    };
-    assert_eq!(
-        size as usize, idle,
-        "every connection went back to the pool"
-    );
+    // its own: wait for it.
+    let db = test_db.db.clone();
+    eventually("every connection to go back to the pool", || async {
+        let (size, idle) = db.pool_state();
+        (size as usize == idle).then_some(())
+    })
+    .await;
     let totals = bank::totals(&test_db.db).await.expect("totals");
     assert_eq!(
         totals.balance_sum,

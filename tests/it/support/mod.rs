@@ -20,7 +20,7 @@ pub use amqp::{
 };
 pub use process::{Alive, RunningWorker, Txq, TxqOutput, TxqProcess, config, http_get, spawn_bank};
 pub use proxy::{Blackhole, Proxy};
-pub use services::{TestDb, amqp_url, exec, mysql_url, pg_url};
+pub use services::{TestDb, amqp_url, exec, pg_url};
 
 /// Delayed-retry schedule of test workers: short, so retry tests are quick.
 pub const TEST_DELAYS: [Duration; 2] = [Duration::from_millis(100), Duration::from_millis(300)];
