@@ -100,6 +100,8 @@ pub struct Scan {
     kept: Vec<u64>,
     /// Messages acked (replayed, purged or rotated away).
     acked: u32,
+    /// Messages copied back to the tail (Rotate).
+    rotated: u64,
 }
 
 impl std::fmt::Debug for Scan {
@@ -189,6 +191,7 @@ impl Scan {
             depth,
             kept: Vec::new(),
             acked: 0,
+            rotated: 0,
         })
     }
 
@@ -324,7 +327,10 @@ impl Scan {
         let queue = self.queue.clone();
         let outcome = self.publish(&queue, raw, body).await;
         match outcome {
-            Ok(PublishOutcome::Confirmed) => self.ack(tag),
+            Ok(PublishOutcome::Confirmed) => {
+                self.rotated += 1;
+                self.ack(tag)
+            }
             Ok(PublishOutcome::Returned(text)) => {
                 // The queue itself is gone: the original stays where it is.
                 self.kept.push(tag);
@@ -406,6 +412,7 @@ impl Scan {
                 self.wait_until_back().await?;
             }
         }
+        tracing::debug!(queue = %self.queue, depth = self.depth, acked = self.acked, rotated = self.rotated, requeued = self.kept.len(), "scan done");
         // close-ok comes after the broker handled the acks and nacks, and
         // requeues anything still unacked.
         let Self {
