@@ -14,9 +14,12 @@
 //!   can set one at any time; RabbitMQ 4 sets 20 by default). So nothing is ever
 //!   requeued there: each message is republished, byte for byte, to the tail of
 //!   the same queue, and acked once the broker confirmed the copy. The copy is a
-//!   new message as far as the broker's delivery count goes. The scan then goes
-//!   round the whole queue (up to the depth seen at the start), so that the
-//!   messages end in their old order.
+//!   new message as far as the broker's delivery count goes. A command that
+//!   went well then goes round the whole queue (up to the depth seen at the
+//!   start), so that the messages end in their old order; one cut short (an
+//!   error, a closed stdout) leaves those it looked at behind the rest. A crash
+//!   between a copy's confirm and the original's ack leaves the message twice
+//!   (same message_id: the inbox answers a second replay from its stored reply).
 //!
 //! The queue is proven classic when a `queue.declare` with
 //! `x-queue-type = classic` is accepted (the broker refuses it for any other
@@ -31,7 +34,8 @@
 //!
 //! Memory stays flat: `basic.get` fetches one message at a time (no prefetch
 //! buffer), and a message is dropped from memory once looked at (rotated, or its
-//! tag kept: 8 bytes).
+//! tag kept: 8 bytes). The exception: Rotate keeps the messages a purge selected
+//! until it is confirmed, to copy them back if it is not.
 
 use lapin::types::{AMQPValue, FieldTable, LongString};
 
