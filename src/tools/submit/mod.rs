@@ -4,7 +4,9 @@
 //! Requests are published persistent, through the default exchange to the request
 //! queue, on one confirm-mode channel with at most `window` unconfirmed at a time
 //! (and at most `rate` a second). The input is read and checked whole before the
-//! first publish, so a bad line costs nothing: no half-submitted batch.
+//! first publish, so a bad line costs nothing: no half-submitted batch. The
+//! checked [`Batch`] holds the input once and 12 bytes a request; a request is
+//! read again from its line when it is published and when its reply is written.
 //!
 //! **Re-running a file is safe.** A line without a `message_id` gets one derived
 //! from the batch's identity, its line number, its type and its text
@@ -46,13 +48,13 @@ use crate::broker::{self, BrokerError, Topology};
 use crate::config::Config;
 
 pub use input::{
-    Job, LineError, MESSAGE_ID_NAMESPACE, Source, batch_identity, derive_message_id, load_batch,
-    parse_batch,
+    Batch, Job, LineError, MESSAGE_ID_NAMESPACE, Request, Source, batch_identity,
+    derive_message_id, load_batch, parse_batch,
 };
 pub use output::Status;
 pub use pace::{Rate, RateError};
 
-use output::{Answer, Sink, answered_lines, open_output};
+use output::{Answer, Answered, Sink, answered_lines, open_output};
 use pace::Pacer;
 use progress::{Counters, Progress};
 
@@ -334,34 +336,31 @@ impl fmt::Display for Summary {
 /// Publishes, and with `options.wait` collects the replies. Prints nothing but
 /// progress; the caller prints the returned summary.
 pub async fn submit(config: &Config, options: &SubmitOptions) -> Result<Summary, SubmitError> {
-    let jobs = load_batch(options)?;
+    let batch = load_batch(options)?;
     let answered = match &options.wait {
         Some(WaitOptions {
             output: Some(path),
             resume: true,
             ..
-        }) => answered_lines(path, &jobs)?,
-        _ => HashMap::new(),
+        }) => answered_lines(path, &batch)?,
+        _ => Answered::default(),
     };
-    let total = jobs.len();
-    let todo: Vec<Job> = jobs
-        .into_iter()
-        .filter(|j| !answered.contains_key(&j.line))
-        .collect();
+    let todo = Todo::new(&batch, &answered);
     let mut summary = Summary {
-        total,
-        skipped: total - todo.len(),
+        total: batch.len(),
+        skipped: batch.len() - todo.len,
         waited: options.wait.is_some(),
         ..Summary::default()
     };
     // A skipped line ended as the output file says: a rejected one is still not
     // ok, whichever run got its reply.
-    for status in answered.into_values() {
+    for (_, status) in answered.iter() {
         summary.count(status);
     }
+    drop(answered);
     // Opened before connecting: a bad path fails before anything is published.
     let out = options.wait.as_ref().map(open_output).transpose()?;
-    if todo.is_empty() {
+    if todo.len == 0 {
         return Ok(summary);
     }
     let connection = broker::connect(config.amqp_url.expose(), "txq submit")
@@ -380,11 +379,47 @@ pub async fn submit(config: &Config, options: &SubmitOptions) -> Result<Summary,
     result.map(|()| summary)
 }
 
+/// The requests of a batch this run publishes: all but those `--resume` skips.
+struct Todo<'a> {
+    batch: &'a Batch,
+    /// By request index; empty when nothing is skipped.
+    skip: Vec<bool>,
+    len: usize,
+}
+
+impl<'a> Todo<'a> {
+    fn new(batch: &'a Batch, answered: &Answered) -> Self {
+        let mut skip = Vec::new();
+        if !answered.is_empty() {
+            skip = vec![false; batch.len()];
+            // Every answered line is a request: `answered_lines` checked its id.
+            for i in answered.iter().filter_map(|(l, _)| batch.index_of_line(l)) {
+                skip[i] = true;
+            }
+        }
+        let skipped = skip.iter().filter(|s| **s).count();
+        Self {
+            batch,
+            skip,
+            len: batch.len() - skipped,
+        }
+    }
+
+    fn skipped(&self, index: usize) -> bool {
+        self.skip.get(index).copied().unwrap_or(false)
+    }
+
+    /// The indices of the requests to publish, in input order.
+    fn indices(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.batch.len()).filter(|&i| !self.skipped(i))
+    }
+}
+
 async fn run(
     connection: &Connection,
     config: &Config,
     options: &SubmitOptions,
-    jobs: &[Job],
+    todo: &Todo<'_>,
     out: Option<Box<dyn Write + Send>>,
     summary: &mut Summary,
 ) -> Result<(), SubmitError> {
@@ -460,7 +495,7 @@ async fn run(
     let counters = Arc::new(Counters::default());
     let progress = Progress::start(
         options.progress,
-        jobs.len(),
+        todo.len,
         options.wait.is_some(),
         options.wait.as_ref().is_some_and(|w| w.output.is_none()),
         counters.clone(),
@@ -469,7 +504,7 @@ async fn run(
     let publishing = publish_all(
         &channel,
         &config.queue,
-        jobs,
+        todo,
         reply_to.as_deref(),
         options,
         &counters,
@@ -477,7 +512,7 @@ async fn run(
     );
     let result = match (&options.wait, consumer, out) {
         (Some(wait), Some(consumer), Some(out)) => {
-            let collecting = collect(consumer, jobs, wait, out, &counters, published_rx);
+            let collecting = collect(consumer, todo, wait, out, &counters, published_rx);
             tokio::try_join!(publishing, collecting).map(|((), counts)| {
                 summary.ok += counts.ok;
                 summary.rejected += counts.rejected;
@@ -500,12 +535,12 @@ async fn run(
     result
 }
 
-/// Publishes every job with at most `window` unconfirmed, then reports when the
-/// last confirm came through `published`.
+/// Publishes every request with at most `window` unconfirmed, then reports when
+/// the last confirm came through `published`.
 async fn publish_all(
     channel: &Channel,
     queue: &str,
-    jobs: &[Job],
+    todo: &Todo<'_>,
     reply_to: Option<&str>,
     options: &SubmitOptions,
     counters: &Counters,
@@ -537,7 +572,7 @@ async fn publish_all(
         counters.published.fetch_add(1, Ordering::Relaxed);
         Ok(())
     };
-    for job in jobs {
+    for index in todo.indices() {
         if let Some(pacer) = &mut pacer {
             pacer.wait().await;
         }
@@ -546,11 +581,18 @@ async fn publish_all(
                 settle(line, confirmation)?;
             }
         }
-        let props = properties(job, reply_to.clone())?;
+        let request = todo.batch.get(index);
+        let line = request.line;
+        let props = properties(&request, reply_to.clone())?;
         let confirm = channel
-            .basic_publish("".into(), routing_key.clone(), mandatory, &job.body, props)
+            .basic_publish(
+                "".into(),
+                routing_key.clone(),
+                mandatory,
+                request.body,
+                props,
+            )
             .await?;
-        let line = job.line;
         pending.push(async move { (line, confirm.await) });
     }
     while let Some((line, confirmation)) = pending.next().await {
@@ -561,11 +603,14 @@ async fn publish_all(
 }
 
 /// A request's properties per the message contract.
-fn properties(job: &Job, reply_to: Option<ShortString>) -> Result<BasicProperties, SubmitError> {
+fn properties(
+    request: &Request<'_>,
+    reply_to: Option<ShortString>,
+) -> Result<BasicProperties, SubmitError> {
     let short = |what: &str, v: &str| {
         ShortString::try_new(v).map_err(|_| {
             SubmitError::Input(vec![LineError {
-                line: job.line,
+                line: request.line,
                 message: format!("`{what}` is longer than 255 bytes"),
             }])
         })
@@ -574,47 +619,56 @@ fn properties(job: &Job, reply_to: Option<ShortString>) -> Result<BasicPropertie
         .with_delivery_mode(2)
         .with_content_type("application/json".into())
         .with_app_id("txq-submit".into())
-        .with_type(short("type", &job.job_type)?)
-        .with_message_id(short("message_id", &job.message_id)?)
-        .with_correlation_id(short("correlation_id", &job.correlation_id)?);
+        .with_type(short("type", &request.job_type)?)
+        .with_message_id(short("message_id", &request.message_id)?)
+        .with_correlation_id(short("correlation_id", &request.correlation_id)?);
     if let Some(r) = reply_to {
         props = props.with_reply_to(r);
     }
     Ok(props)
 }
 
-/// Where each job's reply stands.
+/// Where each request's reply stands, a byte a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Slot {
+    /// Not published: `--resume` skips it.
+    Skipped,
     Waiting,
     /// Arrived, held back for `--ordered` until the lines before it are written.
-    Held(Answer),
+    Held,
     Written,
 }
 
-/// Takes replies until every job has one, or `wait.timeout` passed without one
-/// after the last publish; writes a record for every job: timed-out ones last, or
-/// with `--ordered` in their place in the input.
+/// Takes replies until every published request has one, or `wait.timeout` passed
+/// without one after the last publish; writes a record for every request: timed-out
+/// ones last, or with `--ordered` in their place in the input.
 async fn collect(
     mut consumer: Consumer,
-    jobs: &[Job],
+    todo: &Todo<'_>,
     wait: &WaitOptions,
     out: Box<dyn Write + Send>,
     counters: &Counters,
     mut published: watch::Receiver<Option<Instant>>,
 ) -> Result<Summary, SubmitError> {
-    let index: HashMap<&str, usize> = jobs
-        .iter()
-        .enumerate()
-        .map(|(i, j)| (j.correlation_id.as_str(), i))
+    let batch = todo.batch;
+    let mut slots: Vec<Slot> = (0..batch.len())
+        .map(|i| {
+            if todo.skipped(i) {
+                Slot::Skipped
+            } else {
+                Slot::Waiting
+            }
+        })
         .collect();
-    let mut slots: Vec<Slot> = jobs.iter().map(|_| Slot::Waiting).collect();
+    // The answers of `Slot::Held`.
+    let mut held: HashMap<usize, Answer> = HashMap::new();
     let mut sink = Sink { out };
     let mut counts = Summary::default();
-    // The first slot not yet written, for `--ordered`.
+    // The first slot not yet written or skipped, for `--ordered`.
     let mut next = 0;
     let mut answered = 0;
     let mut last_reply: Option<Instant> = None;
-    while answered < jobs.len() {
+    while answered < todo.len {
         // No deadline while publishing: a slow broker or a low --rate is not a
         // worker that does not answer.
         let deadline = published
@@ -636,22 +690,23 @@ async fn collect(
             Some(Err(e)) => return Err(e.into()),
             None => return Err(SubmitError::ConsumerEnded("the broker cancelled it")),
         };
-        let Some(i) = delivery
+        let found = delivery
             .properties
             .correlation_id()
             .as_ref()
-            .and_then(|c| index.get(c.as_str()).copied())
-        else {
+            .and_then(|c| batch.find_correlation(c.as_str()))
+            .filter(|(i, _)| slots[*i] != Slot::Skipped);
+        let Some((i, request)) = found else {
             debug!(
                 correlation_id = ?delivery.properties.correlation_id(),
                 "a reply to no request of this batch; ignored"
             );
             continue;
         };
-        if !matches!(slots[i], Slot::Waiting) {
+        if slots[i] != Slot::Waiting {
             // A redelivered request answered twice (the inbox sent its stored reply):
             // the first answer stands.
-            debug!(line = jobs[i].line, "a second reply; ignored");
+            debug!(line = request.line, "a second reply; ignored");
             continue;
         }
         let answer = Answer::from_delivery(&delivery);
@@ -666,25 +721,33 @@ async fn collect(
         answered += 1;
         last_reply = Some(Instant::now());
         if wait.ordered {
-            slots[i] = Slot::Held(answer);
-            while let Some(Slot::Held(a)) = slots.get(next) {
-                sink.write(&jobs[next], Some(a))?;
-                slots[next] = Slot::Written;
+            slots[i] = Slot::Held;
+            held.insert(i, answer);
+            while let Some(slot) = slots.get(next).copied() {
+                match slot {
+                    Slot::Skipped => {}
+                    Slot::Held => {
+                        let answer = held.remove(&next);
+                        sink.write(&batch.get(next), answer.as_ref())?;
+                        slots[next] = Slot::Written;
+                    }
+                    Slot::Waiting | Slot::Written => break,
+                }
                 next += 1;
             }
         } else {
-            sink.write(&jobs[i], Some(&answer))?;
+            sink.write(&request, Some(&answer))?;
             slots[i] = Slot::Written;
         }
     }
-    for (job, slot) in jobs.iter().zip(&slots).skip(next) {
+    for (i, slot) in slots.iter().enumerate().skip(next) {
         match slot {
             Slot::Waiting => {
                 counts.count(Status::TimedOut);
-                sink.write(job, None)?;
+                sink.write(&batch.get(i), None)?;
             }
-            Slot::Held(a) => sink.write(job, Some(a))?,
-            Slot::Written => {}
+            Slot::Held => sink.write(&batch.get(i), held.get(&i))?,
+            Slot::Skipped | Slot::Written => {}
         }
     }
     sink.out.flush().map_err(SubmitError::WriteOutput)?;

@@ -1,8 +1,9 @@
 //! The output of `txq submit --wait`: one JSON line per request, and what
 //! `--resume` reads back from it.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
-use std::io::{self, Read as _, Seek as _, Write};
+use std::io::{self, BufRead as _, Read as _, Seek as _, Write};
 use std::path::Path;
 
 use lapin::message::Delivery;
@@ -10,7 +11,9 @@ use lapin::types::AMQPValue;
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 
-use super::{Job, SubmitError, WaitOptions};
+#[cfg(test)]
+use super::Job;
+use super::{Batch, Request, SubmitError, WaitOptions};
 use crate::broker::{header_text, headers};
 
 /// How one request ended.
@@ -90,48 +93,95 @@ struct Recorded {
     status: Status,
 }
 
+/// The message_id each input line has now, for `--resume` to compare with what an
+/// output file recorded.
+pub(super) trait CurrentIds {
+    /// The message_id of the request on input `line`; `None` if that line is
+    /// blank or past the end.
+    fn message_id_of(&self, line: usize) -> Option<Cow<'_, str>>;
+}
+
+impl CurrentIds for Batch {
+    fn message_id_of(&self, line: usize) -> Option<Cow<'_, str>> {
+        self.index_of_line(line).map(|i| self.get(i).message_id)
+    }
+}
+
+#[cfg(test)]
+impl<const N: usize> CurrentIds for [Job; N] {
+    fn message_id_of(&self, line: usize) -> Option<Cow<'_, str>> {
+        self.iter()
+            .find(|j| j.line == line)
+            .map(|j| Cow::Borrowed(j.message_id.as_str()))
+    }
+}
+
+/// The lines an output file has a reply for, with how each ended, in line order.
+#[derive(Debug, Default)]
+pub(super) struct Answered(Vec<(usize, Status)>);
+
+impl Answered {
+    pub(super) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The lines, ascending, with how each ended.
+    pub(super) fn iter(&self) -> impl Iterator<Item = (usize, Status)> + '_ {
+        self.0.iter().copied()
+    }
+}
+
+impl PartialEq<HashMap<usize, Status>> for Answered {
+    fn eq(&self, other: &HashMap<usize, Status>) -> bool {
+        self.0.len() == other.len() && self.iter().all(|(l, s)| other.get(&l) == Some(&s))
+    }
+}
+
 /// The input lines `path` already has a reply for (anything but `timed_out`), with
-/// how each ended. A missing file has none; unreadable lines (a write cut short)
-/// are ignored, so their requests are sent again, which the inbox makes safe.
-pub(super) fn answered_lines(
+/// how each ended (the last record of a line counts). A missing file has none;
+/// unreadable lines (a write cut short) are ignored, so their requests are sent
+/// again, which the inbox makes safe. Read a line at a time: the file can be
+/// many times the input's size.
+pub(super) fn answered_lines<R: CurrentIds + ?Sized>(
     path: &Path,
-    jobs: &[Job],
-) -> Result<HashMap<usize, Status>, SubmitError> {
-    let text = match std::fs::read(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(HashMap::new()),
-        Err(source) => {
-            return Err(SubmitError::Output {
-                path: path.to_owned(),
-                source,
-            });
-        }
+    requests: &R,
+) -> Result<Answered, SubmitError> {
+    let failed = |source| SubmitError::Output {
+        path: path.to_owned(),
+        source,
     };
-    let by_line: HashMap<usize, &str> = jobs
-        .iter()
-        .map(|j| (j.line, j.message_id.as_str()))
-        .collect();
-    let mut answered = HashMap::new();
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Answered::default()),
+        Err(source) => return Err(failed(source)),
+    };
+    let mut reader = io::BufReader::new(file);
+    let mut answered = Vec::new();
     let mut unreadable = 0;
-    for raw in text.split(|b| *b == b'\n') {
+    let mut raw = Vec::new();
+    loop {
+        raw.clear();
+        if reader.read_until(b'\n', &mut raw).map_err(failed)? == 0 {
+            break;
+        }
         if raw.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        let Ok(entry) = serde_json::from_slice::<Recorded>(raw) else {
+        let Ok(entry) = serde_json::from_slice::<Recorded>(&raw) else {
             unreadable += 1;
             continue;
         };
-        let current = by_line.get(&entry.line).copied();
-        if current != Some(entry.message_id.as_str()) {
+        let current = requests.message_id_of(entry.line);
+        if current.as_deref() != Some(entry.message_id.as_str()) {
             return Err(SubmitError::ResumeMismatch {
                 path: path.to_owned(),
                 line: entry.line,
                 recorded: entry.message_id,
-                current: current.map(str::to_owned),
+                current: current.map(Cow::into_owned),
             });
         }
         if entry.status != Status::TimedOut {
-            answered.insert(entry.line, entry.status);
+            answered.push((entry.line, entry.status));
         }
     }
     if unreadable > 0 {
@@ -141,7 +191,16 @@ pub(super) fn answered_lines(
             "ignoring unreadable lines of the output; their requests are sent again"
         );
     }
-    Ok(answered)
+    // Stable: a line's records stay in file order, and the last one stands.
+    answered.sort_by_key(|&(line, _)| line);
+    answered.dedup_by(|later, earlier| {
+        let same = later.0 == earlier.0;
+        if same {
+            earlier.1 = later.1;
+        }
+        same
+    });
+    Ok(Answered(answered))
 }
 
 /// Where the replies go: standard output, or a file (appended to by `--resume`).
@@ -184,12 +243,16 @@ pub(super) struct Sink {
 }
 
 impl Sink {
-    pub(super) fn write(&mut self, job: &Job, answer: Option<&Answer>) -> Result<(), SubmitError> {
+    pub(super) fn write(
+        &mut self,
+        request: &Request<'_>,
+        answer: Option<&Answer>,
+    ) -> Result<(), SubmitError> {
         let record = Record {
-            line: job.line,
-            message_id: &job.message_id,
-            correlation_id: &job.correlation_id,
-            job_type: &job.job_type,
+            line: request.line,
+            message_id: &request.message_id,
+            correlation_id: &request.correlation_id,
+            job_type: &request.job_type,
             status: answer.map_or(Status::TimedOut, |a| a.status),
             duplicate: answer.is_some_and(|a| a.duplicate),
             reply: answer.map(|a| &a.body),
