@@ -391,6 +391,52 @@ async fn resume_skips_the_lines_already_answered_in_the_output() {
 }
 
 #[tokio::test]
+async fn resume_with_ordered_output_writes_the_unanswered_lines_in_input_order() {
+    let (test_db, _client, requests, replies) = bank_env(Backend::Postgres, 2).await;
+    let worker = bank_worker(&test_db, &requests, &replies, 4).await;
+    let scratch = Scratch::new();
+    let input = scratch.file("jobs.jsonl", &noops(1..=20));
+    let output = scratch.path("replies.jsonl");
+    let args = [
+        "--wait",
+        "--ordered",
+        "-o",
+        output.to_str().expect("path"),
+        input.to_str().expect("path"),
+    ];
+    let first = submit(&requests, &replies, &args).await;
+    assert_eq!(first.code, 0, "{}", first.stderr);
+
+    // As if only the odd lines had been answered: the skipped lines sit between
+    // the ones to send, and `--ordered` must step over them.
+    let text = std::fs::read_to_string(&output).expect("output");
+    let odd: Vec<&str> = text.lines().step_by(2).collect();
+    std::fs::write(&output, format!("{}\n", odd.join("\n"))).expect("rewrite");
+    let mut resumed_args = vec!["--resume"];
+    resumed_args.extend(args);
+    let resumed = submit(&requests, &replies, &resumed_args).await;
+    assert_eq!(resumed.code, 0, "{}", resumed.stderr);
+    assert_eq!(resumed.summary["skipped"], 10);
+    assert_eq!(resumed.summary["published"], 10);
+    assert_eq!(resumed.summary["ok"], 20);
+    assert_eq!(resumed.summary["duplicate"], 10, "the first run did them");
+    let (records, unreadable) = read_output(&output);
+    assert_eq!(unreadable, 0);
+    let lines: Vec<u64> = records
+        .iter()
+        .map(|r| r["line"].as_u64().expect("line"))
+        .collect();
+    let expected: Vec<u64> = (1..=20).step_by(2).chain((2..=20).step_by(2)).collect();
+    assert_eq!(
+        lines, expected,
+        "the kept odd lines, then the even ones in order"
+    );
+    worker.stop().await.expect("clean stop");
+    let totals = bank::totals(&test_db.db).await.expect("totals");
+    assert_eq!(totals.jobs_logged, 20, "each line ran once");
+}
+
+#[tokio::test]
 async fn resume_counts_a_rejection_recorded_in_the_output() {
     let mut client = Client::new().await;
     let requests = client.queue(&unique("requests")).await;
@@ -772,4 +818,64 @@ async fn a_lost_connection_stops_the_run_and_running_again_answers_everything_on
     let totals = bank::totals(&test_db.db).await.expect("totals");
     assert_eq!(totals.jobs_logged, N as i64, "each request ran once");
     assert_eq!(client.depth(&requests).await, 0);
+}
+
+/// The peak memory of `txq submit` reading and checking a big batch: near the
+/// input's size, not 36 times it (issue 12 §5). The kernel's own figure (VmHWM,
+/// the peak resident set) is read once the child connects to a listener of this
+/// test's, which it does only after checking the whole input; nothing is
+/// published, and nothing is timed.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn checking_a_big_batch_takes_memory_near_its_size() {
+    use std::fmt::Write as _;
+
+    const N: usize = 1_000_000;
+    let scratch = Scratch::new();
+    let input = scratch.path("big.jsonl");
+    let mut text = String::with_capacity(N * 16);
+    for i in 0..N {
+        writeln!(text, "{{\"id\":{}}}", i * 7919 % 10_000_000).expect("format");
+    }
+    std::fs::write(&input, &text).expect("write input");
+    let size = text.len();
+    drop(text);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("listen");
+    let url = format!(
+        "amqp://guest:guest@{}/%2f",
+        listener.local_addr().expect("address")
+    );
+    let mut child = submit_command(
+        &url,
+        "q",
+        "r",
+        &["--type", "noop", input.to_str().expect("path")],
+    )
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null())
+    .spawn()
+    .expect("spawning txq submit");
+    let accepted = tokio::time::timeout(Duration::from_secs(120), listener.accept()).await;
+    let pid = child.id().expect("still running");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    child.kill().await.expect("kill");
+    let (_connection, _) = accepted
+        .expect("txq submit connects after checking its input")
+        .expect("accept");
+    let peak_kib: usize = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmHWM in {status}"));
+    let peak = peak_kib * 1024;
+    eprintln!("peak RSS checking {N} lines ({size} bytes): {peak} bytes");
+    // The input once, 12 bytes a request, and the program itself (about 15 MiB
+    // with nothing to read). Owned strings per line took 36 times the input.
+    let limit = size + 16 * N + 40 * 1024 * 1024;
+    assert!(
+        peak < limit,
+        "peak RSS {peak} bytes for {size} bytes of input, {N} lines; at most {limit} expected"
+    );
 }
