@@ -386,6 +386,16 @@ impl TxqProcess {
         }
     }
 
+    /// Its whole log, once it has exited and its stderr is closed.
+    pub async fn final_log(&mut self) -> Vec<String> {
+        self.child.wait().await.expect("wait");
+        let closed = async { while self.lines.changed().await.is_ok() {} };
+        tokio::time::timeout(Duration::from_secs(10), closed)
+            .await
+            .expect("txq's stderr closes when it exits");
+        self.log.lock().expect("log").clone()
+    }
+
     /// Waits for a log line whose message contains `text`.
     pub async fn logged(&mut self, text: &str) -> serde_json::Value {
         self.log_line(&format!("{text:?}"), |v| {
