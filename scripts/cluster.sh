@@ -13,8 +13,9 @@
 #   txq2   5682               25682
 #   txq3   5683               25683
 #
-# Guest login works (loopback only). The management plugin is OFF on these nodes
-# (no plugin at all: quicker to start, less memory); use rabbitmqctl -n txqN@localhost.
+# Guest login works (loopback only). The management plugin runs on txq1 only, on
+# 127.0.0.1:15681 (txq's policy check is tested against it); the other nodes have
+# no plugin at all (quicker to start, less memory). Use rabbitmqctl -n txqN@localhost.
 #
 # The nodes use the installed rabbitmq-server, run as the rabbitmq user with its
 # Erlang cookie (HOME=/var/lib/rabbitmq, like the main node) and share epmd (4369).
@@ -28,6 +29,7 @@ NODES=(txq1 txq2 txq3)
 SEED=txq1
 AMQP_BASE=5680
 DIST_BASE=25680
+MGMT_BASE=15680
 START_TIMEOUT=${TXQ_CLUSTER_START_TIMEOUT:-120} # seconds, per step
 
 RABBITMQ_USER=rabbitmq
@@ -132,7 +134,16 @@ loopback_users.guest = true
 log.file.level = info
 log.console = false
 EOF
-  echo '[].' >"$d/enabled_plugins"
+  if [ "$node" = "$SEED" ]; then
+    # The seed serves the management API on loopback, for txq's policy check.
+    cat >>"$d/rabbitmq.conf" <<EOF
+management.tcp.ip = 127.0.0.1
+management.tcp.port = $((MGMT_BASE + i))
+EOF
+    echo '[rabbitmq_management].' >"$d/enabled_plugins"
+  else
+    echo '[].' >"$d/enabled_plugins"
+  fi
   chown -R "$RABBITMQ_USER:" "$d" 2>/dev/null || true
 }
 

@@ -69,6 +69,12 @@ pub struct Config {
     /// would refuse is never committed to the inbox. Default 8 MiB, below RabbitMQ
     /// 4.x's `max_message_size` of 16 MiB.
     pub max_reply_bytes: usize,
+    /// RabbitMQ's management API, `http://user:password@host:15672`: when set, `txq
+    /// run` reads the policies applied to its queues at start-up, refuses to start
+    /// on one that loses messages txq relies on (a `max-length` that drops requests,
+    /// an `expires`, a `delivery-limit` on the DLQ) and warns about the rest.
+    /// Default: none (AMQP cannot show policies; see docs/production.md).
+    pub management_url: Option<SecretUrl>,
     /// Attempts to reach the broker at start-up before `txq run` gives up (with
     /// backoff: 0.5 s, doubling to 30 s). A refused login stops at once.
     /// Reconnects after a successful start are never given up. Default 20.
@@ -122,6 +128,7 @@ impl Default for Config {
             max_reply_bytes: 8 * 1024 * 1024,
             delivery_limit: 20,
             connect_attempts: 20,
+            management_url: None,
             job_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(30),
             consumer_timeout: Duration::from_secs(30 * 60),
@@ -469,6 +476,18 @@ impl Config {
                 "must be at least 1024 (a `failed` reply must fit)",
             ));
         }
+        if let Some(url) = &self.management_url {
+            let scheme = url
+                .expose()
+                .split_once("://")
+                .map(|(s, _)| s.to_ascii_lowercase());
+            if scheme.as_deref() != Some("http") || url::Url::parse(url.expose()).is_err() {
+                return Err(invalid(
+                    "management_url",
+                    "must be an http:// URL of the management API (put a TLS-terminating proxy on loopback for https)",
+                ));
+            }
+        }
         if self.connect_attempts == 0 {
             return Err(invalid("connect_attempts", "must be at least 1"));
         }
@@ -608,6 +627,15 @@ impl Config {
             .get(job_type)
             .and_then(|j| j.timeout)
             .unwrap_or(self.job_timeout)
+    }
+
+    /// The virtual host of the first `amqp_url` (`/` when it names none).
+    pub fn vhost(&self) -> String {
+        self.amqp_url
+            .split()
+            .first()
+            .and_then(|u| u.expose().parse::<lapin::uri::AMQPUri>().ok())
+            .map_or_else(|| "/".to_owned(), |u| u.vhost)
     }
 
     /// The dead-letter queue: `dead_letter_queue`, or `<queue>.dlq`.

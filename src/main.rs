@@ -250,6 +250,8 @@ mod exit {
     pub(crate) fn code(e: &anyhow::Error) -> u8 {
         let usage = e.chain().any(|c| {
             c.is::<txq::config::ConfigError>()
+                || c.downcast_ref::<txq::broker::PolicyError>()
+                    .is_some_and(|p| matches!(p, txq::broker::PolicyError::Dangerous(_)))
                 || c.is::<txq::sqlops::SpecError>()
                 || c.downcast_ref::<txq::sqlops::OpsError>()
                     .is_some_and(|o| !matches!(o, txq::sqlops::OpsError::Read { .. }))
@@ -403,6 +405,23 @@ async fn run_worker(config: Config, args: RunArgs) -> anyhow::Result<ExitCode> {
         metrics_addr = %config.metrics_addr,
         "starting"
     );
+    if let Some(management) = &config.management_url {
+        let topology = txq::broker::Topology::from_config(&config);
+        match txq::broker::check_policies(management, &config.vhost(), &topology).await {
+            Ok(report) => {
+                for warning in &report.warnings {
+                    tracing::warn!("{warning}");
+                }
+            }
+            // Reachable or not, a dangerous policy is known for sure: refuse.
+            Err(e @ txq::broker::PolicyError::Dangerous(_)) => {
+                return Err(anyhow::Error::new(e).context("a RabbitMQ policy would lose messages"));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not check the queues' policies; starting anyway")
+            }
+        }
+    }
     let metrics_addr = config.metrics_addr();
     let recorder = match metrics_addr {
         Some(_) => Some(txq::http::install_recorder()?),

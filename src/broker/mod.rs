@@ -4,6 +4,8 @@
 //! **Invariant:** only this module and `worker/` touch lapin types.
 
 mod envelope;
+#[cfg(feature = "cli")]
+mod management;
 mod publisher;
 mod topology;
 mod trace;
@@ -16,6 +18,8 @@ pub use envelope::{
     Envelope, MAX_HEADER_BYTES, ReplyHeaders, bounded, header_int, header_text, headers,
     long_string, reply_properties, with_headers,
 };
+#[cfg(feature = "cli")]
+pub use management::{PolicyError, PolicyReport, check_policies};
 pub use publisher::{PublishError, PublishOutcome, Publisher};
 pub use topology::{Topology, declare, queue_arguments, retry_queue_name};
 pub use trace::Trace;

@@ -21,3 +21,4 @@ mod bank;
 
 mod alarm;
 mod failover;
+mod policy;

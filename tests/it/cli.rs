@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde_json::json;
 use tokio::io::AsyncBufReadExt as _;
 
-use crate::support::{Client, Request, TestDb, amqp_url, pg_url, unique};
+use crate::support::{Client, Request, TestDb, amqp_url, unique};
 
 /// The exit codes of README's table.
 const OK: i32 = 0;
@@ -184,7 +184,8 @@ async fn an_unreachable_broker_at_start_up_is_tried_a_bounded_number_of_times() 
 /// The database's own words, once, at once: not a pool timing out in silence.
 #[tokio::test]
 async fn an_unreachable_or_unknown_database_is_reported_at_once_and_once() {
-    let mut unknown = url::Url::parse(&pg_url()).expect("URL");
+    let server = TestDb::new(txq::Backend::Postgres).await;
+    let mut unknown = url::Url::parse(&server.url).expect("URL");
     unknown.set_path("no_such_database_txq");
     let started = std::time::Instant::now();
     let out = output(txq(&["run", "--database-url", unknown.as_str()])).await;
@@ -298,4 +299,65 @@ async fn logs_are_plain_off_a_terminal_and_v_shows_each_job() {
             .any(|l| l.contains("starting") && l.contains("concurrency=16")),
         "the effective config as fields: {seen:?}"
     );
+}
+
+/// The README's quick start: the worker on SQLite with the bank operations, then
+/// the shipped requests through `txq submit --wait`, all with the one binary.
+#[tokio::test]
+async fn the_quick_start_answers_every_shipped_request() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let test_db = TestDb::new(txq::Backend::Sqlite).await;
+    let mut client = Client::new().await;
+    let requests = client.queue(&unique("requests")).await;
+    let ops = root.join("examples/bank/ops.toml");
+    let schema = root.join("examples/bank/schema.sqlite.sql");
+    let mut worker = txq(&[
+        "run",
+        "--ops",
+        ops.to_str().expect("path"),
+        "--init-sql",
+        schema.to_str().expect("path"),
+        "--database-url",
+        &test_db.url,
+        "--amqp-url",
+        &amqp_url(),
+        "--queue",
+        &requests,
+    ]);
+    let _worker = worker.spawn().expect("txq run");
+    let sample = root.join("examples/bank/requests.jsonl");
+    let out = output(txq(&[
+        "submit",
+        sample.to_str().expect("path"),
+        "--wait",
+        "--amqp-url",
+        &amqp_url(),
+        "--queue",
+        &requests,
+    ]))
+    .await;
+    let replies: Vec<serde_json::Value> = out
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    let shipped = std::fs::read_to_string(&sample)
+        .expect("sample")
+        .lines()
+        .count();
+    assert_eq!(replies.len(), shipped, "{}", out.stderr);
+    let status = |id: &str| {
+        replies
+            .iter()
+            .find(|r| r["message_id"] == id)
+            .map(|r| r["status"].as_str().unwrap_or_default().to_owned())
+    };
+    assert_eq!(status("quickstart-too-much").as_deref(), Some("rejected"));
+    assert_eq!(status("quickstart-balance-1").as_deref(), Some("ok"));
+    assert_eq!(
+        replies.iter().filter(|r| r["status"] == "ok").count(),
+        shipped - 1
+    );
+    // One rejection, on purpose: not every request ended ok.
+    assert_eq!(out.code, 1, "{}", out.stderr);
 }
