@@ -267,7 +267,7 @@ async fn a_request_without_reply_to_and_no_reply_queue_gets_no_reply() {
             ],
         )
         .await;
-    let loud = client.replies(&replies, 1).await.remove(0);
+    let loud = client.replies_while(&replies, 1, &mut txq).await.remove(0);
     assert_eq!(
         loud.header_text("x-txq-request-id").as_deref(),
         Some("loud")

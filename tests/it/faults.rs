@@ -794,14 +794,13 @@ async fn a_job_past_the_grace_period_is_rolled_back_and_requeued() {
 
     let requeued = eventually("the request back in its queue", || async {
         let channel = client.conn.create_channel().await.expect("channel");
-        let got = channel
+        channel
             .basic_get(
                 requests.as_str().into(),
                 lapin::options::BasicGetOptions { no_ack: true },
             )
             .await
-            .expect("basic.get");
-        got
+            .expect("basic.get")
     })
     .await;
     assert!(requeued.delivery.redelivered, "handed back, not lost");

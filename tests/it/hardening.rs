@@ -651,7 +651,7 @@ async fn a_nacked_reply_requeues_the_request_and_the_inbox_answers_it_once() {
         "the broker kept nothing but the filler"
     );
 
-    let reply = client.replies(&full, 1).await.remove(0);
+    let reply = client.replies_while(&full, 1, &mut txq).await.remove(0);
     assert_eq!(reply.status(), "ok", "{:?}", reply.body);
     assert_eq!(
         reply.header("x-txq-duplicate"),

@@ -231,6 +231,16 @@ impl Client {
     /// Consumes `n` replies from `queue` (acking them), failing the test after
     /// [`REPLY_DEADLINE`].
     pub async fn replies(&self, queue: &str, n: usize) -> Vec<Reply> {
+        self.replies_while(queue, n, &mut NoWorker).await
+    }
+
+    /// As [`Client::replies`], failing at once if `worker` dies meanwhile.
+    pub async fn replies_while(
+        &self,
+        queue: &str,
+        n: usize,
+        worker: &mut impl Alive,
+    ) -> Vec<Reply> {
         let channel = self.conn.create_channel().await.expect("channel");
         let tag = unique("collector");
         let mut consumer = channel
@@ -245,14 +255,22 @@ impl Client {
         let mut out = Vec::with_capacity(n);
         let deadline = tokio::time::Instant::now() + REPLY_DEADLINE;
         while out.len() < n {
-            let next = tokio::time::timeout_at(deadline, consumer.next()).await;
-            let delivery = match next {
+            let tick = tokio::time::Instant::now() + Duration::from_millis(200);
+            let delivery = match tokio::time::timeout_at(tick.min(deadline), consumer.next()).await
+            {
                 Ok(Some(Ok(d))) => d,
                 Ok(other) => panic!("reply consumer ended: {other:?}"),
-                Err(_) => panic!(
-                    "only {} of {n} replies arrived in {REPLY_DEADLINE:?}",
-                    out.len()
-                ),
+                Err(_) => {
+                    if let Some(why) = worker.dead() {
+                        panic!("{why} while waiting for replies ({} of {n})", out.len());
+                    }
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "only {} of {n} replies arrived in {REPLY_DEADLINE:?}",
+                        out.len()
+                    );
+                    continue;
+                }
             };
             delivery.ack(BasicAckOptions::default()).await.expect("ack");
             out.push(Reply::from(&delivery));

@@ -20,7 +20,10 @@ pub use amqp::{
 };
 pub use process::{Alive, RunningWorker, Txq, TxqOutput, TxqProcess, config, http_get, spawn_bank};
 pub use proxy::{Blackhole, Proxy};
-pub use services::{TestDb, amqp_url, exec, pg_url};
+pub use services::{TestDb, amqp_url, exec};
+// The servers' admin URLs, for tests that connect beside their own database.
+#[allow(unused_imports)]
+pub use services::{mysql_url, pg_url};
 
 /// Delayed-retry schedule of test workers: short, so retry tests are quick.
 pub const TEST_DELAYS: [Duration; 2] = [Duration::from_millis(100), Duration::from_millis(300)];
