@@ -433,11 +433,10 @@ async fn run_worker(config: Config, args: RunArgs) -> anyhow::Result<ExitCode> {
     if let Some(path) = &args.init_sql {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let n = db
-            .execute_sql_file(&text)
+        db.execute_sql_file(&text)
             .await
             .with_context(|| format!("running {}", path.display()))?;
-        info!(statements = n, file = %path.display(), "ran the init SQL");
+        info!(file = %path.display(), "ran the init SQL");
     }
     let mut builder = Worker::builder(config).database(db.clone());
     match &args.ops {

@@ -372,33 +372,15 @@ impl Db {
         Ok(())
     }
 
-    /// Runs a SQL script: statements separated by a `;` at the end of a line, on
-    /// one connection, in order (schema set-up, `txq run --init-sql`).
-    pub async fn execute_sql_file(&self, text: &str) -> Result<usize, sqlx::Error> {
-        let mut statements = Vec::new();
-        let mut current = String::new();
-        for line in text.lines() {
-            let trimmed = line.trim();
-            if trimmed.starts_with("--") || trimmed.is_empty() {
-                continue;
-            }
-            current.push_str(line);
-            current.push('\n');
-            if trimmed.ends_with(';') {
-                statements.push(std::mem::take(&mut current));
-            }
-        }
-        if !current.trim().is_empty() {
-            statements.push(current);
-        }
+    /// Runs a SQL script (several statements, comments allowed) on one connection,
+    /// as the database's own client would: sqlx's `raw_sql`, unprepared.
+    pub async fn execute_sql_file(&self, text: &str) -> Result<(), sqlx::Error> {
+        let script = AssertSqlSafe(text.to_owned());
         on_pool!(self, pool => {
             let mut conn = pool.acquire().await?;
-            for s in &statements {
-                let s = s.trim().trim_end_matches(';').to_owned();
-                sqlx::query(AssertSqlSafe(s)).execute(&mut *conn).await?;
-            }
+            sqlx::raw_sql(script).execute(&mut *conn).await?;
         });
-        Ok(statements.len())
+        Ok(())
     }
 
     /// The pool's current size and idle connections, for start-up checks and metrics.
