@@ -94,6 +94,26 @@ pub enum Isolation {
     Serializable,
 }
 
+/// The dialect of a job's `BEGIN` on one database, known once the server was asked
+/// ([`Db::job_begins`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct JobBegins {
+    backend: Backend,
+    mariadb: bool,
+    /// The timeout every pooled session carries already, if any.
+    session_timeout: Option<Duration>,
+}
+
+impl JobBegins {
+    /// The statement that begins a job's transaction at `isolation`, with `timeout`
+    /// pushed into the database unless the session carries it already.
+    pub(crate) fn statement(&self, isolation: Option<Isolation>, timeout: Duration) -> Arc<str> {
+        let on_session = self.session_timeout == Some(timeout);
+        dialect::job_begin_statement(self.backend, self.mariadb, isolation, timeout, on_session)
+            .into()
+    }
+}
+
 /// Errors from setting up the database.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -293,16 +313,28 @@ impl Db {
         }
     }
 
-    /// The statement that begins a job's transaction at `isolation` with `timeout`
-    /// pushed into the database, unless the sessions carry it already (`on_session`).
-    pub(crate) fn job_begin_statement(
+    /// How this database's job transactions begin, asked of the server once: which
+    /// MySQL-protocol server it is, and whether its sessions already carry the one
+    /// timeout every job type uses (`timeouts`), so that each `BEGIN` may skip its
+    /// own `SET`.
+    pub(crate) async fn job_begins(
         &self,
-        mariadb: bool,
-        isolation: Option<Isolation>,
-        timeout: Duration,
-        on_session: bool,
-    ) -> Arc<str> {
-        dialect::job_begin_statement(self.backend(), mariadb, isolation, timeout, on_session).into()
+        timeouts: &std::collections::HashSet<Duration>,
+    ) -> Result<JobBegins, sqlx::Error> {
+        let mariadb = self.is_mariadb().await?;
+        // Per-type SET SESSION on MySQL would outlive the job, so sessions carry a
+        // timeout only when every job type shares it.
+        let session_timeout = match timeouts.iter().next() {
+            Some(&t) if timeouts.len() == 1 && self.session_timeout_is(mariadb, t).await? => {
+                Some(t)
+            }
+            _ => None,
+        };
+        Ok(JobBegins {
+            backend: self.backend(),
+            mariadb,
+            session_timeout,
+        })
     }
 
     /// Whether this pool's sessions already bound statements and lock waits to

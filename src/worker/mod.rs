@@ -160,21 +160,13 @@ impl WorkerBuilder {
         if config.inbox.enabled {
             crate::db::migrate(&db).await?;
         }
-        let mariadb = db.is_mariadb().await?;
-        // Sessions set up with the one timeout every job type uses let each BEGIN
-        // skip its SET; per-type SET SESSION on MySQL would outlive the job, so
-        // there it is all or nothing. (PostgreSQL's SET LOCAL ends with the
-        // transaction, but one rule is simpler to reason about.)
         let timeouts: std::collections::HashSet<Duration> = self
             .registry
             .job_types()
             .map(|t| config.job_timeout(t))
             .collect();
-        let on_session = match timeouts.iter().next() {
-            Some(&t) if timeouts.len() == 1 => db.session_timeout_is(mariadb, t).await?,
-            _ => false,
-        };
-        debug!(on_session, "job timeouts set per session");
+        let begins = db.job_begins(&timeouts).await?;
+        debug!(?begins, "how job transactions begin");
         let mut specs = HashMap::new();
         for job_type in self.registry.job_types() {
             let job = config.job(job_type);
@@ -192,7 +184,7 @@ impl WorkerBuilder {
                     "a delivery of this job type may stay unacked for more than half the broker's \
                      consumer_timeout, which closes the channel: lower the timeout or raise consumer_timeout");
             }
-            let begin = db.job_begin_statement(mariadb, job.isolation, timeout, on_session);
+            let begin = begins.statement(job.isolation, timeout);
             specs.insert(job_type.to_owned(), JobSpec { begin, timeout });
         }
         let shared = Shared {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde_json::json;
 use tokio::io::AsyncBufReadExt as _;
 
-use crate::support::{Client, Request, TestDb, amqp_url, unique};
+use crate::support::{Client, Request, TestDb, amqp_url, pg_url, unique};
 
 /// The exit codes of README's table.
 const OK: i32 = 0;
@@ -184,8 +184,7 @@ async fn an_unreachable_broker_at_start_up_is_tried_a_bounded_number_of_times() 
 /// The database's own words, once, at once: not a pool timing out in silence.
 #[tokio::test]
 async fn an_unreachable_or_unknown_database_is_reported_at_once_and_once() {
-    let server = TestDb::new(txq::Backend::Postgres).await;
-    let mut unknown = url::Url::parse(&server.url).expect("URL");
+    let mut unknown = url::Url::parse(&pg_url()).expect("URL");
     unknown.set_path("no_such_database_txq");
     let started = std::time::Instant::now();
     let out = output(txq(&["run", "--database-url", unknown.as_str()])).await;
