@@ -1,17 +1,7 @@
-//! The inbox: one row per processed message_id, written in the job's own
-//! transaction, so a request's effects and its "done" mark commit together.
-//!
-//! Protocol (see ARCHITECTURE.md): on success the job *records* its id and reply as
-//! the last statement of its own transaction, with an insert that does nothing on
-//! conflict. A committed row means a duplicate; an uncommitted one (a racing
-//! delivery) makes the insert wait on the key until that transaction ends; either
-//! way the job rolls back and answers from the row, so its effects never commit
-//! twice. A delivery the broker flags as *redelivered* (the first one may have
-//! committed, or may still be running) instead *claims* its id first thing, so it
-//! waits for a racing delivery before running anything, and *completes* the row at
-//! the end. Rejections are recorded in a transaction of their own after the job's is
-//! rolled back. Failures are not recorded, so a replay from the dead-letter queue
-//! runs again.
+//! The inbox's SQL: one row per processed message_id, written in the job's own
+//! transaction. The protocol — when a job claims, records or looks up its row — is
+//! stated once, in ARCHITECTURE.md ("Effects happen once"), and carried out by
+//! `worker/job.rs`.
 
 use super::{Backend, Db, Tx};
 use crate::with_conn;

@@ -134,12 +134,9 @@ pub(crate) async fn execute(
                 },
                 Err(e) => e,
             };
-        // A first delivery runs before it learns it is a duplicate (the inbox row
-        // is written last), so its handler may trip over what the earlier run
-        // left (a unique key, a changed balance). If a row exists, that run's
-        // answer is the answer. Rejections check the same way when recorded.
-        // Without an answer from the inbox a duplicate cannot be told from a real
-        // failure, so a failed lookup makes the attempt transient.
+        // The inbox protocol (ARCHITECTURE.md, "Effects happen once"): an error of
+        // a job whose id has a row is answered from the row; a failed lookup
+        // makes the attempt transient.
         if let Some(id) = inbox_id
             && !matches!(error, AttemptError::Job(JobError::Rejected { .. }))
         {
@@ -218,9 +215,7 @@ async fn attempt_once(
     let limit = spec.timeout + TIMEOUT_MARGIN;
     let work = async {
         let mut tx = ctx.db.begin_job(&spec.begin).await?;
-        // A redelivery may race the first delivery, or follow one that committed:
-        // claim the id first and wait on it. A first delivery records it at the
-        // end instead, one statement fewer on the path every job takes.
+        // Claim first on a redelivery, record last otherwise (ARCHITECTURE.md).
         let claimed = match inbox_id {
             Some(id) if meta.redelivered => {
                 if !inbox::claim(&mut tx, id, &meta.job_type).await? {
