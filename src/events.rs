@@ -4,7 +4,7 @@
 //!
 //! Metrics go through the `metrics` facade: without an installed recorder (a
 //! library user who wants none) they cost next to nothing. `txq run` installs the
-//! Prometheus recorder ([`crate::http`]).
+//! Prometheus recorder (`txq::http`, feature `cli`).
 
 use std::time::Duration;
 
