@@ -85,6 +85,11 @@ struct Dead {
 }
 
 async fn publish_dead(client: &Client, dlq: &str, dead: &[Dead]) {
+    publish_dead_replying(client, dlq, dead, None).await;
+}
+
+/// As [`publish_dead`], each with `reply_to` if given.
+async fn publish_dead_replying(client: &Client, dlq: &str, dead: &[Dead], reply_to: Option<&str>) {
     for d in dead {
         let mut h = FieldTable::default();
         let text = |s: &str| AMQPValue::LongString(s.into());
@@ -96,12 +101,15 @@ async fn publish_dead(client: &Client, dlq: &str, dead: &[Dead]) {
         if let Some(q) = &d.original_queue {
             h.insert("x-txq-original-queue".into(), text(q));
         }
-        let props = BasicProperties::default()
+        let mut props = BasicProperties::default()
             .with_message_id(d.id.as_str().into())
             .with_type(d.job_type.into())
             .with_correlation_id(format!("c-{}", d.id).as_str().into())
             .with_delivery_mode(2)
             .with_headers(h);
+        if let Some(r) = reply_to {
+            props = props.with_reply_to(r.into());
+        }
         let body = serde_json::to_vec(&json!({"id": d.id})).expect("JSON");
         let confirm = client
             .channel
@@ -185,7 +193,15 @@ async fn replay_filters_take_only_what_they_name_and_dry_run_changes_nothing() {
         .map(|v| v["message_id"].as_str().unwrap_or("").to_owned())
         .collect();
     assert_eq!(would, ["d-0", "d-2", "d-4", "d-6", "d-8"]);
-    assert_eq!(dry.summary()["replayed"], 5);
+    // The summary says what a dry run did: nothing, and what it would do.
+    let summary = dry.summary();
+    assert_eq!(summary["dry_run"], true, "{summary}");
+    assert_eq!(summary["would_replay"], 5, "{summary}");
+    assert_eq!(summary["replayed"], 0, "{summary}");
+    assert!(
+        dry.stderr.contains("nothing replayed: would replay 5"),
+        "{dry:?}"
+    );
     assert_eq!(client.depth(&queue).await, 0, "dry run published nothing");
     assert_eq!(listed_ids(&queue).await, all, "dry run took nothing");
 
@@ -959,6 +975,8 @@ async fn purge_asks_on_a_terminal_and_a_no_keeps_everything() {
     let (code, out) = purge_on_a_terminal(&queue, "n\n").await;
     assert_eq!(code, Some(5), "{out}");
     assert!(out.contains("purge 5 message(s)"), "{out}");
+    assert!(out.contains("aborted, nothing purged"), "{out}");
+    assert!(!out.contains("purged 0"), "{out}");
     assert_eq!(listed_ids(&queue).await.len(), 10, "declined: all kept");
 
     let (code, out) = purge_on_a_terminal(&queue, "y\n").await;
@@ -1189,7 +1207,8 @@ async fn reading_a_quorum_dlq_with_a_delivery_limit_again_and_again_loses_nothin
     for _ in 0..3 {
         let dry = txq(&queue, &["dlq", "replay", "--dry-run", "--json"]).await;
         assert_eq!(dry.code, Some(1), "d-2 has no original queue: {dry:?}");
-        assert_eq!(dry.summary()["replayed"], 2, "{dry:?}");
+        assert_eq!(dry.summary()["would_replay"], 2, "{dry:?}");
+        assert_eq!(dry.summary()["replayed"], 0, "a dry run: {dry:?}");
         let skip = txq(&queue, &["dlq", "replay", "--id", "d-2", "--json"]).await;
         assert_eq!(skip.code, Some(1), "{skip:?}");
         let show = txq(&queue, &["dlq", "show", "d-1", "--json"]).await;
@@ -1483,4 +1502,184 @@ async fn a_message_whose_headers_cannot_be_decoded_is_purged_and_replay_says_why
     let purge = txq(&queue, &["dlq", "purge", "--unreadable", "--yes"]).await;
     assert_eq!(purge.code, Some(0), "{purge:?}");
     assert_eq!(listed_ids(&queue).await, ["d-0", "d-1"]);
+}
+
+/// Every line of `run`'s stdout, parsed; panics on one that is not JSON.
+fn every_line_json(run: &Run) -> Vec<Value> {
+    assert!(!run.stdout.is_empty(), "no output: {run:?}");
+    run.json_lines()
+}
+
+/// Issue 14 §9: one `--json` convention: JSON lines on stdout and nothing else
+/// there, the summary last, an error as one `{"error":…}` line on stdout.
+#[tokio::test]
+async fn every_json_output_is_json_lines_with_the_summary_or_the_error_last() {
+    let mut client = Client::new().await;
+    let queue = client.queue(&unique("requests")).await;
+
+    // An error: no dead-letter queue yet.
+    let missing = txq(&queue, &["dlq", "list", "--json"]).await;
+    assert_eq!(missing.code, Some(2), "{missing:?}");
+    let lines = every_line_json(&missing);
+    assert_eq!(lines.len(), 1, "{missing:?}");
+    let error = lines[0]["error"].as_str().expect("an error");
+    assert!(error.contains("does not exist"), "{missing:?}");
+
+    let dlq = client.queue(&format!("{queue}.dlq")).await;
+    publish_dead(&client, &dlq, &sample(&queue)).await;
+
+    let list = txq(&queue, &["dlq", "list", "--json"]).await;
+    assert_eq!(list.code, Some(0), "{list:?}");
+    let lines = every_line_json(&list);
+    assert_eq!(lines.len(), 10, "{list:?}");
+    assert!(
+        lines.iter().all(|l| l["message_id"].is_string()),
+        "{list:?}"
+    );
+
+    let group = txq(&queue, &["dlq", "list", "--group", "--json"]).await;
+    assert_eq!(group.code, Some(0), "{group:?}");
+    assert!(every_line_json(&group).iter().all(|l| l["count"].is_u64()));
+
+    let show = txq(&queue, &["dlq", "show", "d-3", "--json"]).await;
+    assert_eq!(show.code, Some(0), "{show:?}");
+    let lines = every_line_json(&show);
+    assert_eq!(lines.len(), 1, "{show:?}");
+    assert_eq!(lines[0]["properties"]["message_id"], "d-3", "{show:?}");
+
+    // Nothing matched (exit 4): an error line, not text.
+    let none = txq(&queue, &["dlq", "show", "nope", "--json"]).await;
+    assert_eq!(none.code, Some(4), "{none:?}");
+    let lines = every_line_json(&none);
+    assert_eq!(lines.len(), 1, "{none:?}");
+    let error = lines[0]["error"].as_str().expect("an error");
+    assert!(error.contains("`nope`") && error.contains(&dlq), "{error}");
+
+    let dry = txq(
+        &queue,
+        &["dlq", "replay", "--type", "odd", "--dry-run", "--json"],
+    )
+    .await;
+    assert_eq!(dry.code, Some(0), "{dry:?}");
+    let lines = every_line_json(&dry);
+    assert_eq!(lines.len(), 6, "five messages and the summary: {dry:?}");
+    assert!(lines[..5].iter().all(|l| l["action"] == "would_replay"));
+    let summary = &lines[5]["summary"];
+    assert_eq!(
+        (&summary["would_replay"], &summary["replayed"]),
+        (&json!(5), &json!(0)),
+        "{summary}"
+    );
+
+    let replay = txq(&queue, &["dlq", "replay", "--type", "odd", "--json"]).await;
+    assert_eq!(replay.code, Some(0), "{replay:?}");
+    let lines = every_line_json(&replay);
+    assert_eq!(lines.len(), 6, "{replay:?}");
+    assert!(lines[..5].iter().all(|l| l["action"] == "replayed"));
+    let summary = &lines[5]["summary"];
+    assert_eq!(
+        (
+            &summary["would_replay"],
+            &summary["replayed"],
+            &summary["dry_run"]
+        ),
+        (&json!(0), &json!(5), &json!(false)),
+        "{summary}"
+    );
+    assert_eq!(client.depth(&queue).await, 5);
+
+    let nothing = txq(&queue, &["dlq", "replay", "--type", "odd", "--json"]).await;
+    assert_eq!(nothing.code, Some(4), "{nothing:?}");
+    let lines = every_line_json(&nothing);
+    assert_eq!(lines.len(), 1, "{nothing:?}");
+    assert_eq!(lines[0]["summary"]["matched"], 0, "{nothing:?}");
+
+    let purge = txq(&queue, &["dlq", "purge", "--yes", "--json"]).await;
+    assert_eq!(purge.code, Some(0), "{purge:?}");
+    let lines = every_line_json(&purge);
+    assert_eq!(lines.len(), 1, "{purge:?}");
+    assert_eq!(lines[0]["summary"]["purged"], 5, "{purge:?}");
+
+    // Without --yes and without a terminal: an error line, exit 2.
+    let refused = txq(&queue, &["dlq", "purge", "--json"]).await;
+    assert_eq!(refused.code, Some(2), "{refused:?}");
+    let lines = every_line_json(&refused);
+    assert!(
+        lines[0]["error"]
+            .as_str()
+            .expect("an error")
+            .contains("--yes")
+    );
+}
+
+/// Issue 14 §10: a replayed message whose reply_to queue is gone (the
+/// exclusive queue of a `txq submit --wait` that ended) is replayed, and the
+/// operator is told its reply will be dropped; a live reply queue and direct
+/// reply-to (which cannot be checked) get no warning.
+#[tokio::test]
+async fn replaying_a_message_whose_reply_queue_is_gone_warns_that_its_reply_is_dropped() {
+    let mut client = Client::new().await;
+    let queue = client.queue(&unique("requests")).await;
+    let dlq = client.queue(&format!("{queue}.dlq")).await;
+    let live = client.queue(&unique("replies")).await;
+    let gone = unique("gone-replies");
+    let one = |id: &str| {
+        vec![Dead {
+            id: id.into(),
+            job_type: "even",
+            kind: "database_error",
+            error: "boom".into(),
+            original_queue: Some(queue.clone()),
+        }]
+    };
+    publish_dead_replying(&client, &dlq, &one("to-gone"), Some(&gone)).await;
+    publish_dead_replying(&client, &dlq, &one("to-live"), Some(&live)).await;
+    let direct = format!(
+        "{}.g1h2AA5yZXBseUAxAAAAAA==",
+        txq::tools::submit::DIRECT_REPLY_TO
+    );
+    publish_dead_replying(&client, &dlq, &one("to-direct"), Some(&direct)).await;
+    publish_dead_replying(&client, &dlq, &one("to-gone-too"), Some(&gone)).await;
+
+    let warned = |lines: &[Value]| -> Vec<String> {
+        lines
+            .iter()
+            .filter(|l| l.get("warning").is_some())
+            .map(|l| {
+                let w = l["warning"].as_str().expect("a warning text");
+                assert!(w.contains(&gone) && w.contains("dropped"), "{w}");
+                l["message_id"].as_str().expect("message_id").to_owned()
+            })
+            .collect()
+    };
+
+    let dry = txq(&queue, &["dlq", "replay", "--dry-run", "--json"]).await;
+    assert_eq!(dry.code, Some(0), "{dry:?}");
+    let lines = dry.json_lines();
+    assert_eq!(warned(&lines), ["to-gone", "to-gone-too"], "{dry:?}");
+    assert_eq!(dry.summary()["reply_to_gone"], 2, "{dry:?}");
+
+    let text = txq(&queue, &["dlq", "replay", "--id", "to-gone", "to-live"]).await;
+    assert_eq!(text.code, Some(0), "{text:?}");
+    let warnings: Vec<&str> = text
+        .stderr
+        .lines()
+        .filter(|l| l.contains("warning"))
+        .collect();
+    assert_eq!(
+        warnings.len(),
+        2,
+        "one for the message, one in the counts: {text:?}"
+    );
+    assert!(
+        warnings[0].contains("to-gone") && warnings[0].contains("will be dropped"),
+        "{text:?}"
+    );
+    assert!(!text.stderr.contains("to-live"), "{text:?}");
+
+    // Still replayed: the request runs, only its reply has nowhere to go.
+    let replay = txq(&queue, &["dlq", "replay", "--json"]).await;
+    assert_eq!(replay.code, Some(0), "{replay:?}");
+    assert_eq!(warned(&replay.json_lines()), ["to-gone-too"], "{replay:?}");
+    assert_eq!(client.depth(&queue).await, 4, "all four replayed");
 }

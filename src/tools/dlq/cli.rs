@@ -155,10 +155,7 @@ pub async fn run(config: &Config, args: DlqArgs) -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             if json {
-                note(format_args!(
-                    "{}",
-                    serde_json::json!({ "error": e.to_string() })
-                ));
+                print_error(&e.to_string());
             } else {
                 note(format_args!("txq: {e}"));
             }
@@ -248,10 +245,12 @@ async fn run_command(config: &Config, args: DlqArgs) -> Result<u8, DlqError> {
             })
             .await?;
             if counts.matched == 0 {
-                note(format_args!(
-                    "no message with message_id `{id}` in `{}`",
-                    target.dlq
-                ));
+                let error = format!("no message with message_id `{id}` in `{}`", target.dlq);
+                if json {
+                    print_error(&error);
+                } else {
+                    note(format_args!("txq: {error}"));
+                }
                 return Ok(exit::NO_MATCH);
             }
             Ok(exit::OK)
@@ -273,16 +272,28 @@ async fn run_command(config: &Config, args: DlqArgs) -> Result<u8, DlqError> {
             if json {
                 print_json(&serde_json::json!({ "summary": report })).map_err(DlqError::Output)?;
             }
-            let verb = if dry_run { "would replay" } else { "replayed" };
+            let (verb, n) = if dry_run {
+                (
+                    "dry run, nothing replayed: would replay",
+                    report.would_replay,
+                )
+            } else {
+                ("replayed", report.replayed)
+            };
             note(format_args!(
-                "{verb} {}, skipped {}, of {} selected ({} scanned, {} in `{}` at the start)",
-                report.replayed,
+                "{verb} {n}, skipped {}, of {} selected ({} scanned, {} in `{}` at the start)",
                 report.skipped,
                 report.counts.matched,
                 report.counts.scanned,
                 report.counts.depth,
                 target.dlq
             ));
+            if report.reply_to_gone > 0 {
+                note(format_args!(
+                    "warning: {} of them have a reply_to queue that no longer exists: their replies will be dropped",
+                    report.reply_to_gone
+                ));
+            }
             note_counts(&report.counts);
             Ok(if report.counts.matched == 0 {
                 exit::NO_MATCH
@@ -319,10 +330,17 @@ async fn run_command(config: &Config, args: DlqArgs) -> Result<u8, DlqError> {
             if json {
                 print_json(&serde_json::json!({ "summary": report })).map_err(DlqError::Output)?;
             }
-            note(format_args!(
-                "purged {} of {} selected ({} in `{}` at the start)",
-                report.purged, report.counts.matched, report.counts.depth, target.dlq
-            ));
+            if report.counts.matched > 0 && !report.confirmed {
+                note(format_args!(
+                    "aborted, nothing purged ({} selected, {} in `{}` at the start)",
+                    report.counts.matched, report.counts.depth, target.dlq
+                ));
+            } else {
+                note(format_args!(
+                    "purged {} of {} selected ({} in `{}` at the start)",
+                    report.purged, report.counts.matched, report.counts.depth, target.dlq
+                ));
+            }
             note_counts(&report.counts);
             Ok(if report.counts.matched == 0 {
                 exit::NO_MATCH
@@ -360,6 +378,12 @@ fn out(line: std::fmt::Arguments<'_>) -> std::io::Result<()> {
 /// says how it went.
 fn note(line: std::fmt::Arguments<'_>) {
     let _ = writeln!(std::io::stderr().lock(), "{line}");
+}
+
+/// `--json`'s error: one `{"error":…}` line on stdout (the exit code says what
+/// kind). If stdout is closed there is no one left to tell.
+fn print_error(error: &str) {
+    let _ = print_json(&serde_json::json!({ "error": error }));
 }
 
 fn print_json(value: &impl serde::Serialize) -> std::io::Result<()> {
@@ -471,22 +495,37 @@ fn print_full(m: &DeadLetter) -> std::io::Result<()> {
 }
 
 fn print_event(json: bool, event: &ReplayEvent<'_>) -> std::io::Result<()> {
-    let (action, m, to, reason) = match event {
-        ReplayEvent::Replayed { message, to } => ("replayed", message, Some(*to), None),
-        ReplayEvent::WouldReplay { message, to } => ("would_replay", message, Some(*to), None),
-        ReplayEvent::Skipped { message, reason } => ("skipped", message, None, Some(reason)),
+    let (action, m, to, reason, warning) = match event {
+        ReplayEvent::Replayed {
+            message,
+            to,
+            warning,
+        } => ("replayed", message, Some(*to), None, *warning),
+        ReplayEvent::WouldReplay {
+            message,
+            to,
+            warning,
+        } => ("would_replay", message, Some(*to), None, *warning),
+        ReplayEvent::Skipped { message, reason } => ("skipped", message, None, Some(reason), None),
     };
+    let id = m.message_id.as_deref().unwrap_or("-");
     if json {
-        print_json(&serde_json::json!({
+        let mut line = serde_json::json!({
             "action": action,
             "message_id": m.message_id,
             "type": m.job_type,
             "error_kind": m.error_kind,
             "to": to,
             "reason": reason,
-        }))
+        });
+        if let Some(w) = warning {
+            line["warning"] = w.into();
+        }
+        print_json(&line)
     } else {
-        let id = m.message_id.as_deref().unwrap_or("-");
+        if let Some(w) = warning {
+            note(format_args!("txq: warning: {id}: {w}"));
+        }
         match (to, reason) {
             (Some(to), _) => out(format_args!("{action} {id} -> {to}")),
             (None, Some(reason)) => out(format_args!("{action} {id}: {reason}")),

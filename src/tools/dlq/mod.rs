@@ -20,7 +20,10 @@ mod message;
 mod scan;
 mod wire;
 
+use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
+
+use crate::tools::submit::DIRECT_REPLY_TO;
 
 pub use filter::{Filter, Group, Grouper, fingerprint};
 pub use message::{DeadLetter, Origin, Summary, replay_headers, table_json};
@@ -202,6 +205,9 @@ pub enum ReplayEvent<'a> {
         message: &'a DeadLetter,
         /// The queue.
         to: &'a str,
+        /// What the operator should know: its `reply_to` queue is gone, so its
+        /// reply will be dropped.
+        warning: Option<&'a str>,
     },
     /// `--dry-run`: would be republished to `to`.
     WouldReplay {
@@ -209,6 +215,8 @@ pub enum ReplayEvent<'a> {
         message: &'a DeadLetter,
         /// The queue.
         to: &'a str,
+        /// As for `Replayed`.
+        warning: Option<&'a str>,
     },
     /// Left in the dead-letter queue.
     Skipped {
@@ -225,8 +233,15 @@ pub struct ReplayReport {
     /// What it looked at.
     #[serde(flatten)]
     pub counts: Counts,
-    /// Republished and removed (or, with `--dry-run`, would have been).
+    /// Whether this was a `--dry-run` (which changes nothing).
+    pub dry_run: bool,
+    /// Republished and removed (0 with `--dry-run`).
     pub replayed: u64,
+    /// With `--dry-run`, what would have been republished and removed (0 without).
+    pub would_replay: u64,
+    /// Of the replayed (or would-be replayed), those whose `reply_to` queue no
+    /// longer exists: their replies will be dropped.
+    pub reply_to_gone: u64,
     /// Selected but left in the dead-letter queue (no known original queue, one
     /// that is not a queue name, or the target queue does not exist).
     pub skipped: u64,
@@ -252,8 +267,11 @@ pub async fn replay(
     let mut scan = Scan::open(&target.amqp_url, &target.dlq).await?;
     let mut report = ReplayReport {
         counts: Counts::new(&scan),
+        dry_run: options.dry_run,
         ..ReplayReport::default()
     };
+    // By reply_to queue: the warning for its messages, if it is gone.
+    let mut reply_checks: HashMap<String, Option<String>> = HashMap::new();
     let mut pace = options.rate.map(|r| {
         let mut i = tokio::time::interval(Duration::from_secs_f64(1.0 / r));
         i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -284,11 +302,16 @@ pub async fn replay(
                     continue;
                 }
             };
+            let warning = reply_to_warning(&mut scan, &mut reply_checks, m).await?;
+            if warning.is_some() {
+                report.reply_to_gone += 1;
+            }
             if options.dry_run {
-                report.replayed += 1;
+                report.would_replay += 1;
                 let said = on_event(ReplayEvent::WouldReplay {
                     message: m,
                     to: &to,
+                    warning: warning.as_deref(),
                 });
                 scan.keep(taken).await?;
                 said.map_err(DlqError::Output)?;
@@ -325,6 +348,7 @@ pub async fn replay(
             on_event(ReplayEvent::Replayed {
                 message: m,
                 to: &to,
+                warning: warning.as_deref(),
             })
             .map_err(DlqError::Output)?;
         }
@@ -333,6 +357,33 @@ pub async fn replay(
     .await;
     settle(scan, result).await?;
     Ok(report)
+}
+
+/// Why `m`'s reply will be lost, if it will: its `reply_to` is a queue that no
+/// longer exists (the exclusive queue of a finished `txq submit --wait`, say),
+/// so the worker's reply goes nowhere. Direct reply-to cannot be checked (its
+/// channel is gone or not, no declare says which). One check a queue name.
+async fn reply_to_warning(
+    scan: &mut Scan,
+    checked: &mut HashMap<String, Option<String>>,
+    m: &DeadLetter,
+) -> Result<Option<String>, DlqError> {
+    let Some(reply_to) = m.properties.reply_to().as_ref().map(|r| r.to_string()) else {
+        return Ok(None);
+    };
+    if reply_to.is_empty() || reply_to.starts_with(DIRECT_REPLY_TO) {
+        return Ok(None);
+    }
+    if let Some(known) = checked.get(&reply_to) {
+        return Ok(known.clone());
+    }
+    let warning = (scan.queue_exists(&reply_to).await? == Some(false)).then(|| {
+        format!(
+            "its reply_to queue `{reply_to}` does not exist (any more): its reply will be dropped"
+        )
+    });
+    checked.insert(reply_to, warning.clone());
+    Ok(warning)
 }
 
 /// What `purge` did.

@@ -106,6 +106,9 @@ pub struct Scan {
     acked: u32,
     /// Messages copied back to the tail (Rotate).
     rotated: u64,
+    /// The channel of [`queue_exists`](Self::queue_exists)'s passive declares,
+    /// while the broker has not closed it.
+    probe: Option<Chan>,
 }
 
 impl std::fmt::Debug for Scan {
@@ -196,6 +199,7 @@ impl Scan {
             kept: Vec::new(),
             acked: 0,
             rotated: 0,
+            probe: None,
         })
     }
 
@@ -280,6 +284,36 @@ impl Scan {
             Ok(Published::Confirmed) => Ok(PublishOutcome::Confirmed),
             Ok(Published::Returned(text)) => Ok(PublishOutcome::Returned(text)),
             Ok(Published::Nacked) => Err(DlqError::Nacked(queue.to_owned())),
+            Err(e) => Err(self.fail(e)),
+        }
+    }
+
+    /// Whether `queue` exists (a passive declare); `None` if that cannot be told
+    /// (no channel left, a name AMQP cannot carry, an answer other than
+    /// not-found, such as another connection's exclusive queue: 405).
+    pub async fn queue_exists(&mut self, queue: &str) -> Result<Option<bool>, DlqError> {
+        if queue.is_empty() || lapin::types::ShortString::try_new(queue).is_err() {
+            return Ok(None);
+        }
+        let mut probe = match self.probe.take() {
+            Some(p) => p,
+            None => match self.wire.channel().await {
+                Ok(p) => p,
+                Err(e) if e.is_connection_lost() || self.wire.is_lost() => {
+                    return Err(self.fail(e));
+                }
+                // Out of channels: the question stays open.
+                Err(_) => return Ok(None),
+            },
+        };
+        match probe.declare(queue, true, FieldTable::default()).await {
+            Ok(_) => {
+                self.probe = Some(probe);
+                Ok(Some(true))
+            }
+            // The broker closed the probe channel; the next check opens another.
+            Err(e) if e.channel_code() == Some(404) => Ok(Some(false)),
+            Err(e) if e.channel_code().is_some() => Ok(None),
             Err(e) => Err(self.fail(e)),
         }
     }
