@@ -524,7 +524,8 @@ struct SubmitArgs {
     /// Skip the lines --output already has a reply for, and append to it
     #[arg(long, requires = "output")]
     resume: bool,
-    /// Summary (and errors) as one JSON object on stderr; no periodic counts
+    /// Summary (or error) as the last line of stdout, {"summary":…} or
+    /// {"error":…}; no periodic counts
     #[arg(long)]
     json: bool,
     /// No progress bar or periodic counts
@@ -560,10 +561,15 @@ async fn submit(config: &Config, args: SubmitArgs) -> ExitCode {
             ProgressMode::Auto
         },
     };
+    // `--json`: stdout carries JSON lines only, the summary (or the error) last;
+    // a closed stdout leaves the exit code to tell.
+    let json_line = |value: serde_json::Value| {
+        let _ = out(value);
+    };
     match submit::submit(config, &options).await {
         Ok(summary) => {
             if args.json {
-                eprintln!("{}", serde_json::json!(summary));
+                json_line(serde_json::json!({ "summary": summary }));
             } else {
                 eprintln!("txq submit: {summary}");
             }
@@ -571,7 +577,7 @@ async fn submit(config: &Config, args: SubmitArgs) -> ExitCode {
         }
         Err(e) => {
             if args.json {
-                eprintln!("{}", serde_json::json!({"error": e.to_string()}));
+                json_line(serde_json::json!({ "error": e.to_string() }));
             } else if e.exit_code() == submit::exit::BROKER {
                 eprintln!(
                     "txq submit: {e}\n(running the same input again is safe: the inbox answers what was done)"

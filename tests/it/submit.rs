@@ -50,8 +50,10 @@ struct Run {
     code: i32,
     /// The records on stdout (or read back from `--output`).
     records: Vec<Value>,
-    /// The `--json` summary (`{"error":…}` on errors).
+    /// The `--json` summary: the object of the last stdout line
+    /// `{"summary":…}`, or that line itself if it is `{"error":…}`.
     summary: Value,
+    stdout: String,
     stderr: String,
 }
 
@@ -113,21 +115,60 @@ async fn submit_with(amqp: &str, requests: &str, replies: &str, args: &[&str]) -
         .expect("running txq submit");
     let stdout = String::from_utf8(out.stdout).expect("UTF-8 stdout");
     let stderr = String::from_utf8(out.stderr).expect("UTF-8 stderr");
-    let records = stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("record {l:?}: {e}")))
-        .collect();
-    let summary = stderr
-        .lines()
-        .rev()
-        .find_map(|l| serde_json::from_str(l).ok())
-        .unwrap_or(Value::Null);
+    let (records, summary) = split_json_output(&stdout);
     Run {
         code: out.status.code().expect("exited, not killed"),
         records,
         summary,
+        stdout,
         stderr,
     }
+}
+
+/// `--json`'s stdout: every line JSON; the records, then one last line
+/// `{"summary":…}` or `{"error":…}` (its object, or `Null` if there is none).
+fn split_json_output(stdout: &str) -> (Vec<Value>, Value) {
+    let mut records: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l:?}: {e}")))
+        .collect();
+    let last = records
+        .last()
+        .and_then(|l| match (l.get("summary"), l.get("error")) {
+            (Some(summary), None) => Some(summary.clone()),
+            (None, Some(_)) => Some(l.clone()),
+            _ => None,
+        });
+    if last.is_some() {
+        records.pop();
+    }
+    for r in &records {
+        assert!(
+            r.get("summary").is_none() && r.get("error").is_none(),
+            "a summary or error before the last line: {stdout}"
+        );
+    }
+    (records, last.unwrap_or(Value::Null))
+}
+
+/// Until the worker consumes `queue` (it starts to in the background).
+async fn wait_for_a_consumer(client: &Client, queue: &str) {
+    crate::support::eventually("a consumer on the request queue", || async {
+        let declared = client
+            .channel
+            .queue_declare(
+                queue.into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("passive declare");
+        (declared.consumer_count() > 0).then_some(())
+    })
+    .await;
 }
 
 /// Records in an output file; unreadable lines are counted, not parsed.
@@ -525,6 +566,7 @@ async fn ordered_output_follows_the_input_and_direct_reply_to_works() {
             .database(test_db.db.clone()),
     )
     .await;
+    wait_for_a_consumer(&client, &requests).await;
     let scratch = Scratch::new();
     // Line 1 takes a second, the others none: its reply comes last.
     let naps: Vec<Value> = (1..=20)
@@ -548,6 +590,11 @@ async fn ordered_output_follows_the_input_and_direct_reply_to_works() {
     )
     .await;
     assert_eq!(unordered.code, 0, "{}", unordered.stderr);
+    assert!(
+        !unordered.stderr.contains("no consumer"),
+        "a worker consumes: {}",
+        unordered.stderr
+    );
     assert_eq!(unordered.summary, summary(20, 20, 0, 0, 0));
     assert_eq!(
         unordered.lines().last(),
@@ -604,6 +651,13 @@ async fn without_a_worker_every_request_times_out() {
     assert!(
         started.elapsed() < Duration::from_secs(30),
         "the timeout ended it"
+    );
+    assert!(
+        run.stderr.contains(&format!(
+            "no consumer on `{requests}`: the replies will wait for a worker"
+        )),
+        "{}",
+        run.stderr
     );
     assert_eq!(run.summary, summary(5, 0, 0, 0, 5));
     assert_eq!(run.lines(), [1, 2, 3, 4, 5]);
@@ -729,11 +783,9 @@ async fn a_bad_line_is_named_and_nothing_is_published() {
     )
     .await;
     assert_eq!(unwritable.code, 2, "{}", unwritable.stderr);
-    assert!(
-        unwritable.stderr.contains("no/such/dir/out.jsonl"),
-        "{}",
-        unwritable.stderr
-    );
+    let error = unwritable.summary["error"].as_str().expect("an error");
+    assert!(error.contains("no/such/dir/out.jsonl"), "{error}");
+    assert!(unwritable.records.is_empty(), "{}", unwritable.stdout);
     assert_eq!(
         client.depth(&requests).await,
         0,
@@ -742,11 +794,9 @@ async fn a_bad_line_is_named_and_nothing_is_published() {
 
     let missing = submit(&requests, &replies, &["no/such/file.jsonl"]).await;
     assert_eq!(missing.code, 2, "{}", missing.stderr);
-    assert!(
-        missing.stderr.contains("no/such/file.jsonl"),
-        "{}",
-        missing.stderr
-    );
+    let error = missing.summary["error"].as_str().expect("an error");
+    assert!(error.contains("no/such/file.jsonl"), "{error}");
+    assert!(missing.records.is_empty(), "{}", missing.stdout);
 }
 
 #[tokio::test]
@@ -765,6 +815,7 @@ async fn an_unreachable_broker_is_a_clear_error_without_the_password() {
     let error = run.summary["error"].as_str().expect("an error message");
     assert!(error.contains("127.0.0.1:1"), "{error}");
     assert!(!run.stderr.contains("hunter2"), "{}", run.stderr);
+    assert!(!run.stdout.contains("hunter2"), "{}", run.stdout);
 }
 
 #[tokio::test]
@@ -804,11 +855,17 @@ async fn a_lost_connection_stops_the_run_and_running_again_answers_everything_on
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(out.stdout.is_empty(), "no request was answered");
+    let stdout = String::from_utf8(out.stdout).expect("UTF-8 stdout");
+    let (records, error) = split_json_output(&stdout);
+    assert!(records.is_empty(), "no request was answered: {stdout}");
+    let error = error["error"].as_str().expect("an error line");
+    assert!(error.starts_with("rabbitmq"), "{error}");
     let stderr = String::from_utf8_lossy(&out.stderr);
     eprintln!("{stderr}");
-    assert!(stderr.contains("\"error\":\"rabbitmq"), "{stderr}");
-    assert_eq!(stderr.lines().count(), 1, "only the error object: {stderr}");
+    // No log line either: only the warning that no worker was there yet.
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "only the no-consumer warning: {stderr}");
+    assert!(lines[0].contains("no consumer on"), "{stderr}");
 
     let worker = bank_worker(&test_db, &requests, &replies, 4).await;
     let again = submit(&requests, &replies, &["--wait", input]).await;
@@ -877,5 +934,114 @@ async fn checking_a_big_batch_takes_memory_near_its_size() {
     assert!(
         peak < limit,
         "peak RSS {peak} bytes for {size} bytes of input, {N} lines; at most {limit} expected"
+    );
+}
+
+/// Issue 14 §10: `--wait` with no worker on the queue says so at once, not
+/// after its timeout; it still publishes and waits, and a worker started then
+/// answers.
+#[tokio::test]
+async fn wait_without_a_consumer_says_so_at_once_and_still_waits() {
+    use tokio::io::AsyncBufReadExt as _;
+    let (test_db, client, requests, replies) = bank_env(Backend::Postgres, 2).await;
+    let scratch = Scratch::new();
+    let input = scratch.file("jobs.jsonl", &noops(1..=3));
+    let mut child = submit_command(
+        &amqp_url(),
+        &requests,
+        &replies,
+        &["--wait", "--timeout", "5m", input.to_str().expect("path")],
+    )
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .expect("spawning txq submit");
+    let mut stderr = tokio::io::BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let first = tokio::time::timeout(Duration::from_secs(60), stderr.next_line())
+        .await
+        .expect("a warning long before the 5 minute timeout")
+        .expect("stderr")
+        .expect("a line");
+    assert_eq!(
+        first,
+        format!(
+            "txq submit: warning: no consumer on `{requests}`: the replies will wait for a worker"
+        )
+    );
+    assert!(
+        child.try_wait().expect("child").is_none(),
+        "still waiting for the replies"
+    );
+    // It published and waits: a worker started now answers this same run.
+    let worker = bank_worker(&test_db, &requests, &replies, 2).await;
+    let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await
+        .expect("the run ends once answered")
+        .expect("output");
+    worker.stop().await.expect("clean stop");
+    assert_eq!(out.status.code(), Some(0));
+    let (records, summary) = split_json_output(&String::from_utf8(out.stdout).expect("UTF-8"));
+    assert_eq!(records.len(), 3);
+    assert_eq!(summary, self::summary(3, 3, 0, 0, 0));
+    assert!(
+        stderr.next_line().await.expect("stderr").is_none(),
+        "nothing else on stderr"
+    );
+    drop(client);
+}
+
+/// Issue 14 §9: `--json` stdout is JSON lines only, the summary last as
+/// `{"summary":…}`: with `--wait` after the replies, without it alone.
+#[tokio::test]
+async fn json_output_is_json_lines_with_the_summary_last() {
+    let (test_db, client, requests, replies) = bank_env(Backend::Postgres, 2).await;
+    let scratch = Scratch::new();
+    let input = scratch.file("jobs.jsonl", &noops(1..=4));
+    let input = input.to_str().expect("path");
+
+    let published = submit(&requests, &replies, &[input]).await;
+    assert_eq!(published.code, 0, "{}", published.stderr);
+    let lines: Vec<Value> = published
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    let fire_and_forget = json!({
+        "total": 4, "skipped": 0, "published": 4, "waited": false,
+        "ok": 0, "rejected": 0, "failed": 0, "timed_out": 0, "duplicate": 0,
+    });
+    assert_eq!(lines, [json!({ "summary": fire_and_forget })]);
+    assert_eq!(published.stderr, "", "nothing but JSON, and that on stdout");
+    assert_eq!(client.depth(&requests).await, 4);
+
+    let worker = bank_worker(&test_db, &requests, &replies, 2).await;
+    let waited = submit(&requests, &replies, &["--wait", "--ordered", input]).await;
+    worker.stop().await.expect("clean stop");
+    assert_eq!(waited.code, 0, "{}", waited.stderr);
+    let lines: Vec<Value> = waited
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    assert_eq!(
+        lines.len(),
+        5,
+        "four replies and the summary: {}",
+        waited.stdout
+    );
+    for (i, r) in lines[..4].iter().enumerate() {
+        assert_eq!(r["line"], i + 1, "{r}");
+        assert_eq!(r["status"], "ok", "{r}");
+    }
+    let summary = &lines[4]["summary"];
+    assert_eq!(
+        (
+            &summary["total"],
+            &summary["published"],
+            &summary["ok"],
+            &summary["waited"]
+        ),
+        (&json!(4), &json!(4), &json!(4), &json!(true)),
+        "{summary}"
     );
 }

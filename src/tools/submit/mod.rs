@@ -334,7 +334,8 @@ impl fmt::Display for Summary {
 }
 
 /// Publishes, and with `options.wait` collects the replies. Prints nothing but
-/// progress; the caller prints the returned summary.
+/// progress and, with `--wait`, a warning on stderr when the request queue has
+/// no consumer; the caller prints the returned summary.
 pub async fn submit(config: &Config, options: &SubmitOptions) -> Result<Summary, SubmitError> {
     let batch = load_batch(options)?;
     let answered = match &options.wait {
@@ -441,6 +442,9 @@ async fn run(
             BrokerError::InvalidName(_) => SubmitError::Topology(Box::new(e)),
             _ => e.into(),
         })?;
+    if options.wait.is_some() {
+        warn_if_no_consumer(&channel, &config.queue).await?;
+    }
     let no_ack = BasicConsumeOptions {
         no_ack: true,
         ..BasicConsumeOptions::default()
@@ -533,6 +537,29 @@ async fn run(
     }
     let _ = tokio::time::timeout(limit, channel.close(200, "done".into())).await;
     result
+}
+
+/// Says at once on stderr when no worker consumes `queue`: `--wait` would
+/// otherwise look stuck until its timeout. The requests are published all the
+/// same (a worker started later answers them while this run still waits).
+async fn warn_if_no_consumer(channel: &Channel, queue: &str) -> Result<(), SubmitError> {
+    let declared = channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    if declared.consumer_count() == 0 {
+        let _ = writeln!(
+            io::stderr().lock(),
+            "txq submit: warning: no consumer on `{queue}`: the replies will wait for a worker"
+        );
+    }
+    Ok(())
 }
 
 /// Publishes every request with at most `window` unconfirmed, then reports when
