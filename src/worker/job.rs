@@ -20,11 +20,11 @@ use crate::handler::{DynHandler, JobError, JobMeta, Payload, error_chain};
 const TIMEOUT_MARGIN: Duration = Duration::from_millis(500);
 
 /// How one attempt ended, short of an error.
-enum Done {
+enum Done<'a> {
     /// Committed; the `ok` reply body.
     Committed(Vec<u8>),
-    /// Another delivery of the same message_id committed first.
-    Duplicate,
+    /// Another delivery of this message_id committed first.
+    Duplicate(&'a str),
 }
 
 /// Why one attempt did not commit.
@@ -53,53 +53,19 @@ pub(crate) async fn execute(
     body: &[u8],
     redelivered: bool,
 ) -> Outcome {
-    let failed = |kind, message| Outcome::Failed { kind, message };
-    if body.len() > ctx.max_body_bytes {
-        return failed(
-            FailureKind::BodyTooLarge,
-            format!(
-                "body of {} bytes exceeds max_body_bytes {}",
-                body.len(),
-                ctx.max_body_bytes
-            ),
-        );
-    }
-    let Some(job_type) = env.job_type.as_deref() else {
-        return failed(
-            FailureKind::MissingType,
-            "the request has no `type` property and the queue has no default type".into(),
-        );
-    };
-    let (Some(handler), Some(spec)) = (ctx.registry.get(job_type), ctx.specs.get(job_type)) else {
-        let mut known: Vec<&str> = ctx.registry.job_types().collect();
-        known.sort_unstable();
-        return failed(
-            FailureKind::UnknownType,
-            format!(
-                "unknown job type `{job_type}` (this worker handles: {})",
-                known.join(", ")
-            ),
-        );
-    };
-    // Decoded before a connection is taken: bad input must not cost a transaction.
-    let mut decoded = match handler.decode(body) {
-        Ok(payload) => Some(payload),
-        Err(e) => {
-            return failed(
-                json_failure_kind(&e),
-                format!("payload for `{job_type}`: {e}"),
-            );
-        }
+    let job = match prepare(ctx, env, body) {
+        Ok(job) => job,
+        Err(outcome) => return outcome,
     };
     let inbox_id = env.message_id.as_deref().filter(|_| ctx.inbox);
     if env.message_id.is_none() {
         // No idempotency key: processed at least once, not exactly once.
-        metrics::counter!("txq_requests_without_message_id_total", "type" => job_type.to_owned())
+        metrics::counter!("txq_requests_without_message_id_total", "type" => job.job_type.to_owned())
             .increment(1);
         debug!("request without message_id: no deduplication");
     }
     let mut meta = JobMeta {
-        job_type: job_type.to_owned(),
+        job_type: job.job_type.to_owned(),
         message_id: env.message_id.clone(),
         correlation_id: env.correlation_id.clone(),
         attempt: 0,
@@ -107,111 +73,209 @@ pub(crate) async fn execute(
         redelivered,
         traceparent: env.outgoing_traceparent(),
     };
-    let max = ctx.retry.in_process_attempts;
-    for attempt in 1..=max {
+    let last = ctx.retry.in_process_attempts;
+    let mut decoded = Some(job.payload);
+    let mut attempt = 1;
+    loop {
         meta.attempt = attempt;
         // A payload is consumed by its attempt; retries decode the body again
         // (it decoded once, and decoding is deterministic).
-        let payload = match decoded.take().map_or_else(|| handler.decode(body), Ok) {
+        let payload = match decoded.take().map_or_else(|| job.handler.decode(body), Ok) {
             Ok(p) => p,
             Err(e) => return failed(json_failure_kind(&e), e.to_string()),
         };
-        let mut error =
-            match attempt_once(ctx, handler.as_ref(), spec, inbox_id, payload, &meta).await {
-                Ok(Done::Committed(body)) => {
-                    return Outcome::Finished {
-                        status: Status::Ok,
-                        body,
-                        duplicate: false,
-                    };
-                }
-                Ok(Done::Duplicate) => match inbox_id {
-                    Some(id) => match stored_reply(ctx, id).await {
-                        Ok(outcome) => return outcome,
-                        Err(e) => AttemptError::from(e),
-                    },
-                    None => continue,
-                },
-                Err(e) => e,
-            };
-        // The inbox protocol (ARCHITECTURE.md, "Effects happen once"): an error of
-        // a job whose id has a row is answered from the row; a failed lookup
-        // makes the attempt transient.
-        if let Some(id) = inbox_id
-            && !matches!(error, AttemptError::Job(JobError::Rejected { .. }))
-        {
-            match inbox::lookup(&ctx.db, id).await {
-                Ok(Some(stored)) => return answered(stored),
-                Ok(None) => {}
-                // An unknown commit stays unknown; anything else without an
-                // answer from the inbox becomes transient.
-                Err(_) if matches!(error, AttemptError::CommitUnknown(_)) => {}
-                Err(e) => error = AttemptError::from(e),
+        let done = attempt_once(
+            ctx,
+            job.handler.as_ref(),
+            job.spec,
+            inbox_id,
+            payload,
+            &meta,
+        );
+        let error = match done.await {
+            Ok(Done::Committed(body)) => {
+                return Outcome::Finished {
+                    status: Status::Ok,
+                    body,
+                    duplicate: false,
+                };
             }
-        }
-        let (reason, message) = match error {
-            AttemptError::Panicked(message) => {
-                return failed(FailureKind::Panic, format!("handler panicked: {message}"));
-            }
-            AttemptError::TimedOut(limit) => (
-                TransientReason::Timeout,
-                format!("the job ran past its timeout of {limit:?}"),
-            ),
-            AttemptError::ReplyTooLarge(size) => {
-                return failed(
-                    FailureKind::ReplyTooLarge,
-                    format!(
-                        "the reply of {size} bytes exceeds max_reply_bytes {}; nothing was committed",
-                        ctx.max_reply_bytes
-                    ),
-                );
-            }
-            // It may have committed: never answer `failed` for it. Another attempt
-            // is safe (the inbox key makes it wait for, then see, a late commit).
-            AttemptError::CommitUnknown(message) if attempt == max => {
-                return Outcome::Unresolved { message };
-            }
-            AttemptError::CommitUnknown(message) => (TransientReason::Connection, message),
-            AttemptError::Job(JobError::Rejected { code, message }) => {
-                return rejected(ctx, inbox_id, job_type, &code, &message, env.attempt).await;
-            }
-            AttemptError::Job(JobError::Database(e)) => match ctx.db.classify(&e) {
-                ErrorClass::Transient(reason) => (reason, format!("database: {e}")),
-                ErrorClass::Permanent => {
-                    return failed(FailureKind::DatabaseError, format!("database: {e}"));
-                }
+            Ok(Done::Duplicate(id)) => match stored_reply(ctx, id).await {
+                Ok(outcome) => return outcome,
+                Err(e) => AttemptError::from(e),
             },
-            AttemptError::Job(JobError::Transient(e)) => {
-                (TransientReason::Handler, error_chain(e.as_ref()))
-            }
-            AttemptError::Job(JobError::Permanent(e)) => {
-                return failed(FailureKind::HandlerError, error_chain(e.as_ref()));
-            }
+            Err(e) => match answer_from_inbox(ctx, inbox_id, e).await {
+                Ok(error) => error,
+                Err(answer) => return answer,
+            },
         };
-        if attempt == max {
-            return Outcome::Transient { reason, message };
-        }
+        let verdict = judge(
+            ctx,
+            job.job_type,
+            inbox_id,
+            env.attempt,
+            error,
+            attempt == last,
+        );
+        let (reason, message) = match verdict.await {
+            Ok(retry) => retry,
+            Err(outcome) => return outcome,
+        };
         crate::events::transaction_retry(reason, attempt, &message);
         ctx.health.count_retry();
         tokio::time::sleep(backoff(ctx.retry.base_delay, ctx.retry.max_delay, attempt)).await;
+        attempt += 1;
     }
-    // `in_process_attempts` is at least 1 (validated), so the loop always returns.
-    Outcome::Transient {
-        reason: TransientReason::Handler,
-        message: "no attempt was made".into(),
+}
+
+fn failed(kind: FailureKind, message: String) -> Outcome {
+    Outcome::Failed { kind, message }
+}
+
+/// What the checks before any transaction found: the job to run.
+struct Job<'a> {
+    job_type: &'a str,
+    handler: &'a std::sync::Arc<dyn DynHandler>,
+    spec: &'a JobSpec,
+    payload: Payload,
+}
+
+/// Size, type and payload are checked before a connection is taken: bad input
+/// must not cost a transaction.
+fn prepare<'a>(ctx: &'a Context, env: &'a Envelope, body: &[u8]) -> Result<Job<'a>, Outcome> {
+    if body.len() > ctx.max_body_bytes {
+        return Err(failed(
+            FailureKind::BodyTooLarge,
+            format!(
+                "body of {} bytes exceeds max_body_bytes {}",
+                body.len(),
+                ctx.max_body_bytes
+            ),
+        ));
+    }
+    let Some(job_type) = env.job_type.as_deref() else {
+        return Err(failed(
+            FailureKind::MissingType,
+            "the request has no `type` property and the queue has no default type".into(),
+        ));
+    };
+    let (Some(handler), Some(spec)) = (ctx.registry.get(job_type), ctx.specs.get(job_type)) else {
+        let mut known: Vec<&str> = ctx.registry.job_types().collect();
+        known.sort_unstable();
+        return Err(failed(
+            FailureKind::UnknownType,
+            format!(
+                "unknown job type `{job_type}` (this worker handles: {})",
+                known.join(", ")
+            ),
+        ));
+    };
+    match handler.decode(body) {
+        Ok(payload) => Ok(Job {
+            job_type,
+            handler,
+            spec,
+            payload,
+        }),
+        Err(e) => Err(failed(
+            json_failure_kind(&e),
+            format!("payload for `{job_type}`: {e}"),
+        )),
+    }
+}
+
+/// The inbox protocol (ARCHITECTURE.md, "Effects happen once"): an error of a job
+/// whose id has a row is answered from the row (`Err`); a failed lookup makes the
+/// attempt transient, but an unknown commit stays unknown.
+async fn answer_from_inbox(
+    ctx: &Context,
+    inbox_id: Option<&str>,
+    error: AttemptError,
+) -> Result<AttemptError, Outcome> {
+    let Some(id) = inbox_id else {
+        return Ok(error);
+    };
+    if matches!(error, AttemptError::Job(JobError::Rejected { .. })) {
+        return Ok(error);
+    }
+    match inbox::lookup(&ctx.db, id).await {
+        Ok(Some(stored)) => Err(answered(stored)),
+        Ok(None) => Ok(error),
+        Err(_) if matches!(error, AttemptError::CommitUnknown(_)) => Ok(error),
+        Err(e) => Ok(AttemptError::from(e)),
+    }
+}
+
+/// What an attempt's error means: another attempt (`Ok`, its reason and message),
+/// or how the job ends (`Err`). `last`: no in-process attempt is left.
+async fn judge(
+    ctx: &Context,
+    job_type: &str,
+    inbox_id: Option<&str>,
+    delivery_attempt: u32,
+    error: AttemptError,
+    last: bool,
+) -> Result<(TransientReason, String), Outcome> {
+    let (reason, message) = match error {
+        AttemptError::Panicked(message) => {
+            return Err(failed(
+                FailureKind::Panic,
+                format!("handler panicked: {message}"),
+            ));
+        }
+        AttemptError::TimedOut(limit) => (
+            TransientReason::Timeout,
+            format!("the job ran past its timeout of {limit:?}"),
+        ),
+        AttemptError::ReplyTooLarge(size) => {
+            return Err(failed(
+                FailureKind::ReplyTooLarge,
+                format!(
+                    "the reply of {size} bytes exceeds max_reply_bytes {}; nothing was committed",
+                    ctx.max_reply_bytes
+                ),
+            ));
+        }
+        // It may have committed: never answer `failed` for it. Another attempt is
+        // safe (the inbox key makes it wait for, then see, a late commit).
+        AttemptError::CommitUnknown(message) if last => {
+            return Err(Outcome::Unresolved { message });
+        }
+        AttemptError::CommitUnknown(message) => (TransientReason::Connection, message),
+        AttemptError::Job(JobError::Rejected { code, message }) => {
+            let answer = rejected(ctx, inbox_id, job_type, &code, &message, delivery_attempt);
+            return Err(answer.await);
+        }
+        AttemptError::Job(JobError::Database(e)) => match ctx.db.classify(&e) {
+            ErrorClass::Transient(reason) => (reason, format!("database: {e}")),
+            ErrorClass::Permanent => {
+                return Err(failed(FailureKind::DatabaseError, format!("database: {e}")));
+            }
+        },
+        AttemptError::Job(JobError::Transient(e)) => {
+            (TransientReason::Handler, error_chain(e.as_ref()))
+        }
+        AttemptError::Job(JobError::Permanent(e)) => {
+            return Err(failed(FailureKind::HandlerError, error_chain(e.as_ref())));
+        }
+    };
+    if last {
+        Err(Outcome::Transient { reason, message })
+    } else {
+        Ok((reason, message))
     }
 }
 
 /// One attempt in a transaction of its own: commit on success, roll back otherwise
 /// (a panic or a timeout included).
-async fn attempt_once(
+async fn attempt_once<'a>(
     ctx: &Context,
     handler: &dyn DynHandler,
     spec: &JobSpec,
-    inbox_id: Option<&str>,
+    inbox_id: Option<&'a str>,
     payload: Payload,
     meta: &JobMeta,
-) -> Result<Done, AttemptError> {
+) -> Result<Done<'a>, AttemptError> {
     let limit = spec.timeout + TIMEOUT_MARGIN;
     let work = async {
         let mut tx = ctx.db.begin_job(&spec.begin).await?;
@@ -220,7 +284,7 @@ async fn attempt_once(
             Some(id) if meta.redelivered => {
                 if !inbox::claim(&mut tx, id, &meta.job_type).await? {
                     let _ = tx.rollback().await;
-                    return Ok((None, Done::Duplicate));
+                    return Ok((None, Done::Duplicate(id)));
                 }
                 true
             }
@@ -261,7 +325,7 @@ async fn attempt_once(
                 // Done before (or just now, by a racing delivery): undo this
                 // run's effects and answer from the row.
                 let _ = tx.rollback().await;
-                return Ok((None, Done::Duplicate));
+                return Ok((None, Done::Duplicate(id)));
             }
         }
         Ok((Some(tx), Done::Committed(body)))
