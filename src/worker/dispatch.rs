@@ -221,6 +221,7 @@ async fn session(
         Some(Ok(set)) => set,
     };
     let queue = shared.topology.request_queue.as_str();
+    let mut events = Box::pin(conn.events_listener());
     // Confirms are pipelined, so one channel carries all the replies (and the broker
     // batches its confirms; BENCHMARKS.md). Jobs of this
     // session publish on this connection only; after a loss, theirs fail and the
@@ -243,6 +244,12 @@ async fn session(
         let permit = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break None,
+            // While every permit is taken nobody reads the consumer, so a lost
+            // connection would go unnoticed until a job ends: watch it here.
+            Some(event) = events.next() => match event {
+                lapin::Event::Error(e) => break Some(WorkerError::from(e)),
+                _ => continue,
+            },
             permit = permits.clone().acquire_owned() => match permit {
                 Ok(permit) => permit,
                 // The semaphore is never closed.

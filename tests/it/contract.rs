@@ -126,13 +126,19 @@ async fn jobs_in_flight_never_exceed_the_concurrency() {
     // …and none of the rest started.
     assert_eq!(gated.started.load(Ordering::SeqCst), CONCURRENCY);
 
-    // A cut while they are held: the broker takes the deliveries back, and the
-    // held jobs go on. (The worker notices the loss once a permit is free: it
-    // does not read its consumer while every permit is taken.)
+    // A cut while they are held: the broker takes the deliveries back, the
+    // worker notices at once (it used not to, while every permit was taken),
+    // and the held jobs go on.
     proxy.cut();
     worker
         .eventually("the broker to take the deliveries back", || async {
             (unacked(&requests).await == 0).then_some(())
+        })
+        .await;
+    let health = worker.health.clone();
+    worker
+        .eventually("the loss noticed while every permit is held", || async {
+            (health.reconnects() >= 1).then_some(())
         })
         .await;
     assert_eq!(gated.started.load(Ordering::SeqCst), CONCURRENCY);
