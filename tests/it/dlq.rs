@@ -1114,8 +1114,9 @@ async fn list_into_a_pipe_closed_early_ends_cleanly_and_keeps_every_message_in_o
     let out = child.wait_with_output().await.expect("txq ends");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_ne!(out.status.code(), Some(101), "panicked: {stderr}");
-    assert_eq!(out.status.code(), Some(3), "{stderr}");
-    assert!(stderr.contains("writing the output"), "{stderr}");
+    // Quietly, with success, as ripgrep and cargo end on a closed pipe.
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("writing the output"), "{stderr}");
     assert_eq!(listed_ids(&queue).await, all, "all back, in order");
 }
 

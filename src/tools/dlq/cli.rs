@@ -153,6 +153,9 @@ pub async fn run(config: &Config, args: DlqArgs) -> ExitCode {
     let json = args.json;
     match run_command(config, args).await {
         Ok(code) => ExitCode::from(code),
+        // A closed stdout (`txq dlq list | head -1`) ends the command quietly, as
+        // ripgrep and cargo do: what was not settled went back as for any stop.
+        Err(DlqError::Output(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
         Err(e) => {
             if json {
                 print_error(&e.to_string());
