@@ -126,19 +126,19 @@ async fn jobs_in_flight_never_exceed_the_concurrency() {
     // …and none of the rest started.
     assert_eq!(gated.started.load(Ordering::SeqCst), CONCURRENCY);
 
-    // A cut while they are held: the broker takes the deliveries back, the
-    // worker notices at once (it used not to, while every permit was taken),
-    // and the held jobs go on.
+    // A cut while they are held: the worker notices at once (it used not to,
+    // while every permit was taken), the broker takes the deliveries back, and a
+    // new session is handed a full prefetch again, of which none may start.
     proxy.cut();
-    worker
-        .eventually("the broker to take the deliveries back", || async {
-            (unacked(&requests).await == 0).then_some(())
-        })
-        .await;
     let health = worker.health.clone();
     worker
         .eventually("the loss noticed while every permit is held", || async {
-            (health.reconnects() >= 1).then_some(())
+            (health.reconnects() >= 1 && health.is_consuming()).then_some(())
+        })
+        .await;
+    worker
+        .eventually("a full prefetch on the new connection", || async {
+            (unacked(&requests).await == u64::from(PREFETCH)).then_some(())
         })
         .await;
     assert_eq!(gated.started.load(Ordering::SeqCst), CONCURRENCY);
