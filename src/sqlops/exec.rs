@@ -528,10 +528,6 @@ fn b64(bytes: &[u8]) -> String {
 }
 
 /// RFC 3339 in UTC: `2024-05-06T07:08:09.123456Z`.
-pub(super) fn rfc3339(t: DateTime<Utc>) -> String {
-    t.format("%Y-%m-%dT%H:%M:%S%.fZ").to_string()
-}
-
 fn column_error(step: &CompiledStep, column: &str, problem: impl std::fmt::Display) -> JobError {
     JobError::permanent(format!(
         "step `{}`, column `{column}`: {problem}",
@@ -639,11 +635,14 @@ fn decode_mysql(
                 // A zone-less timestamp is taken as UTC.
                 "DATETIME" => {
                     let t: NaiveDateTime = get!(NaiveDateTime);
-                    (pg::quote(&rfc3339(t.and_utc())), Typed::DateTime(t))
+                    (
+                        pg::quote(&super::params::rfc3339(t.and_utc())),
+                        Typed::DateTime(t),
+                    )
                 }
                 "TIMESTAMP" => {
                     let t: DateTime<Utc> = get!(DateTime<Utc>);
-                    (pg::quote(&rfc3339(t)), Typed::Timestamp(t))
+                    (pg::quote(&super::params::rfc3339(t)), Typed::Timestamp(t))
                 }
                 // BIT(n): the number its bits make.
                 "BIT" => {
@@ -767,7 +766,7 @@ fn decode_sqlite(
                     json_text(s.as_bytes(), step, name)?
                 } else if matches!(declared.as_str(), "DATETIME" | "TIMESTAMP") {
                     let t: DateTime<Utc> = get!(DateTime<Utc>);
-                    pg::quote(&rfc3339(t))
+                    pg::quote(&super::params::rfc3339(t))
                 } else if declared == "DATE" {
                     let d: NaiveDate = get!(NaiveDate);
                     pg::quote(&d.format("%Y-%m-%d").to_string())

@@ -396,6 +396,12 @@ pub(super) fn bind_payload(
     Ok(out)
 }
 
+/// A UTC time as RFC 3339 with `Z` and only the fraction it has: how replies
+/// write timestamps, and how PostgreSQL values are bound again as text.
+pub(super) fn rfc3339(t: DateTime<Utc>) -> String {
+    t.format("%Y-%m-%dT%H:%M:%S%.fZ").to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

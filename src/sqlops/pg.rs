@@ -152,7 +152,7 @@ fn timestamp(us: i64) -> Result<String, String> {
         .checked_add(946_684_800_000_000)
         .and_then(DateTime::from_timestamp_micros)
         .ok_or("timestamp out of range")?;
-    Ok(quote(&super::exec::rfc3339(t)))
+    Ok(quote(&super::params::rfc3339(t)))
 }
 
 fn numeric(b: &[u8]) -> Result<String, String> {
