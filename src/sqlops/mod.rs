@@ -161,6 +161,34 @@ mod tests {
     }
 
     #[test]
+    fn a_bad_parameter_declaration_says_what_would_do() {
+        let steps = "[[t.steps]]\nname = \"s\"\nsql = \"SELECT :a\"\n";
+        let e = errors(&format!("[t]\nparams = {{ a = \"integr\" }}\n{steps}"));
+        assert_eq!(e.len(), 1);
+        assert!(
+            e[0].contains("unknown parameter type `integr`")
+                && e[0].contains(
+                    "integer, float, decimal, string, bool, json, timestamp, date, bytes"
+                ),
+            "{e:?}"
+        );
+        assert!(!e[0].contains("untagged"), "{e:?}");
+        let e = errors(&format!(
+            "[t]\nparams = {{ a = {{ typ = \"integer\" }} }}\n{steps}"
+        ));
+        assert!(e[0].contains("unknown field `typ`"), "{e:?}");
+        let e = errors(&format!("[t]\nparams = {{ a = 3 }}\n{steps}"));
+        assert!(
+            e[0].contains("a type name (integer,") && e[0].contains("integer"),
+            "{e:?}"
+        );
+        let ok = parse(
+            "[t]\nparams = { a = \"date\", b = { type = \"integer\", nullable = true, default = 3 } }\n[[t.steps]]\nname = \"s\"\nsql = \"SELECT :a, :b\"\n",
+        );
+        assert!(ok.is_ok(), "{:?}", ok.err());
+    }
+
+    #[test]
     fn errors_point_at_the_operation_and_step() {
         let e = errors(
             "[t]\nparams = { a = \"integer\" }\n[[t.steps]]\nname = \"one\"\nsql = \"SELECT :a, :b\"\n",

@@ -38,6 +38,19 @@ pub enum ParamType {
 }
 
 impl ParamType {
+    /// Every type, in the order the docs list them.
+    pub const ALL: [ParamType; 9] = [
+        Self::Integer,
+        Self::Float,
+        Self::Decimal,
+        Self::String,
+        Self::Bool,
+        Self::Json,
+        Self::Timestamp,
+        Self::Date,
+        Self::Bytes,
+    ];
+
     /// The name used in the file and in messages.
     pub fn name(self) -> &'static str {
         match self {

@@ -49,13 +49,48 @@ pub struct Operation {
 }
 
 /// A parameter declaration: `"integer"` or `{ type = "integer", nullable = true }`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug, Clone)]
 pub enum ParamDecl {
     /// Just the type.
     Type(ParamType),
     /// Type and options.
     Full(ParamSpec),
+}
+
+/// By hand rather than `untagged`, whose error ("did not match any variant of
+/// untagged enum") says neither what was wrong nor what would do.
+impl<'de> Deserialize<'de> for ParamDecl {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error as _;
+        let types = || {
+            ParamType::ALL
+                .iter()
+                .map(|t| t.name())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        match toml::Value::deserialize(d)? {
+            toml::Value::String(name) => ParamType::ALL
+                .iter()
+                .find(|t| t.name() == name)
+                .map(|t| Self::Type(*t))
+                .ok_or_else(|| {
+                    D::Error::custom(format!(
+                        "unknown parameter type `{name}`; the types are: {}",
+                        types()
+                    ))
+                }),
+            table @ toml::Value::Table(_) => table
+                .try_into::<ParamSpec>()
+                .map(Self::Full)
+                .map_err(|e| D::Error::custom(e.message().trim().to_owned())),
+            other => Err(D::Error::custom(format!(
+                "a parameter is a type name ({}) or a table {{ type = …, nullable = …, default = … }}, not {}",
+                types(),
+                other.type_str()
+            ))),
+        }
+    }
 }
 
 impl ParamDecl {
