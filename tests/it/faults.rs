@@ -12,8 +12,8 @@ use txq::{Backend, Db, Handler, JobError, JobMeta, Tx, Worker, with_conn};
 use crate::bank;
 use crate::support::{
     Alive as _, Client, Collector, Proxy, Reply, Request, RunningWorker, TempFile, TestDb, Txq,
-    TxqProcess, bank_env, by_status, config, correlation_ids, eventually, spawn_bank, transfers,
-    unique,
+    TxqProcess, bank_env, by_status, config, correlation_ids, eventually, publish_raw, spawn_bank,
+    transfers, unique,
 };
 
 const ACCOUNTS: i64 = 50;
@@ -682,19 +682,7 @@ async fn a_request_with_huge_headers_is_dead_lettered_without_breaking_the_conne
         .with_type("nope".into())
         .with_message_id("huge".into())
         .with_headers(headers);
-    client
-        .channel
-        .basic_publish(
-            "".into(),
-            requests.as_str().into(),
-            Default::default(),
-            b"{}",
-            props,
-        )
-        .await
-        .expect("publish")
-        .await
-        .expect("confirm");
+    publish_raw(&client.channel, &requests, b"{}", props).await;
     let reply = client.replies(&replies, 1).await.remove(0);
     assert_eq!(reply.body["error"]["kind"], "unknown_type");
     let dead = client

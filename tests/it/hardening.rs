@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
+use lapin::options::{BasicGetOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use serde_json::json;
@@ -17,7 +17,7 @@ use txq::{Backend, Handler, JobError, JobMeta, Tx, Worker, with_conn};
 
 use crate::support::{
     Alive as _, Blackhole, Client, Collector, Proxy, RabbitUser, Request, RunningWorker, TestDb,
-    Txq, amqp_url, config, eventually, exec, unique,
+    Txq, amqp_url, config, eventually, exec, publish_raw, unique,
 };
 
 /// Inserts a row into `t`, then answers with `{"text": "x" * n}`.
@@ -112,19 +112,7 @@ async fn a_user_id_of_another_user_is_not_copied_and_never_loops() {
         .with_message_id("with-user-id".into())
         .with_user_id(app.name.as_str().into())
         .with_reply_to(replies.as_str().into());
-    let confirm = channel
-        .basic_publish(
-            "".into(),
-            requests.as_str().into(),
-            BasicPublishOptions::default(),
-            b"{}",
-            props,
-        )
-        .await
-        .expect("publish")
-        .await
-        .expect("confirm");
-    assert!(confirm.is_ack());
+    publish_raw(&channel, &requests, b"{}", props).await;
     // With prefetch 1, this one is consumed only after the first was settled.
     client
         .publish(
@@ -317,19 +305,7 @@ async fn an_unparsable_message_leaves_a_quorum_queue_and_the_rest_is_answered() 
         .with_type("sized".into())
         .with_message_id(String::from_utf8(marker).expect("ascii").into())
         .with_delivery_mode(2);
-    let confirm = channel
-        .basic_publish(
-            "".into(),
-            requests.as_str().into(),
-            BasicPublishOptions::default(),
-            br#"{"n":1}"#,
-            props,
-        )
-        .await
-        .expect("publish")
-        .await
-        .expect("confirm");
-    assert!(confirm.is_ack(), "the broker takes the message");
+    publish_raw(&channel, &requests, br#"{"n":1}"#, props).await;
     let good: Vec<Request> = (0..20)
         .map(|i| {
             Request::json("sized", json!({"n": 1}))
@@ -562,20 +538,7 @@ async fn a_dead_letter_copy_carries_no_expiration_and_keeps_the_original() {
         .with_type("no-such-type".into())
         .with_message_id("expiring".into())
         .with_expiration("600000".into());
-    let confirm = client
-        .channel
-        .basic_publish(
-            "".into(),
-            requests.as_str().into(),
-            BasicPublishOptions::default(),
-            b"{}",
-            props,
-        )
-        .await
-        .expect("publish")
-        .await
-        .expect("confirm");
-    assert!(confirm.is_ack());
+    publish_raw(&client.channel, &requests, b"{}", props).await;
     let reply = client.replies(&replies, 1).await.remove(0);
     assert_eq!(reply.body["error"]["kind"], "unknown_type");
     worker.stop().await.expect("clean stop");

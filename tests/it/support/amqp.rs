@@ -302,6 +302,24 @@ impl Client {
     }
 }
 
+/// Publishes `body` with `props` as they are (properties no [`Request`] sets) on a
+/// confirm-mode `channel`, and requires the broker's ack.
+pub async fn publish_raw(channel: &Channel, queue: &str, body: &[u8], props: BasicProperties) {
+    let confirm = channel
+        .basic_publish(
+            "".into(),
+            queue.into(),
+            BasicPublishOptions::default(),
+            body,
+            props,
+        )
+        .await
+        .expect("basic.publish")
+        .await
+        .expect("confirm");
+    assert!(confirm.is_ack(), "the broker nacked the message");
+}
+
 impl Drop for Client {
     fn drop(&mut self) {
         let queues = std::mem::take(&mut self.queues);

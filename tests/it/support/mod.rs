@@ -15,8 +15,8 @@ mod proxy;
 mod services;
 
 pub use amqp::{
-    Client, Collector, RabbitUser, Reply, Request, by_status, correlation_ids, rabbitmqctl,
-    transfers,
+    Client, Collector, RabbitUser, Reply, Request, by_status, correlation_ids, publish_raw,
+    rabbitmqctl, transfers,
 };
 pub use process::{Alive, RunningWorker, Txq, TxqOutput, TxqProcess, config, http_get, spawn_bank};
 pub use proxy::{Blackhole, Proxy};
