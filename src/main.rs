@@ -236,11 +236,9 @@ fn main() -> ExitCode {
     }
 }
 
-/// The exit codes of every command (README, "Exit codes").
+/// The exit codes of errors that end a command (README, "Exit codes"; 1, "some
+/// work not ok", is the tools' own to give).
 mod exit {
-    /// The command ran, and some of what it reports on did not succeed.
-    #[allow(dead_code)]
-    pub(crate) const NOT_ALL_OK: u8 = 1;
     /// Usage or configuration: flags, config, `TXQ_*` variables, an operations file.
     pub(crate) const USAGE: u8 = 2;
     /// The broker, the database or a file could not be used.
