@@ -7,17 +7,9 @@ use sqlx::error::DatabaseError;
 
 use super::{Backend, Isolation};
 
-/// What to do about a database error.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorClass {
-    /// Another attempt in a fresh transaction may succeed: deadlock, serialization
-    /// failure, lock wait timeout, SQLite busy/locked, a lost or unavailable connection.
-    Transient(TransientReason),
-    /// Trying again will fail the same way (a syntax error, a constraint violation…).
-    Permanent,
-}
-
-/// Why an error is transient; the `reason` label of retry metrics.
+/// Why an error is transient: another attempt in a fresh transaction may succeed.
+/// The `reason` label of retry metrics. A database error with no reason is
+/// permanent: trying again would fail the same way (a syntax error, a constraint…).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum TransientReason {
@@ -162,8 +154,7 @@ pub(crate) fn job_begin_statement(
 }
 
 /// Sorts an error into transient (retry in a fresh transaction) or permanent.
-pub(crate) fn classify(backend: Backend, error: &sqlx::Error) -> ErrorClass {
-    use ErrorClass::*;
+pub(crate) fn classify(backend: Backend, error: &sqlx::Error) -> Option<TransientReason> {
     use TransientReason::*;
     match error {
         sqlx::Error::Database(db) => classify_database(backend, db.as_ref()),
@@ -172,13 +163,12 @@ pub(crate) fn classify(backend: Backend, error: &sqlx::Error) -> ErrorClass {
         | sqlx::Error::PoolTimedOut
         | sqlx::Error::PoolClosed
         | sqlx::Error::WorkerCrashed
-        | sqlx::Error::Protocol(_) => Transient(Connection),
-        _ => Permanent,
+        | sqlx::Error::Protocol(_) => Some(Connection),
+        _ => None,
     }
 }
 
-fn classify_database(backend: Backend, db: &dyn DatabaseError) -> ErrorClass {
-    use ErrorClass::*;
+fn classify_database(backend: Backend, db: &dyn DatabaseError) -> Option<TransientReason> {
     use TransientReason::*;
     match backend {
         Backend::MySql => {
@@ -186,22 +176,22 @@ fn classify_database(backend: Backend, db: &dyn DatabaseError) -> ErrorClass {
                 .try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
                 .map(|e| e.number());
             match number {
-                Some(1213) => Transient(Deadlock),
-                Some(1205) => Transient(LockTimeout),
-                Some(1969 | 3024) => Transient(Timeout),
+                Some(1213) => Some(Deadlock),
+                Some(1205) => Some(LockTimeout),
+                Some(1969 | 3024) => Some(Timeout),
                 // Server shutting down / connection killed by KILL.
-                Some(1053 | 1927 | 2006 | 2013) => Transient(Connection),
-                _ => Permanent,
+                Some(1053 | 1927 | 2006 | 2013) => Some(Connection),
+                _ => None,
             }
         }
         Backend::Postgres => match db.code().as_deref() {
-            Some("40001") => Transient(SerializationFailure),
-            Some("40P01") => Transient(Deadlock),
-            Some("55P03") => Transient(LockTimeout),
-            Some("57014") => Transient(Timeout),
+            Some("40001") => Some(SerializationFailure),
+            Some("40P01") => Some(Deadlock),
+            Some("55P03") => Some(LockTimeout),
+            Some("57014") => Some(Timeout),
             // admin_shutdown, crash_shutdown, cannot_connect_now.
-            Some("57P01" | "57P02" | "57P03") => Transient(Connection),
-            _ => Permanent,
+            Some("57P01" | "57P02" | "57P03") => Some(Connection),
+            _ => None,
         },
         Backend::Sqlite => {
             let primary = db
@@ -210,8 +200,8 @@ fn classify_database(backend: Backend, db: &dyn DatabaseError) -> ErrorClass {
                 .map(|c| c & 0xff);
             match primary {
                 // SQLITE_BUSY, SQLITE_LOCKED and their extended codes.
-                Some(5 | 6) => Transient(Busy),
-                _ => Permanent,
+                Some(5 | 6) => Some(Busy),
+                _ => None,
             }
         }
     }

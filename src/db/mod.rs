@@ -35,7 +35,7 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 
-pub use dialect::{ErrorClass, TransientReason};
+pub use dialect::TransientReason;
 pub use migrate::migrate;
 pub use tx::{Conn, Tx};
 
@@ -472,8 +472,9 @@ impl Db {
         }
     }
 
-    /// How an error from this backend should be handled.
-    pub fn classify(&self, error: &sqlx::Error) -> ErrorClass {
+    /// Why another attempt at what failed with `error` may succeed; `None`: it
+    /// would fail the same way.
+    pub fn transient_reason(&self, error: &sqlx::Error) -> Option<TransientReason> {
         dialect::classify(self.backend(), error)
     }
 }

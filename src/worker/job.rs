@@ -11,8 +11,8 @@ use tracing::debug;
 use super::outcome::{FailureKind, Outcome, Status, ok_body, rejected_body};
 use super::{Context, JobSpec};
 use crate::broker::Envelope;
-use crate::db::inbox::{self, StoredReply};
-use crate::db::{ErrorClass, TransientReason};
+use crate::db::TransientReason;
+use crate::db::inbox::{Entry, Inbox, StoredReply, StoredStatus};
 use crate::handler::{DynHandler, JobError, JobMeta, Payload, error_chain};
 
 /// The worker's own timeout runs a little past the database's, so that the
@@ -20,11 +20,11 @@ use crate::handler::{DynHandler, JobError, JobMeta, Payload, error_chain};
 const TIMEOUT_MARGIN: Duration = Duration::from_millis(500);
 
 /// How one attempt ended, short of an error.
-enum Done<'a> {
+enum Done {
     /// Committed; the `ok` reply body.
     Committed(Vec<u8>),
-    /// Another delivery of this message_id committed first.
-    Duplicate(&'a str),
+    /// Another delivery of this message_id committed first: its answer is the answer.
+    Taken,
 }
 
 /// Why one attempt did not commit.
@@ -53,28 +53,18 @@ pub(crate) async fn execute(
     body: &[u8],
     redelivered: bool,
 ) -> Outcome {
-    let job = match prepare(ctx, env, body) {
-        Ok(job) => job,
+    let (job, payload) = match prepare(ctx, env, body) {
+        Ok(prepared) => prepared,
         Err(outcome) => return outcome,
     };
-    let inbox_id = env.message_id.as_deref().filter(|_| ctx.inbox);
-    if env.message_id.is_none() {
-        // No idempotency key: processed at least once, not exactly once.
-        metrics::counter!("txq_requests_without_message_id_total", "type" => job.job_type.to_owned())
-            .increment(1);
-        debug!("request without message_id: no deduplication");
-    }
-    let mut meta = JobMeta {
-        job_type: job.job_type.to_owned(),
-        message_id: env.message_id.clone(),
-        correlation_id: env.correlation_id.clone(),
-        attempt: 0,
-        delivery_attempt: env.attempt,
-        redelivered,
-        traceparent: env.outgoing_traceparent(),
-    };
+    let inbox = Inbox::new(
+        &ctx.db,
+        env.message_id.as_deref().filter(|_| ctx.inbox),
+        job.job_type,
+    );
+    let mut meta = job_meta(env, job.job_type, redelivered);
     let last = ctx.retry.in_process_attempts;
-    let mut decoded = Some(job.payload);
+    let mut decoded = Some(payload);
     let mut attempt = 1;
     loop {
         meta.attempt = attempt;
@@ -84,15 +74,7 @@ pub(crate) async fn execute(
             Ok(p) => p,
             Err(e) => return failed(json_failure_kind(&e), e.to_string()),
         };
-        let done = attempt_once(
-            ctx,
-            job.handler.as_ref(),
-            job.spec,
-            inbox_id,
-            payload,
-            &meta,
-        );
-        let error = match done.await {
+        let error = match attempt_once(ctx, &job, &inbox, payload, &meta).await {
             Ok(Done::Committed(body)) => {
                 return Outcome::Finished {
                     status: Status::Ok,
@@ -100,23 +82,16 @@ pub(crate) async fn execute(
                     duplicate: false,
                 };
             }
-            Ok(Done::Duplicate(id)) => match stored_reply(ctx, id).await {
-                Ok(outcome) => return outcome,
+            Ok(Done::Taken) => match inbox.answer().await {
+                Ok(stored) => return answered(stored),
                 Err(e) => AttemptError::from(e),
             },
-            Err(e) => match answer_from_inbox(ctx, inbox_id, e).await {
+            Err(e) => match answer_from_inbox(&inbox, e).await {
                 Ok(error) => error,
                 Err(answer) => return answer,
             },
         };
-        let verdict = judge(
-            ctx,
-            job.job_type,
-            inbox_id,
-            env.attempt,
-            error,
-            attempt == last,
-        );
+        let verdict = judge(ctx, &inbox, env.attempt, error, attempt == last);
         let (reason, message) = match verdict.await {
             Ok(retry) => retry,
             Err(outcome) => return outcome,
@@ -125,6 +100,24 @@ pub(crate) async fn execute(
         ctx.health.count_retry();
         tokio::time::sleep(backoff(ctx.retry.base_delay, ctx.retry.max_delay, attempt)).await;
         attempt += 1;
+    }
+}
+
+fn job_meta(env: &Envelope, job_type: &str, redelivered: bool) -> JobMeta {
+    if env.message_id.is_none() {
+        // No idempotency key: processed at least once, not exactly once.
+        metrics::counter!("txq_requests_without_message_id_total", "type" => job_type.to_owned())
+            .increment(1);
+        debug!("request without message_id: no deduplication");
+    }
+    JobMeta {
+        job_type: job_type.to_owned(),
+        message_id: env.message_id.clone(),
+        correlation_id: env.correlation_id.clone(),
+        attempt: 0,
+        delivery_attempt: env.attempt,
+        redelivered,
+        traceparent: env.outgoing_traceparent(),
     }
 }
 
@@ -137,12 +130,15 @@ struct Job<'a> {
     job_type: &'a str,
     handler: &'a std::sync::Arc<dyn DynHandler>,
     spec: &'a JobSpec,
-    payload: Payload,
 }
 
 /// Size, type and payload are checked before a connection is taken: bad input
 /// must not cost a transaction.
-fn prepare<'a>(ctx: &'a Context, env: &'a Envelope, body: &[u8]) -> Result<Job<'a>, Outcome> {
+fn prepare<'a>(
+    ctx: &'a Context,
+    env: &'a Envelope,
+    body: &[u8],
+) -> Result<(Job<'a>, Payload), Outcome> {
     if body.len() > ctx.max_body_bytes {
         return Err(failed(
             FailureKind::BodyTooLarge,
@@ -171,12 +167,14 @@ fn prepare<'a>(ctx: &'a Context, env: &'a Envelope, body: &[u8]) -> Result<Job<'
         ));
     };
     match handler.decode(body) {
-        Ok(payload) => Ok(Job {
-            job_type,
-            handler,
-            spec,
+        Ok(payload) => Ok((
+            Job {
+                job_type,
+                handler,
+                spec,
+            },
             payload,
-        }),
+        )),
         Err(e) => Err(failed(
             json_failure_kind(&e),
             format!("payload for `{job_type}`: {e}"),
@@ -184,22 +182,18 @@ fn prepare<'a>(ctx: &'a Context, env: &'a Envelope, body: &[u8]) -> Result<Job<'
     }
 }
 
-/// The inbox protocol (ARCHITECTURE.md, "Effects happen once"): an error of a job
-/// whose id has a row is answered from the row (`Err`); a failed lookup makes the
-/// attempt transient, but an unknown commit stays unknown.
+/// Step 3 of the [`Inbox`] protocol: a stored answer ends the job (`Err`). A
+/// rejection is left to step 4, and an unknown commit stays unknown when the
+/// lookup fails too.
 async fn answer_from_inbox(
-    ctx: &Context,
-    inbox_id: Option<&str>,
+    inbox: &Inbox<'_>,
     error: AttemptError,
 ) -> Result<AttemptError, Outcome> {
-    let Some(id) = inbox_id else {
-        return Ok(error);
-    };
     if matches!(error, AttemptError::Job(JobError::Rejected { .. })) {
         return Ok(error);
     }
-    match inbox::lookup(&ctx.db, id).await {
-        Ok(Some(stored)) => Err(answered(stored)),
+    match inbox.answer().await {
+        Ok(Some(stored)) => Err(finished(stored, true)),
         Ok(None) => Ok(error),
         Err(_) if matches!(error, AttemptError::CommitUnknown(_)) => Ok(error),
         Err(e) => Ok(AttemptError::from(e)),
@@ -210,8 +204,7 @@ async fn answer_from_inbox(
 /// or how the job ends (`Err`). `last`: no in-process attempt is left.
 async fn judge(
     ctx: &Context,
-    job_type: &str,
-    inbox_id: Option<&str>,
+    inbox: &Inbox<'_>,
     delivery_attempt: u32,
     error: AttemptError,
     last: bool,
@@ -243,12 +236,12 @@ async fn judge(
         }
         AttemptError::CommitUnknown(message) => (TransientReason::Connection, message),
         AttemptError::Job(JobError::Rejected { code, message }) => {
-            let answer = rejected(ctx, inbox_id, job_type, &code, &message, delivery_attempt);
+            let answer = rejected(ctx, inbox, &code, &message, delivery_attempt);
             return Err(answer.await);
         }
-        AttemptError::Job(JobError::Database(e)) => match ctx.db.classify(&e) {
-            ErrorClass::Transient(reason) => (reason, format!("database: {e}")),
-            ErrorClass::Permanent => {
+        AttemptError::Job(JobError::Database(e)) => match ctx.db.transient_reason(&e) {
+            Some(reason) => (reason, format!("database: {e}")),
+            None => {
                 return Err(failed(FailureKind::DatabaseError, format!("database: {e}")));
             }
         },
@@ -268,29 +261,22 @@ async fn judge(
 
 /// One attempt in a transaction of its own: commit on success, roll back otherwise
 /// (a panic or a timeout included).
-async fn attempt_once<'a>(
+async fn attempt_once(
     ctx: &Context,
-    handler: &dyn DynHandler,
-    spec: &JobSpec,
-    inbox_id: Option<&'a str>,
+    job: &Job<'_>,
+    inbox: &Inbox<'_>,
     payload: Payload,
     meta: &JobMeta,
-) -> Result<Done<'a>, AttemptError> {
-    let limit = spec.timeout + TIMEOUT_MARGIN;
+) -> Result<Done, AttemptError> {
+    let limit = job.spec.timeout + TIMEOUT_MARGIN;
     let work = async {
-        let mut tx = ctx.db.begin_job(&spec.begin).await?;
-        // Claim first on a redelivery, record last otherwise (ARCHITECTURE.md).
-        let claimed = match inbox_id {
-            Some(id) if meta.redelivered => {
-                if !inbox::claim(&mut tx, id, &meta.job_type).await? {
-                    let _ = tx.rollback().await;
-                    return Ok((None, Done::Duplicate(id)));
-                }
-                true
-            }
-            _ => false,
-        };
-        let result = AssertUnwindSafe(handler.call(&mut tx, payload, meta))
+        let mut tx = ctx.db.begin_job(&job.spec.begin).await?;
+        let entry = inbox.enter(&mut tx, meta.redelivered).await?;
+        if entry == Entry::Taken {
+            let _ = tx.rollback().await;
+            return Ok((None, Done::Taken));
+        }
+        let result = AssertUnwindSafe(job.handler.call(&mut tx, payload, meta))
             .catch_unwind()
             .await;
         let output = match result {
@@ -313,110 +299,96 @@ async fn attempt_once<'a>(
             let _ = tx.rollback().await;
             return Err(AttemptError::ReplyTooLarge(body.len()));
         }
-        if let Some(id) = inbox_id {
-            let stored = StoredReply {
-                status: Status::Ok.as_str().into(),
-                body: body.clone(),
-                attempts: meta.delivery_attempt,
-            };
-            if claimed {
-                inbox::complete(&mut tx, id, &stored).await?;
-            } else if !inbox::record_in(&mut tx, id, &meta.job_type, &stored).await? {
-                // Done before (or just now, by a racing delivery): undo this
-                // run's effects and answer from the row.
-                let _ = tx.rollback().await;
-                return Ok((None, Done::Duplicate(id)));
-            }
+        if inbox
+            .seal(&mut tx, entry, &body, meta.delivery_attempt)
+            .await?
+            == Entry::Taken
+        {
+            // Undo this run's effects; the row's answer is the answer.
+            let _ = tx.rollback().await;
+            return Ok((None, Done::Taken));
         }
         Ok((Some(tx), Done::Committed(body)))
     };
     // Dropping the work on timeout drops its transaction, which rolls it back.
     let (tx, done) = match tokio::time::timeout(limit, work).await {
         Ok(result) => result?,
-        Err(_) => return Err(AttemptError::TimedOut(spec.timeout)),
+        Err(_) => return Err(AttemptError::TimedOut(job.spec.timeout)),
     };
-    // The commit has a time limit of its own, so that one that never answers (a
-    // silently dead socket) cannot hold the permit for good.
     if let Some(tx) = tx {
-        match tokio::time::timeout(limit, tx.commit()).await {
-            Ok(Ok(())) => {}
-            // The server answered with an error: it did not commit.
-            Ok(Err(e @ sqlx::Error::Database(_))) => return Err(e.into()),
-            Ok(Err(e)) => return Err(AttemptError::CommitUnknown(format!("COMMIT: {e}"))),
-            Err(_) => {
-                return Err(AttemptError::CommitUnknown(format!(
-                    "COMMIT did not answer within {limit:?}"
-                )));
-            }
-        }
+        commit(tx, limit).await?;
     }
     Ok(done)
 }
 
-/// A rejection is recorded in the inbox (in a transaction of its own, the job's
-/// having been rolled back) so a redelivery gets the same answer.
+/// The commit has a time limit of its own, so that one that never answers (a
+/// silently dead socket) cannot hold the permit for good.
+async fn commit(tx: crate::db::Tx, limit: Duration) -> Result<(), AttemptError> {
+    match tokio::time::timeout(limit, tx.commit()).await {
+        Ok(Ok(())) => Ok(()),
+        // The server answered with an error: it did not commit.
+        Ok(Err(e @ sqlx::Error::Database(_))) => Err(e.into()),
+        Ok(Err(e)) => Err(AttemptError::CommitUnknown(format!("COMMIT: {e}"))),
+        Err(_) => Err(AttemptError::CommitUnknown(format!(
+            "COMMIT did not answer within {limit:?}"
+        ))),
+    }
+}
+
+/// Step 4 of the [`Inbox`] protocol, the job's transaction having been rolled back.
 async fn rejected(
     ctx: &Context,
-    inbox_id: Option<&str>,
-    job_type: &str,
+    inbox: &Inbox<'_>,
     code: &str,
     message: &str,
     attempts: u32,
 ) -> Outcome {
     let body = rejected_body(code, message);
-    if let Some(id) = inbox_id {
-        let stored = StoredReply {
-            status: Status::Rejected.as_str().into(),
-            body: body.clone(),
-            attempts,
-        };
-        match inbox::record(&ctx.db, id, job_type, &stored).await {
-            Ok(true) => {}
-            // A racing delivery finished first: its answer is the answer.
-            Ok(false) => match stored_reply(ctx, id).await {
-                Ok(outcome) => return outcome,
-                Err(e) => return transient_db(ctx, &e),
-            },
-            Err(e) => return transient_db(ctx, &e),
-        }
-    }
-    Outcome::Finished {
-        status: Status::Rejected,
-        body,
-        duplicate: false,
+    match inbox.record_rejection(&body, attempts).await {
+        Ok(Entry::Open | Entry::Claimed) => Outcome::Finished {
+            status: Status::Rejected,
+            body,
+            duplicate: false,
+        },
+        // A racing delivery finished first: its answer is the answer.
+        Ok(Entry::Taken) => match inbox.answer().await {
+            Ok(stored) => answered(stored),
+            Err(e) => transient_db(ctx, &e),
+        },
+        Err(e) => transient_db(ctx, &e),
     }
 }
 
-/// The stored answer of an earlier delivery.
-fn answered(stored: StoredReply) -> Outcome {
+/// The answer of an earlier delivery whose row stood in the way; `None`: it was
+/// rolled back or pruned in between, and another attempt decides.
+fn answered(stored: Option<StoredReply>) -> Outcome {
+    match stored {
+        Some(stored) => finished(stored, true),
+        None => Outcome::Transient {
+            reason: TransientReason::Handler,
+            message: "the inbox row of an earlier delivery vanished (rolled back or pruned)".into(),
+        },
+    }
+}
+
+fn finished(stored: StoredReply, duplicate: bool) -> Outcome {
     Outcome::Finished {
-        // txq stores `ok` and `rejected` only.
-        status: Status::parse(&stored.status).unwrap_or(Status::Ok),
+        status: match stored.status {
+            StoredStatus::Ok => Status::Ok,
+            StoredStatus::Rejected => Status::Rejected,
+        },
         body: stored.body,
-        duplicate: true,
+        duplicate,
     }
 }
 
 fn transient_db(ctx: &Context, e: &sqlx::Error) -> Outcome {
-    let reason = match ctx.db.classify(e) {
-        ErrorClass::Transient(reason) => reason,
-        ErrorClass::Permanent => TransientReason::Connection,
-    };
     Outcome::Transient {
-        reason,
+        reason: ctx
+            .db
+            .transient_reason(e)
+            .unwrap_or(TransientReason::Connection),
         message: format!("inbox: {e}"),
-    }
-}
-
-async fn stored_reply(ctx: &Context, id: &str) -> Result<Outcome, sqlx::Error> {
-    match inbox::lookup(&ctx.db, id).await? {
-        Some(stored) => Ok(answered(stored)),
-        // Claimed by a transaction that then rolled back, or pruned in between:
-        // another attempt decides.
-        None => Ok(Outcome::Transient {
-            reason: TransientReason::Handler,
-            message: format!("inbox row for `{id}` vanished"),
-        }),
     }
 }
 

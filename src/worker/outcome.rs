@@ -63,16 +63,6 @@ impl Status {
             Self::Failed => "failed",
         }
     }
-
-    /// A status stored in the inbox; `None` for one txq never writes.
-    pub(crate) fn parse(s: &str) -> Option<Self> {
-        match s {
-            "ok" => Some(Self::Ok),
-            "rejected" => Some(Self::Rejected),
-            "failed" => Some(Self::Failed),
-            _ => None,
-        }
-    }
 }
 
 /// How one delivery's job ended; [`super::decide`] turns it into what to publish.
