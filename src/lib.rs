@@ -43,25 +43,37 @@
 //! tools and the SQL operations file. A crate that only writes handlers depends on
 //! it with `default-features = false`.
 
+// The library's API is what a handler crate needs: the items re-exported below,
+// `config`, `signals` and (feature `cli`) `sqlops`. The modules marked hidden are
+// the command's own parts, public only because the `txq` binary, the examples and
+// the integration tests are crates of their own; they are not an API and change
+// with any release.
+#[doc(hidden)]
 pub mod broker;
 pub mod config;
+#[doc(hidden)]
 pub mod db;
+#[doc(hidden)]
 pub mod events;
 mod handler;
+#[doc(hidden)]
 pub mod health;
 #[cfg(feature = "cli")]
+#[doc(hidden)]
 pub mod http;
 pub mod signals;
 #[cfg(feature = "cli")]
 pub mod sqlops;
 #[cfg(feature = "cli")]
+#[doc(hidden)]
 pub mod telemetry;
 #[cfg(feature = "cli")]
+#[doc(hidden)]
 pub mod tools;
 mod worker;
 
 pub use config::Config;
-pub use db::{Backend, Conn, Db, Isolation, Tx};
+pub use db::{Backend, Conn, Db, DbError, Isolation, PoolOptions, Tx};
 pub use handler::{FnHandler, Handler, HandlerFn, JobError, JobMeta, handler_fn};
 pub use health::Health;
 pub use worker::{FailureKind, Worker, WorkerBuilder, WorkerError};
