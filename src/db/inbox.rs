@@ -298,32 +298,7 @@ pub async fn prune(db: &Db, older_than_ms: i64) -> Result<u64, sqlx::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::db::PoolOptions;
-
-    struct TempDb {
-        db: Db,
-        path: std::path::PathBuf,
-    }
-
-    impl Drop for TempDb {
-        fn drop(&mut self) {
-            for suffix in ["", "-wal", "-shm"] {
-                let mut p = self.path.clone().into_os_string();
-                p.push(suffix);
-                let _ = std::fs::remove_file(p);
-            }
-        }
-    }
-
-    async fn temp_db() -> TempDb {
-        let path = std::env::temp_dir().join(format!("txq-inbox-{}.db", uuid::Uuid::new_v4()));
-        let url = format!("sqlite://{}", path.display());
-        let db = Db::connect(&url, &PoolOptions::default())
-            .await
-            .expect("sqlite");
-        crate::db::migrate(&db).await.expect("migrate");
-        TempDb { db, path }
-    }
+    use crate::db::tests::temp_db;
 
     /// Runs one attempt's inbox steps and commits; what `seal` said.
     async fn commit_ok(inbox: &Inbox<'_>, db: &Db, redelivered: bool, body: &[u8]) -> Entry {

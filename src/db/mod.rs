@@ -478,3 +478,40 @@ impl Db {
         dialect::classify(self.backend(), error)
     }
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::{Db, PoolOptions};
+
+    /// An embedded SQLite database in a file of its own, with txq's tables; the
+    /// files go when it is dropped.
+    pub(crate) struct TempDb {
+        pub(crate) db: Db,
+        path: std::path::PathBuf,
+    }
+
+    impl Drop for TempDb {
+        fn drop(&mut self) {
+            for suffix in ["", "-wal", "-shm"] {
+                let mut p = self.path.clone().into_os_string();
+                p.push(suffix);
+                let _ = std::fs::remove_file(p);
+            }
+        }
+    }
+
+    pub(crate) async fn temp_db() -> TempDb {
+        let t = empty_temp_db().await;
+        super::migrate(&t.db).await.expect("migrate");
+        t
+    }
+
+    pub(crate) async fn empty_temp_db() -> TempDb {
+        let path = std::env::temp_dir().join(format!("txq-test-{}.db", uuid::Uuid::new_v4()));
+        let url = format!("sqlite://{}", path.display());
+        let db = Db::connect(&url, &PoolOptions::default())
+            .await
+            .expect("sqlite");
+        TempDb { db, path }
+    }
+}
