@@ -6,6 +6,8 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::net::SocketAddr;
+use std::num::{NonZeroU16, NonZeroU32, NonZeroUsize};
 #[cfg(feature = "cli")]
 use std::path::Path;
 use std::time::Duration;
@@ -43,15 +45,16 @@ pub struct Config {
     /// Where replies go when a request has no `reply_to`. Default `txq.replies`;
     /// an empty string means "no reply" for such requests.
     pub reply_queue: String,
-    /// Jobs in flight at once, at most. Default 16. Also the AMQP prefetch unless
-    /// `prefetch` is set, so the backlog stays in RabbitMQ, not in memory.
-    pub concurrency: usize,
+    /// Jobs in flight at once, at most: 1 to 65535. Default 16. Also the AMQP
+    /// prefetch unless `prefetch` is set, so the backlog stays in RabbitMQ, not in
+    /// memory.
+    pub concurrency: NonZeroU16,
     /// AMQP `basic.qos` prefetch count. Default: `concurrency`. 0 (unlimited) is refused
     /// because it lets memory grow with the queue depth.
-    pub prefetch: Option<u16>,
+    pub prefetch: Option<NonZeroU16>,
     /// Maximum database connections. Default: `concurrency`. Smaller than
     /// `concurrency` makes jobs wait for a connection (a warning at start-up).
-    pub db_pool_size: Option<u32>,
+    pub db_pool_size: Option<NonZeroU32>,
     /// How long a job waits for a database connection before the attempt counts as
     /// a transient failure. Default 30s.
     #[serde(with = "humantime_serde")]
@@ -63,7 +66,7 @@ pub struct Config {
     /// `<queue>.dlq`.
     pub dead_letter_queue: Option<String>,
     /// Bodies larger than this are dead-lettered unread. Default 1 MiB.
-    pub max_body_bytes: usize,
+    pub max_body_bytes: NonZeroUsize,
     /// Replies larger than this are not sent: the job rolls back and answers
     /// `failed`, kind `reply_too_large`. Checked before COMMIT, so a reply the broker
     /// would refuse is never committed to the inbox. Default 8 MiB, below RabbitMQ
@@ -78,7 +81,7 @@ pub struct Config {
     /// Attempts to reach the broker at start-up before `txq run` gives up (with
     /// backoff: 0.5 s, doubling to 30 s). A refused login stops at once.
     /// Reconnects after a successful start are never given up. Default 20.
-    pub connect_attempts: u32,
+    pub connect_attempts: NonZeroU32,
     /// Quorum queues only: deliveries of one request, at most, before RabbitMQ itself
     /// dead-letters it into the dead-letter queue (`x-delivery-limit`). This is what
     /// ends a message no worker can even read. Default 20, RabbitMQ 4.x's own default.
@@ -105,8 +108,10 @@ pub struct Config {
     /// `text` or `json` log lines. Default `text`.
     pub log_format: LogFormat,
     /// Where `txq run` serves `/metrics`, `/healthz` and `/readyz`. Default
-    /// `127.0.0.1:9464` (this host only); `0.0.0.0:9464` in a container; `""` off.
-    pub metrics_addr: String,
+    /// `127.0.0.1:9464` (this host only); `0.0.0.0:9464` in a container; `None`
+    /// off, written `""` in files, variables and flags.
+    #[serde(with = "metrics_addr")]
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 impl Default for Config {
@@ -118,16 +123,16 @@ impl Default for Config {
             queue_type: QueueType::Classic,
             default_type: None,
             reply_queue: "txq.replies".into(),
-            concurrency: 16,
+            concurrency: const { NonZeroU16::new(16).unwrap() },
             prefetch: None,
             db_pool_size: None,
             db_acquire_timeout: Duration::from_secs(30),
             sqlite_busy_timeout: Duration::from_secs(30),
             dead_letter_queue: None,
-            max_body_bytes: 1024 * 1024,
+            max_body_bytes: const { NonZeroUsize::new(1024 * 1024).unwrap() },
             max_reply_bytes: 8 * 1024 * 1024,
             delivery_limit: 20,
-            connect_attempts: 20,
+            connect_attempts: const { NonZeroU32::new(20).unwrap() },
             management_url: None,
             job_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(30),
@@ -136,7 +141,7 @@ impl Default for Config {
             inbox: InboxConfig::default(),
             jobs: BTreeMap::new(),
             log_format: LogFormat::Text,
-            metrics_addr: "127.0.0.1:9464".into(),
+            metrics_addr: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
         }
     }
 }
@@ -150,7 +155,7 @@ impl Default for Config {
 #[serde(default, deny_unknown_fields)]
 pub struct RetryConfig {
     /// Attempts per delivery, in process (the first one included). Default 3.
-    pub in_process_attempts: u32,
+    pub in_process_attempts: NonZeroU32,
     /// Pause before the second in-process attempt; doubled for each further one,
     /// with full jitter. Default 10ms.
     #[serde(with = "humantime_serde")]
@@ -160,7 +165,7 @@ pub struct RetryConfig {
     pub max_delay: Duration,
     /// Deliveries at most (the first one included) before a transiently failing
     /// request is dead-lettered. Default 5.
-    pub max_attempts: u32,
+    pub max_attempts: NonZeroU32,
     /// Delay before the 2nd, 3rd… delivery; the last one repeats. Each is a queue
     /// `<queue>.retry.<delay>` whose messages expire back into the request queue.
     /// Default 1s, 5s, 30s, 2m.
@@ -174,10 +179,10 @@ pub struct RetryConfig {
 impl Default for RetryConfig {
     fn default() -> Self {
         Self {
-            in_process_attempts: 3,
+            in_process_attempts: const { NonZeroU32::new(3).unwrap() },
             base_delay: Duration::from_millis(10),
             max_delay: Duration::from_millis(500),
-            max_attempts: 5,
+            max_attempts: const { NonZeroU32::new(5).unwrap() },
             delays: [1, 5, 30, 120].map(Duration::from_secs).to_vec(),
         }
     }
@@ -375,7 +380,17 @@ fn describe(e: &figment::Error) -> String {
                 None => format!("unknown key; the keys here are: {}", expected.join(", ")),
             }
         }
-        Kind::InvalidType(actual, expected) => format!("expected {expected}, found {actual}"),
+        Kind::InvalidType(actual, expected) => {
+            format!("expected {}, found {}", plain(expected), found(actual))
+        }
+        Kind::InvalidValue(actual, expected) => {
+            let found = found(actual);
+            let why = WHY_REFUSED
+                .iter()
+                .find(|(k, v, _)| *k == key && *v == found)
+                .map_or(String::new(), |(_, _, why)| format!(" ({why})"));
+            format!("expected {}, found {found}{why}", plain(expected))
+        }
         Kind::MissingField(field) => format!("`{field}` is missing"),
         other => other.to_string(),
     };
@@ -383,6 +398,41 @@ fn describe(e: &figment::Error) -> String {
         format!("{what}{from}")
     } else {
         format!("`{key}`{from}: {what}")
+    }
+}
+
+/// Why a key's type refuses a value, where the range alone does not say.
+#[cfg(feature = "cli")]
+const WHY_REFUSED: &[(&str, &str, &str)] = &[(
+    "prefetch",
+    "0",
+    "0 means unlimited, which lets memory grow with the queue",
+)];
+
+/// What serde calls an integer type, in words: the values a key takes.
+#[cfg(feature = "cli")]
+fn plain(expected: &str) -> String {
+    let range = |min: u8, max: u64| format!("an integer from {min} to {max}");
+    match expected {
+        "a nonzero u16" => range(1, u16::MAX.into()),
+        "a nonzero u32" => range(1, u32::MAX.into()),
+        "a nonzero usize" | "a nonzero u64" => "an integer of at least 1".to_owned(),
+        "u16" => range(0, u16::MAX.into()),
+        "u32" => range(0, u32::MAX.into()),
+        "usize" | "u64" => "an integer of at least 0".to_owned(),
+        other => other.to_owned(),
+    }
+}
+
+/// The value found, a number as written (figment says "unsigned int `0`").
+#[cfg(feature = "cli")]
+fn found(actual: &figment::error::Actual) -> String {
+    use figment::error::Actual;
+    match actual {
+        Actual::Unsigned(n) => n.to_string(),
+        Actual::Signed(n) => n.to_string(),
+        Actual::Float(n) => n.to_string(),
+        other => other.to_string(),
     }
 }
 
@@ -409,24 +459,14 @@ impl Config {
         Ok(config)
     }
 
-    /// Checks the values that parse but make no sense.
+    /// Checks the values that parse but make no sense. What a field's type already
+    /// rules out (a zero `concurrency`, a `metrics_addr` that is not an address) is
+    /// refused while parsing, by serde, and cannot reach here.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |key, problem: &str| ConfigError::Invalid {
             key,
             problem: problem.to_owned(),
         };
-        if self.concurrency == 0 || self.concurrency > usize::from(u16::MAX) {
-            return Err(invalid("concurrency", "must be between 1 and 65535"));
-        }
-        if self.prefetch == Some(0) {
-            return Err(invalid(
-                "prefetch",
-                "must be at least 1 (0 means unlimited and lets memory grow with the queue)",
-            ));
-        }
-        if self.db_pool_size == Some(0) {
-            return Err(invalid("db_pool_size", "must be at least 1"));
-        }
         if self.queue.is_empty() || self.queue.len() > 255 {
             return Err(invalid("queue", "must be 1 to 255 bytes long"));
         }
@@ -436,13 +476,7 @@ impl Config {
         if self.reply_queue.len() > 255 {
             return Err(invalid("reply_queue", "must be at most 255 bytes long"));
         }
-        if self.retry.in_process_attempts == 0 {
-            return Err(invalid("retry.in_process_attempts", "must be at least 1"));
-        }
-        if self.retry.max_attempts == 0 {
-            return Err(invalid("retry.max_attempts", "must be at least 1"));
-        }
-        if self.retry.max_attempts > 1 && self.retry.delays.is_empty() {
+        if self.retry.max_attempts.get() > 1 && self.retry.delays.is_empty() {
             return Err(invalid(
                 "retry.delays",
                 "must not be empty when max_attempts > 1",
@@ -458,17 +492,6 @@ impl Config {
                 "retry.delays",
                 "each must be between 1ms and 49 days",
             ));
-        }
-        if !self.metrics_addr.is_empty()
-            && self.metrics_addr.parse::<std::net::SocketAddr>().is_err()
-        {
-            return Err(invalid(
-                "metrics_addr",
-                "must be an IP address and port, like 127.0.0.1:9464, or empty (off)",
-            ));
-        }
-        if self.max_body_bytes == 0 {
-            return Err(invalid("max_body_bytes", "must be at least 1"));
         }
         if self.max_reply_bytes < 1024 {
             return Err(invalid(
@@ -487,9 +510,6 @@ impl Config {
                     "must be an http:// URL of the management API (put a TLS-terminating proxy on loopback for https)",
                 ));
             }
-        }
-        if self.connect_attempts == 0 {
-            return Err(invalid("connect_attempts", "must be at least 1"));
         }
         if self.delivery_limit == 0 || i32::try_from(self.delivery_limit).is_err() {
             return Err(invalid(
@@ -539,7 +559,7 @@ impl Config {
                 .retry
                 .delays
                 .iter()
-                .take(self.retry.max_attempts.saturating_sub(1) as usize)
+                .take(self.retry.max_attempts.get() as usize - 1)
                 .sum::<Duration>()
                 + self.consumer_timeout;
             if self.inbox.retention < comeback {
@@ -589,31 +609,23 @@ impl Config {
     }
 
     /// The AMQP prefetch count: `prefetch`, or `concurrency`.
-    pub fn prefetch(&self) -> u16 {
-        // `validate` keeps concurrency within u16.
-        self.prefetch
-            .unwrap_or_else(|| u16::try_from(self.concurrency).unwrap_or(u16::MAX))
+    pub fn prefetch(&self) -> NonZeroU16 {
+        self.prefetch.unwrap_or(self.concurrency)
     }
 
     /// Maximum database connections: `db_pool_size`, or `concurrency`.
-    pub fn db_pool_size(&self) -> u32 {
-        self.db_pool_size
-            .unwrap_or_else(|| u32::try_from(self.concurrency).unwrap_or(u32::MAX))
+    pub fn db_pool_size(&self) -> NonZeroU32 {
+        self.db_pool_size.unwrap_or(self.concurrency.into())
     }
 
     /// The database pool this config describes.
     pub fn pool_options(&self) -> crate::db::PoolOptions {
         crate::db::PoolOptions {
-            max_connections: self.db_pool_size(),
+            max_connections: self.db_pool_size().get(),
             acquire_timeout: self.db_acquire_timeout,
             sqlite_busy_timeout: self.sqlite_busy_timeout,
             session_timeout: Some(self.job_timeout),
         }
-    }
-
-    /// Where to serve metrics and health; `None` when off.
-    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
-        self.metrics_addr.parse().ok()
     }
 
     /// Settings of `job_type` (defaults where it has no section).
@@ -643,6 +655,58 @@ impl Config {
         self.dead_letter_queue
             .clone()
             .unwrap_or_else(|| format!("{}.dlq", self.queue))
+    }
+}
+
+/// `metrics_addr`: an IP address and port, or `""` for off, as files, variables,
+/// flags and `txq config` spell it.
+mod metrics_addr {
+    use std::fmt;
+    use std::net::SocketAddr;
+
+    use serde::de::{self, Unexpected};
+
+    pub(super) fn serialize<S: serde::Serializer>(
+        addr: &Option<SocketAddr>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        match addr {
+            Some(addr) => s.collect_str(addr),
+            None => s.serialize_str(""),
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: serde::Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<SocketAddr>, D::Error> {
+        d.deserialize_str(AddrOrOff)
+    }
+
+    struct AddrOrOff;
+
+    impl de::Visitor<'_> for AddrOrOff {
+        type Value = Option<SocketAddr>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(r#"an IP address and port, like 127.0.0.1:9464, or "" (off)"#)
+        }
+
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            if v.is_empty() {
+                return Ok(None);
+            }
+            v.parse()
+                .map(Some)
+                .map_err(|_| E::invalid_value(Unexpected::Str(v), &self))
+        }
+
+        fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
     }
 }
 
@@ -903,18 +967,124 @@ mod tests {
     #[test]
     fn invalid_values_name_their_key() {
         let config = Config {
-            concurrency: 0,
-            ..Config::default()
-        };
-        let err = config.validate().unwrap_err().to_string();
-        assert!(err.contains("`concurrency`"), "{err}");
-
-        let config = Config {
             database_url: SecretUrl::new("oracle://x"),
             ..Config::default()
         };
         let err = config.validate().unwrap_err().to_string();
         assert!(err.contains("`database_url`"), "{err}");
+    }
+
+    /// What a field's type rules out is refused while parsing, naming the key,
+    /// where it came from, and what it takes.
+    #[test]
+    #[cfg(feature = "cli")]
+    fn values_their_type_rules_out_are_refused_by_name() {
+        let cases = [
+            (
+                "concurrency = 0",
+                "`concurrency` (in ",
+                "an integer from 1 to 65535, found 0",
+            ),
+            (
+                "concurrency = 70000",
+                "`concurrency`",
+                "an integer from 1 to 65535, found 70000",
+            ),
+            (
+                "concurrency = -1",
+                "`concurrency`",
+                "an integer from 1 to 65535, found -1",
+            ),
+            ("prefetch = 0", "`prefetch`", "found 0 (0 means unlimited"),
+            (
+                "db_pool_size = 0",
+                "`db_pool_size`",
+                "an integer from 1 to 4294967295",
+            ),
+            (
+                "max_body_bytes = 0",
+                "`max_body_bytes`",
+                "an integer of at least 1, found 0",
+            ),
+            (
+                "connect_attempts = 0",
+                "`connect_attempts`",
+                "an integer from 1 to",
+            ),
+            (
+                "retry.in_process_attempts = 0",
+                "`retry.in_process_attempts`",
+                "from 1 to",
+            ),
+            (
+                "retry.max_attempts = 0",
+                "`retry.max_attempts`",
+                "from 1 to",
+            ),
+            (
+                "metrics_addr = \"localhost\"",
+                "`metrics_addr`",
+                r#"an IP address and port, like 127.0.0.1:9464, or "" (off), found string "localhost""#,
+            ),
+            (
+                "metrics_addr = 9464",
+                "`metrics_addr`",
+                "like 127.0.0.1:9464",
+            ),
+        ];
+        figment::Jail::expect_with(|jail| {
+            for (line, key, what) in cases {
+                jail.create_file("bad.toml", line)?;
+                let err = Config::load(Some(Path::new("bad.toml")), &Overrides::default())
+                    .expect_err(line)
+                    .to_string();
+                assert!(err.contains(key) && err.contains(what), "{line}: {err}");
+            }
+            jail.set_env("TXQ_PREFETCH", "0");
+            let err = Config::load(None, &Overrides::default())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("`prefetch` (environment variable TXQ_PREFETCH)"),
+                "{err}"
+            );
+            Ok(())
+        });
+    }
+
+    /// `metrics_addr = ""` is off, and `txq config` writes it so.
+    #[test]
+    #[cfg(feature = "cli")]
+    fn an_empty_metrics_addr_is_off_both_ways() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("off.toml", "metrics_addr = \"\"\n")?;
+            let config = Config::load(Some(Path::new("off.toml")), &Overrides::default())
+                .map_err(|e| e.to_string())?;
+            assert_eq!(config.metrics_addr, None);
+            let text = toml::to_string(&config).map_err(|e| e.to_string())?;
+            assert!(text.contains("metrics_addr = \"\"\n"), "{text}");
+            jail.set_env("TXQ_METRICS_ADDR", "[::1]:9464");
+            let config = Config::load(Some(Path::new("off.toml")), &Overrides::default())
+                .map_err(|e| e.to_string())?;
+            assert_eq!(config.metrics_addr, "[::1]:9464".parse().ok());
+            let json = serde_json::to_value(&config).map_err(|e| e.to_string())?;
+            assert_eq!(json["metrics_addr"], "[::1]:9464");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let config = Config::default();
+        assert_eq!(config.concurrency.get(), 16);
+        assert_eq!(config.prefetch().get(), 16);
+        assert_eq!(config.db_pool_size().get(), 16);
+        assert_eq!(config.max_body_bytes.get(), 1024 * 1024);
+        assert_eq!(config.connect_attempts.get(), 20);
+        assert_eq!(config.retry.in_process_attempts.get(), 3);
+        assert_eq!(config.retry.max_attempts.get(), 5);
+        assert_eq!(config.metrics_addr, "127.0.0.1:9464".parse().ok());
+        config.validate().expect("the defaults are valid");
     }
 
     #[test]
@@ -935,9 +1105,9 @@ mod tests {
             };
             let config =
                 Config::load(Some(Path::new("txq.toml")), &flags).map_err(|e| e.to_string())?;
-            assert_eq!(config.concurrency, 8);
+            assert_eq!(config.concurrency.get(), 8);
             assert_eq!(config.queue, "from.env");
-            assert_eq!(config.retry.max_attempts, 7);
+            assert_eq!(config.retry.max_attempts.get(), 7);
             assert_eq!(
                 config.retry.delays,
                 [Duration::from_secs(2), Duration::from_secs(60)]

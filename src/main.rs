@@ -395,12 +395,12 @@ async fn run_worker(config: Config, args: RunArgs) -> anyhow::Result<ExitCode> {
         queue_type = config.queue_type.as_str(),
         amqp_url = %config.amqp_url,
         database_url = %config.database_url,
-        concurrency = config.concurrency,
-        prefetch = config.prefetch(),
+        concurrency = config.concurrency.get(),
+        prefetch = config.prefetch().get(),
         job_timeout = %humantime::format_duration(config.job_timeout),
         max_attempts = config.retry.max_attempts,
         inbox = config.inbox.enabled,
-        metrics_addr = %config.metrics_addr,
+        metrics_addr = %config.metrics_addr.map_or_else(|| "off".to_owned(), |a| a.to_string()),
         "starting"
     );
     if let Some(management) = &config.management_url {
@@ -420,7 +420,7 @@ async fn run_worker(config: Config, args: RunArgs) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    let metrics_addr = config.metrics_addr();
+    let metrics_addr = config.metrics_addr;
     let recorder = match metrics_addr {
         Some(_) => Some(txq::http::install_recorder()?),
         None => None,

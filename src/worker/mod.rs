@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::broker::{BrokerError, Publisher, Topology};
-use crate::config::{Config, ConfigError, RetryConfig, SecretUrl};
+use crate::config::{Config, ConfigError, SecretUrl};
 use crate::db::{Backend, Db, DbError};
 use crate::handler::{Handler, Registry};
 use crate::health::Health;
@@ -150,10 +150,10 @@ impl WorkerBuilder {
             None => Db::connect(config.database_url.expose(), &config.pool_options()).await?,
         };
         let pool = db.max_connections();
-        if (pool as usize) < config.concurrency {
+        if pool < u32::from(config.concurrency.get()) {
             warn!(
                 db_pool_size = pool,
-                concurrency = config.concurrency,
+                concurrency = config.concurrency.get(),
                 "the database pool is smaller than the concurrency: jobs will wait for connections"
             );
         }
@@ -177,8 +177,8 @@ impl WorkerBuilder {
                 );
             }
             let timeout = config.job_timeout(job_type);
-            let worst =
-                timeout.saturating_mul(config.retry.in_process_attempts) + config.retry.max_delay;
+            let worst = timeout.saturating_mul(config.retry.in_process_attempts.get())
+                + config.retry.max_delay;
             if worst > config.consumer_timeout / 2 {
                 warn!(job_type, ?timeout, consumer_timeout = ?config.consumer_timeout,
                     "a delivery of this job type may stay unacked for more than half the broker's \
@@ -196,17 +196,22 @@ impl WorkerBuilder {
                 std::process::id()
             ),
             topology: Topology::from_config(&config),
-            prefetch: config.prefetch(),
-            concurrency: config.concurrency,
+            prefetch: config.prefetch().get(),
+            concurrency: usize::from(config.concurrency.get()),
             shutdown_grace: config.shutdown_grace,
-            connect_attempts: config.connect_attempts,
+            connect_attempts: config.connect_attempts.get(),
             health: Health::default(),
             db,
             registry: self.registry,
             specs,
             inbox: config.inbox.enabled,
-            retry: config.retry.clone(),
-            max_body_bytes: config.max_body_bytes,
+            retry: Retry {
+                in_process_attempts: config.retry.in_process_attempts.get(),
+                base_delay: config.retry.base_delay,
+                max_delay: config.retry.max_delay,
+                max_attempts: config.retry.max_attempts.get(),
+            },
+            max_body_bytes: config.max_body_bytes.get(),
             max_reply_bytes: config.max_reply_bytes,
             requeue_pause: RequeuePause::default(),
             default_type: config.default_type.clone(),
@@ -358,11 +363,23 @@ pub(crate) struct Shared {
     pub(crate) registry: Registry,
     pub(crate) specs: HashMap<String, JobSpec>,
     pub(crate) inbox: bool,
-    pub(crate) retry: RetryConfig,
+    pub(crate) retry: Retry,
     pub(crate) max_body_bytes: usize,
     pub(crate) max_reply_bytes: usize,
     pub(crate) requeue_pause: RequeuePause,
     pub(crate) default_type: Option<String>,
+}
+
+/// The `retry` settings a job reads, as plain numbers (the config's types have
+/// already refused zeros).
+#[derive(Debug)]
+pub(crate) struct Retry {
+    /// Attempts per delivery, in process.
+    pub(crate) in_process_attempts: u32,
+    pub(crate) base_delay: Duration,
+    pub(crate) max_delay: Duration,
+    /// Deliveries at most before dead-lettering.
+    pub(crate) max_attempts: u32,
 }
 
 /// The pause before a delivery is requeued after a failed publish: it grows while

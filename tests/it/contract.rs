@@ -95,9 +95,9 @@ async fn jobs_in_flight_never_exceed_the_concurrency() {
     client.publish_all(&requests, &batch).await;
 
     let proxy = Proxy::start().await;
-    let mut cfg = config(&test_db.url, &requests, &replies, CONCURRENCY);
+    let mut cfg = config(&test_db.url, &requests, &replies, CONCURRENCY as u16);
     cfg.amqp_url = txq::config::SecretUrl::new(proxy.url());
-    cfg.prefetch = Some(PREFETCH);
+    cfg.prefetch = std::num::NonZeroU16::new(PREFETCH);
     let (waiting, mut held) = tokio::sync::watch::channel(0);
     let gated = Gated {
         gate: Arc::new(Semaphore::new(0)),

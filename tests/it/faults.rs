@@ -3,6 +3,7 @@
 //! transfer applied exactly once, the books balance, and nothing is left queued.
 
 use std::collections::{BTreeMap, HashSet};
+use std::num::NonZeroU32;
 use std::time::Duration;
 
 use serde_json::json;
@@ -271,7 +272,7 @@ async fn poison_is_dead_lettered_with_its_reason_and_good_requests_are_answered(
     let (test_db, client, requests, replies) = bank_env(Backend::Sqlite, ACCOUNTS).await;
     let dlq = format!("{requests}.dlq");
     let mut cfg = config(&test_db.url, &requests, &replies, 4);
-    cfg.max_body_bytes = 2048;
+    cfg.max_body_bytes = std::num::NonZeroUsize::new(2048).expect("nonzero");
     let worker = RunningWorker::start(
         Worker::builder(cfg)
             .handler("transfer", bank::Transfer)
@@ -432,8 +433,8 @@ async fn a_timed_out_job_releases_its_locks(backend: Backend, via: TimeoutVia) {
             db
         }
     };
-    cfg.retry.in_process_attempts = 1;
-    cfg.retry.max_attempts = 2;
+    cfg.retry.in_process_attempts = NonZeroU32::MIN;
+    cfg.retry.max_attempts = NonZeroU32::new(2).expect("nonzero");
     let worker = RunningWorker::start(
         Worker::builder(cfg)
             .handler("hog", Hog)

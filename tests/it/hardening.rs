@@ -4,6 +4,7 @@
 //! failure, shutdown while the broker does not answer, and fail-over between
 //! broker URLs.
 
+use std::num::NonZeroU32;
 use std::time::Duration;
 
 use lapin::options::{BasicGetOptions, ConfirmSelectOptions};
@@ -90,7 +91,7 @@ async fn a_user_id_of_another_user_is_not_copied_and_never_loops() {
     let requests = client.queue(&unique("requests")).await;
     let replies = client.queue(&unique("replies")).await;
     let mut cfg = config(&test_db.url, &requests, &replies, 1);
-    cfg.prefetch = Some(1);
+    cfg.prefetch = Some(std::num::NonZeroU16::MIN);
     let worker = RunningWorker::start(
         Worker::builder(cfg)
             .handler("sized", Sized)
@@ -357,8 +358,8 @@ async fn a_commit_of_unknown_outcome_is_never_failed() {
     let requests = client.queue(&unique("requests")).await;
     let replies = client.queue(&unique("replies")).await;
     let mut cfg = config(&proxy.url(), &requests, &replies, 1);
-    cfg.retry.in_process_attempts = 1;
-    cfg.retry.max_attempts = 1;
+    cfg.retry.in_process_attempts = NonZeroU32::MIN;
+    cfg.retry.max_attempts = NonZeroU32::MIN;
     let worker = RunningWorker::start(Worker::builder(cfg).handler("sized", Sized)).await;
     client
         .publish(

@@ -13,7 +13,7 @@ async fn ops_worker(
     requests: &str,
     replies: &str,
     ops: &str,
-    concurrency: usize,
+    concurrency: u16,
 ) -> RunningWorker {
     let ops = txq::sqlops::parse(ops).expect("a valid operations file");
     let builder = Worker::builder(config(&test_db.url, requests, replies, concurrency))

@@ -198,7 +198,7 @@ fn noops(range: std::ops::RangeInclusive<usize>) -> Vec<Value> {
         .collect()
 }
 
-async fn bank_worker(test_db: &TestDb, requests: &str, replies: &str, n: usize) -> RunningWorker {
+async fn bank_worker(test_db: &TestDb, requests: &str, replies: &str, n: u16) -> RunningWorker {
     RunningWorker::start(
         Worker::builder(config(&test_db.url, requests, replies, n))
             .handler("transfer", bank::Transfer)

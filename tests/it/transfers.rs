@@ -1,6 +1,7 @@
 //! Many transactions at once against one database, colliding on purpose.
 
 use std::collections::HashSet;
+use std::num::NonZeroU32;
 use std::sync::Arc;
 
 use rand::Rng as _;
@@ -335,7 +336,7 @@ async fn a_serialization_failure_on_postgres_is_retried_and_both_jobs_apply_once
             ..JobConfig::default()
         },
     );
-    cfg.retry.max_attempts = 1;
+    cfg.retry.max_attempts = NonZeroU32::MIN;
     let worker = RunningWorker::start(
         Worker::builder(cfg)
             .handler(
@@ -404,8 +405,8 @@ async fn a_busy_sqlite_database_is_retried() {
     };
     let mut cfg = config(&test_db.url, &requests, &replies, 1);
     cfg.sqlite_busy_timeout = std::time::Duration::from_millis(100);
-    cfg.retry.in_process_attempts = 10;
-    cfg.retry.max_attempts = 1;
+    cfg.retry.in_process_attempts = NonZeroU32::new(10).expect("nonzero");
+    cfg.retry.max_attempts = NonZeroU32::MIN;
     // Its own pool, so the busy timeout is the config's.
     let mut worker = RunningWorker::start(Worker::builder(cfg).handler("attempt", Attempt)).await;
     // Once it has migrated its tables (which writes).

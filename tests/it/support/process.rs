@@ -13,13 +13,13 @@ use super::services::amqp_url;
 use super::{REPLY_DEADLINE, TEST_DELAYS};
 
 /// A config for a test worker on `queue`, replying by default to `reply_queue`.
-pub fn config(db_url: &str, queue: &str, reply_queue: &str, concurrency: usize) -> Config {
+pub fn config(db_url: &str, queue: &str, reply_queue: &str, concurrency: u16) -> Config {
     Config {
         amqp_url: SecretUrl::new(amqp_url()),
         database_url: SecretUrl::new(db_url),
         queue: queue.to_owned(),
         reply_queue: reply_queue.to_owned(),
-        concurrency,
+        concurrency: concurrency.try_into().expect("a concurrency of at least 1"),
         retry: txq::config::RetryConfig {
             delays: TEST_DELAYS.to_vec(),
             ..txq::config::RetryConfig::default()
