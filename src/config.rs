@@ -257,28 +257,43 @@ pub enum LogFormat {
     Json,
 }
 
-/// Overrides from the command line; `None` leaves the lower layers alone.
 #[cfg(feature = "cli")]
-#[derive(Debug, Default, Clone, Serialize)]
-pub struct Overrides {
-    /// `--amqp-url`
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub amqp_url: Option<String>,
-    /// `--database-url`
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub database_url: Option<String>,
-    /// `--queue`
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub queue: Option<String>,
-    /// `--concurrency`
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub concurrency: Option<usize>,
-    /// `--log-format`
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub log_format: Option<LogFormat>,
-    /// `--metrics-addr`
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub metrics_addr: Option<String>,
+pub mod flags;
+
+#[cfg(feature = "cli")]
+pub use flags::Overrides;
+
+/// The name of the flags' layer, for errors to say a value came from a flag.
+#[cfg(feature = "cli")]
+const FLAGS: &str = "command-line flags";
+
+/// [`Overrides`] as the top layer: serialized, with each flag not given (`None`)
+/// left out, so that it sets nothing.
+#[cfg(feature = "cli")]
+struct Flags<'a>(&'a Overrides);
+
+#[cfg(feature = "cli")]
+impl figment::Provider for Flags<'_> {
+    fn metadata(&self) -> figment::Metadata {
+        figment::Metadata::named(FLAGS)
+    }
+
+    fn data(
+        &self,
+    ) -> Result<figment::value::Map<figment::Profile, figment::value::Dict>, figment::Error> {
+        fn given(dict: &mut figment::value::Dict) {
+            use figment::value::Value;
+            dict.retain(|_, value| !matches!(value, Value::Empty(..)));
+            for value in dict.values_mut() {
+                if let Value::Dict(_, inner) = value {
+                    given(inner);
+                }
+            }
+        }
+        let mut data = Serialized::defaults(self.0).data()?;
+        data.values_mut().for_each(given);
+        Ok(data)
+    }
 }
 
 /// `TXQ_*` variables that are not config keys: the config file's name, the
@@ -356,6 +371,7 @@ fn describe(e: &figment::Error) -> String {
     }
     let key = path.join(".");
     let from = match &e.metadata {
+        Some(m) if m.name == FLAGS => format!(" (flag --{})", key.replace('_', "-")),
         Some(m) if m.name.contains("environment") => {
             format!(
                 " (environment variable TXQ_{})",
@@ -452,7 +468,7 @@ impl Config {
                     .split("__")
                     .filter(|key| is_config_variable(key.as_str())),
             )
-            .merge(Serialized::defaults(overrides))
+            .merge(Flags(overrides))
             .extract()
             .map_err(|e| ConfigError::parse(*Box::new(e)))?;
         config.validate()?;
@@ -1093,20 +1109,33 @@ mod tests {
         figment::Jail::expect_with(|jail| {
             jail.create_file(
                 "txq.toml",
-                "concurrency = 4\nqueue = \"from.file\"\n[jobs.transfer]\nisolation = \"serializable\"\n",
+                "concurrency = 4\nqueue = \"from.file\"\nmetrics_addr = \"\"\n[jobs.transfer]\nisolation = \"serializable\"\n",
             )?;
             jail.set_env("TXQ_QUEUE", "from.env");
             jail.set_env("TXQ_RETRY__MAX_ATTEMPTS", "7");
             jail.set_env("TXQ_RETRY__DELAYS", "[\"2s\", \"1m\"]");
             jail.set_env("TXQ_TEST_AMQP_URL", "ignored");
-            let flags = Overrides {
-                concurrency: Some(8),
-                ..Overrides::default()
+            // One key in all three layers: the flag wins.
+            jail.set_env("TXQ_CONCURRENCY", "6");
+            let load = |flags: &Overrides| {
+                Config::load(Some(Path::new("txq.toml")), flags).map_err(|e| e.to_string())
             };
-            let config =
-                Config::load(Some(Path::new("txq.toml")), &flags).map_err(|e| e.to_string())?;
+            let mut flags = Overrides::default();
+            flags.worker.concurrency = NonZeroU16::new(8);
+            let config = load(&flags)?;
             assert_eq!(config.concurrency.get(), 8);
+            // Flags not given hide nothing.
             assert_eq!(config.queue, "from.env");
+            assert_eq!(config.metrics_addr, None);
+            assert_eq!(load(&Overrides::default())?.concurrency.get(), 6);
+            flags.worker.metrics_addr = Some("0.0.0.0:9464".into());
+            assert_eq!(load(&flags)?.metrics_addr, "0.0.0.0:9464".parse().ok());
+            flags.worker.metrics_addr = Some("anywhere".into());
+            let err = load(&flags).unwrap_err();
+            assert!(
+                err.contains("`metrics_addr` (flag --metrics-addr): expected"),
+                "{err}"
+            );
             assert_eq!(config.retry.max_attempts.get(), 7);
             assert_eq!(
                 config.retry.delays,

@@ -7,7 +7,8 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
-use txq::config::{LogFormat, Overrides};
+use txq::config::Overrides;
+use txq::config::flags::{BrokerArgs, DbArgs, LogArgs, WorkerArgs};
 
 // Exit codes and the `--json` convention: README, "Exit codes".
 use txq::{Config, Handler, JobError, JobMeta, Tx, Worker};
@@ -37,35 +38,8 @@ struct Cli {
     command: Command,
 }
 
-/// How to reach RabbitMQ [config: amqp_url, queue].
-#[derive(Args, Default)]
-#[command(next_help_heading = "Connection")]
-struct BrokerArgs {
-    /// RabbitMQ URL, or several separated by commas [config: amqp_url]
-    #[arg(long, global = true)]
-    amqp_url: Option<String>,
-    /// Request queue [config: queue]
-    #[arg(long, global = true)]
-    queue: Option<String>,
-}
-
-/// How to reach the database [config: database_url].
-#[derive(Args, Default)]
-#[command(next_help_heading = "Connection")]
-struct DbArgs {
-    /// Database URL: mysql://, mariadb://, postgres:// or sqlite:// [config: database_url]
-    #[arg(long, global = true)]
-    database_url: Option<String>,
-}
-
-/// Log line format [config: log_format].
-#[derive(Args, Default)]
-#[command(next_help_heading = "Connection")]
-struct LogArgs {
-    /// Log format: text or json [config: log_format]
-    #[arg(long, global = true, value_enum)]
-    log_format: Option<LogFormat>,
-}
+// The flags that set config keys are declared once, in txq::config::flags; each
+// command takes the groups it needs.
 
 #[derive(Subcommand)]
 enum Command {
@@ -137,35 +111,38 @@ enum Command {
 }
 
 impl Command {
-    /// The config overrides this command's flags make.
+    /// The config overrides this command's flags make: the groups of flags it
+    /// takes, as they are.
     fn overrides(&self) -> Overrides {
-        let none = (BrokerArgs::default(), DbArgs::default(), LogArgs::default());
-        let (broker, db, log) = match self {
+        let mut all = Overrides::default();
+        match self {
             Command::Run {
-                broker, db, log, ..
+                args,
+                broker,
+                db,
+                log,
+            } => {
+                all.broker = broker.clone();
+                all.db = db.clone();
+                all.log = log.clone();
+                all.worker = args.worker.clone();
             }
-            | Command::Config {
+            Command::Config {
                 broker, db, log, ..
-            } => (broker, db, log),
-            Command::Migrate { db } => (&none.0, db, &none.2),
+            } => {
+                all.broker = broker.clone();
+                all.db = db.clone();
+                all.log = log.clone();
+            }
+            Command::Migrate { db } | Command::Inbox(InboxCommand::Prune { db, .. }) => {
+                all.db = db.clone();
+            }
             Command::Dlq { broker, .. } | Command::Submit { broker, .. } => {
-                (broker, &none.1, &none.2)
+                all.broker = broker.clone();
             }
-            Command::Ops(_) => (&none.0, &none.1, &none.2),
-            Command::Inbox(InboxCommand::Prune { db, .. }) => (&none.0, db, &none.2),
-        };
-        let run = match self {
-            Command::Run { args, .. } => Some(args),
-            _ => None,
-        };
-        Overrides {
-            amqp_url: broker.amqp_url.clone(),
-            database_url: db.database_url.clone(),
-            queue: broker.queue.clone(),
-            concurrency: run.and_then(|r| r.concurrency),
-            log_format: log.log_format,
-            metrics_addr: run.and_then(|r| r.metrics_addr.clone()),
+            Command::Ops(_) => {}
         }
+        all
     }
 }
 
@@ -200,9 +177,8 @@ enum InboxCommand {
 
 #[derive(Args)]
 struct RunArgs {
-    /// Jobs in flight at most [config: concurrency]
-    #[arg(long)]
-    concurrency: Option<usize>,
+    #[command(flatten)]
+    worker: WorkerArgs,
     /// Job types defined as SQL steps in this TOML file (one handler per operation)
     #[arg(long, env = "TXQ_OPS")]
     ops: Option<PathBuf>,
@@ -210,9 +186,6 @@ struct RunArgs {
     /// examples/bank/schema.sqlite.sql)
     #[arg(long)]
     init_sql: Option<PathBuf>,
-    /// Serve /metrics, /healthz and /readyz here; "" turns it off [config: metrics_addr]
-    #[arg(long)]
-    metrics_addr: Option<String>,
 }
 
 fn main() -> ExitCode {

@@ -16,22 +16,15 @@ use lapin::options::BasicPublishOptions;
 use rand::Rng as _;
 use tokio_util::sync::CancellationToken;
 use txq::config::Overrides;
+use txq::config::flags::{BrokerArgs, DbArgs};
 use txq::{Config, Worker};
 
+/// The bank workloads as a txq worker.
 #[derive(Parser)]
 struct Args {
-    /// RabbitMQ URL (default: config / TXQ_AMQP_URL)
+    /// Jobs in flight at most [config: concurrency]
     #[arg(long)]
-    amqp_url: Option<String>,
-    /// Database URL (default: config / TXQ_DATABASE_URL, else sqlite://txq.db)
-    #[arg(long)]
-    database_url: Option<String>,
-    /// Request queue
-    #[arg(long)]
-    queue: Option<String>,
-    /// Jobs in flight at most
-    #[arg(long)]
-    concurrency: Option<usize>,
+    concurrency: Option<std::num::NonZeroU16>,
     /// (Re)create the tables before running
     #[arg(long)]
     setup: bool,
@@ -44,22 +37,24 @@ struct Args {
     /// Exit after --setup/--load instead of running the worker
     #[arg(long)]
     no_run: bool,
+    // Last: their heading, "Connection", holds for what follows.
+    #[command(flatten)]
+    broker: BrokerArgs,
+    #[command(flatten)]
+    db: DbArgs,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let config = Config::load(
-        None,
-        &Overrides {
-            amqp_url: args.amqp_url,
-            database_url: args.database_url,
-            queue: args.queue,
-            concurrency: args.concurrency,
-            log_format: None,
-            metrics_addr: None,
-        },
-    )?;
+    let mut overrides = Overrides {
+        broker: args.broker,
+        db: args.db,
+        ..Overrides::default()
+    };
+    // Not `WorkerArgs`: this worker serves no metrics port.
+    overrides.worker.concurrency = args.concurrency;
+    let config = Config::load(None, &overrides)?;
     let _telemetry = txq::telemetry::init(config.log_format);
     // The same metrics as `txq run` are recorded (and so costed in benchmarks);
     // tests run several of these at once, so none serves a port.

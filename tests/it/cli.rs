@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde_json::json;
 use tokio::io::AsyncBufReadExt as _;
 
-use crate::support::{Client, Request, TestDb, amqp_url, pg_url, unique};
+use crate::support::{Client, Request, TempFile, TestDb, amqp_url, pg_url, unique};
 
 /// The exit codes of README's table.
 const OK: i32 = 0;
@@ -105,6 +105,39 @@ async fn config_prints_toml_or_json_with_secrets_redacted() {
     let parsed: serde_json::Value = serde_json::from_str(&json_out.stdout).expect("JSON");
     assert_eq!(parsed["concurrency"], 16);
     assert!(!json_out.stdout.contains("hunter2") && !toml_out.stdout.contains("hunter2"));
+}
+
+/// One key in the config file, a `TXQ_*` variable and a flag: the flag wins over
+/// the variable, the variable over the file; a flag not given hides nothing.
+#[tokio::test]
+async fn flags_win_over_variables_which_win_over_the_file() {
+    let file = TempFile::with(
+        "txq.toml",
+        "queue = \"from.file\"\nmetrics_addr = \"\"\nlog_format = \"json\"\n",
+    );
+    let path = file.0.to_str().expect("path");
+    let effective = |flag: Option<&str>, env: Option<&str>| {
+        let mut args = vec!["-c", path, "config", "--json"];
+        args.extend(flag.map(|q| ["--queue", q]).into_iter().flatten());
+        let mut command = txq(&args);
+        command.env_remove("TXQ_METRICS_ADDR");
+        if let Some(q) = env {
+            command.env("TXQ_QUEUE", q);
+        }
+        async move {
+            let out = output(command).await;
+            assert_eq!(out.code, OK, "{}", out.stderr);
+            serde_json::from_str::<serde_json::Value>(&out.stdout).expect("JSON")
+        }
+    };
+    let config = effective(Some("from.flag"), Some("from.env")).await;
+    assert_eq!(config["queue"], "from.flag");
+    assert_eq!(
+        (&config["metrics_addr"], &config["log_format"]),
+        (&json!(""), &json!("json"))
+    );
+    assert_eq!(effective(None, Some("from.env")).await["queue"], "from.env");
+    assert_eq!(effective(None, None).await["queue"], "from.file");
 }
 
 /// A closed stdout ends the command quietly with success, as ripgrep does.
