@@ -1,6 +1,6 @@
 //! The inbox: one row per processed `message_id`, written in the job's own
 //! transaction, so that a request's effects and its "done" mark commit together
-//! (ARCHITECTURE.md, "effects happen once"). [`Inbox`] is the only code that decides
+//! (ARCHITECTURE.md, "effects happen once"). `Inbox` is the only code that decides
 //! when a row is claimed, recorded or read.
 
 use super::{Backend, Db, Tx};
