@@ -35,15 +35,24 @@ enum SessionEnd {
     Fatal(WorkerError),
 }
 
+/// The jobs of all sessions: they outlive the connection they came on.
+struct Jobs {
+    permits: Arc<Semaphore>,
+    tracker: TaskTracker,
+    /// Fires when the grace period is over: jobs still running roll back and requeue.
+    hard_stop: CancellationToken,
+}
+
 /// Consumes until `shutdown`, reconnecting as needed; then drains.
 pub(crate) async fn run(
     shared: Arc<Shared>,
     shutdown: CancellationToken,
 ) -> Result<(), WorkerError> {
-    let permits = Arc::new(Semaphore::new(shared.concurrency));
-    let tracker = TaskTracker::new();
-    // Fires when the grace period is over: jobs still running roll back and requeue.
-    let hard_stop = CancellationToken::new();
+    let jobs = Jobs {
+        permits: Arc::new(Semaphore::new(shared.concurrency)),
+        tracker: TaskTracker::new(),
+        hard_stop: CancellationToken::new(),
+    };
     let mut failures: u32 = 0;
     // Which of the configured broker URLs to try first: the one that worked last,
     // or after a loss the next one (fail-over in a cluster).
@@ -53,15 +62,7 @@ pub(crate) async fn run(
     let mut startup_attempts: u32 = 0;
     crate::events::started(shared.concurrency);
     let (connection, result) = loop {
-        let end = session(
-            &shared,
-            &mut cursor,
-            &permits,
-            &tracker,
-            &hard_stop,
-            &shutdown,
-        )
-        .await;
+        let end = session(&shared, &mut cursor, &jobs, &shutdown).await;
         shared.health.set_consuming(false);
         match end {
             SessionEnd::Shutdown(conn, channel) => break (Some((conn, channel)), Ok(())),
@@ -118,7 +119,7 @@ pub(crate) async fn run(
     };
     // The grace period runs from the stop, whatever the broker did since.
     let stopped_at = tokio::time::Instant::now();
-    let teardown_by = drain(&tracker, &hard_stop, stopped_at + shared.shutdown_grace).await;
+    let teardown_by = drain(&jobs, stopped_at + shared.shutdown_grace).await;
     if let Some((conn, channel)) = connection {
         // Bounded: a broker in a resource alarm stops reading from the socket, a
         // half-open socket never answers, and the process must still exit. What is
@@ -164,9 +165,7 @@ async fn unless_stopped<T>(
 async fn session(
     shared: &Arc<Shared>,
     cursor: &mut usize,
-    permits: &Arc<Semaphore>,
-    tracker: &TaskTracker,
-    hard_stop: &CancellationToken,
+    jobs: &Jobs,
     shutdown: &CancellationToken,
 ) -> SessionEnd {
     let lost = |e: WorkerError| SessionEnd::Lost {
@@ -250,7 +249,7 @@ async fn session(
                 lapin::Event::Error(e) => break Some(WorkerError::from(e)),
                 _ => continue,
             },
-            permit = permits.clone().acquire_owned() => match permit {
+            permit = jobs.permits.clone().acquire_owned() => match permit {
                 Ok(permit) => permit,
                 // The semaphore is never closed.
                 Err(_) => break None,
@@ -263,7 +262,9 @@ async fn session(
         };
         match next {
             Some(Ok(delivery)) => {
-                tracker.spawn(process(ctx.clone(), delivery, permit, hard_stop.clone()));
+                let hard_stop = jobs.hard_stop.clone();
+                jobs.tracker
+                    .spawn(process(ctx.clone(), delivery, permit, hard_stop));
             }
             Some(Err(e)) => break Some(WorkerError::from(e)),
             None => break Some(BrokerError::ConsumerCancelled(queue.to_owned()).into()),
@@ -273,7 +274,7 @@ async fn session(
     match end {
         None => {
             info!(
-                in_flight = tracker.len(),
+                in_flight = jobs.tracker.len(),
                 "stopping: no new deliveries; finishing jobs in flight"
             );
             if answers(&conn) {
@@ -300,11 +301,10 @@ async fn session(
 
 /// Waits for the jobs in flight until `grace_ends`; then makes the rest roll back
 /// and requeue, and waits for that a little. Returns when the close must be done by.
-async fn drain(
-    tracker: &TaskTracker,
-    hard_stop: &CancellationToken,
-    grace_ends: tokio::time::Instant,
-) -> tokio::time::Instant {
+async fn drain(jobs: &Jobs, grace_ends: tokio::time::Instant) -> tokio::time::Instant {
+    let Jobs {
+        tracker, hard_stop, ..
+    } = jobs;
     tracker.close();
     if tokio::time::timeout_at(grace_ends, tracker.wait())
         .await
