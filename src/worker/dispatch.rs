@@ -53,70 +53,8 @@ pub(crate) async fn run(
         tracker: TaskTracker::new(),
         hard_stop: CancellationToken::new(),
     };
-    let mut failures: u32 = 0;
-    // Which of the configured broker URLs to try first: the one that worked last,
-    // or after a loss the next one (fail-over in a cluster).
-    let mut cursor = 0;
-    // Whether a session ever consumed: until then, connecting is bounded.
-    let mut started = false;
-    let mut startup_attempts: u32 = 0;
     crate::events::started(shared.concurrency);
-    let (connection, result) = loop {
-        let end = session(&shared, &mut cursor, &jobs, &shutdown).await;
-        shared.health.set_consuming(false);
-        match end {
-            SessionEnd::Shutdown(conn, channel) => break (Some((conn, channel)), Ok(())),
-            SessionEnd::Fatal(e) => break (None, Err(e)),
-            SessionEnd::Lost { error: e, consumed } => {
-                if shutdown.is_cancelled() {
-                    break (None, Ok(()));
-                }
-                started |= consumed;
-                if !started {
-                    // Never connected yet: a refused login will not change, and a
-                    // broker that never answers is given a bounded time.
-                    if e.is_refused_login() {
-                        break (None, Err(e));
-                    }
-                    startup_attempts += 1;
-                    if startup_attempts >= shared.connect_attempts {
-                        let last = e.to_string();
-                        break (
-                            None,
-                            Err(BrokerError::Unreachable {
-                                attempts: startup_attempts,
-                                last,
-                            }
-                            .into()),
-                        );
-                    }
-                }
-                cursor = cursor.wrapping_add(1);
-                // A frame the AMQP client cannot parse ends the connection, and the
-                // same message comes back first: never reset the backoff for it.
-                let unparsable = e.is_unparsable_frame();
-                if unparsable {
-                    crate::events::unparsable_frame(&e, shared.topology.queue_type);
-                }
-                failures = if consumed && !unparsable {
-                    1
-                } else {
-                    failures.saturating_add(1)
-                };
-                let delay = reconnect_delay(failures);
-                if started {
-                    crate::events::reconnecting(&e, delay);
-                    shared.health.count_reconnect();
-                } else {
-                    crate::events::connecting(&e, startup_attempts, shared.connect_attempts, delay);
-                }
-                tokio::select! {
-                    _ = shutdown.cancelled() => break (None, Ok(())),
-                    _ = tokio::time::sleep(delay) => {}
-                }
-            }
-        }
-    };
+    let (connection, result) = sessions(&shared, &jobs, &shutdown).await;
     // The grace period runs from the stop, whatever the broker did since.
     let stopped_at = tokio::time::Instant::now();
     let teardown_by = drain(&jobs, stopped_at + shared.shutdown_grace).await;
@@ -133,6 +71,100 @@ pub(crate) async fn run(
         }
     }
     result
+}
+
+/// Runs sessions until shutdown or an end reconnecting cannot mend. Returns the
+/// connection and channel to drain on and close, if the stop left them open.
+async fn sessions(
+    shared: &Arc<Shared>,
+    jobs: &Jobs,
+    shutdown: &CancellationToken,
+) -> (Option<Open>, Result<(), WorkerError>) {
+    let mut reconnects = Reconnects::default();
+    loop {
+        let end = session(shared, &mut reconnects.cursor, jobs, shutdown).await;
+        shared.health.set_consuming(false);
+        let (error, consumed) = match end {
+            SessionEnd::Shutdown(conn, channel) => return (Some((conn, channel)), Ok(())),
+            SessionEnd::Fatal(e) => return (None, Err(e)),
+            SessionEnd::Lost { error, consumed } => (error, consumed),
+        };
+        if shutdown.is_cancelled() {
+            return (None, Ok(()));
+        }
+        let delay = match reconnects.after_loss(shared, error, consumed) {
+            Ok(delay) => delay,
+            Err(e) => return (None, Err(e)),
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return (None, Ok(())),
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// A connection and its consumer's channel, left open for the drain.
+type Open = (Arc<Connection>, lapin::Channel);
+
+/// What the reconnects remember from one session to the next.
+#[derive(Default)]
+struct Reconnects {
+    /// Which of the configured broker URLs to try first: the one that worked last,
+    /// or after a loss the next one (fail-over in a cluster).
+    cursor: usize,
+    failures: u32,
+    /// Whether a session ever consumed: until then, connecting is bounded.
+    started: bool,
+    startup_attempts: u32,
+}
+
+impl Reconnects {
+    /// After a lost session: how long to wait before the next, or the error that
+    /// ends the worker.
+    fn after_loss(
+        &mut self,
+        shared: &Shared,
+        e: WorkerError,
+        consumed: bool,
+    ) -> Result<Duration, WorkerError> {
+        self.started |= consumed;
+        if !self.started {
+            // Never connected yet: a refused login will not change, and a
+            // broker that never answers is given a bounded time.
+            if e.is_refused_login() {
+                return Err(e);
+            }
+            self.startup_attempts += 1;
+            if self.startup_attempts >= shared.connect_attempts {
+                let last = e.to_string();
+                return Err(BrokerError::Unreachable {
+                    attempts: self.startup_attempts,
+                    last,
+                }
+                .into());
+            }
+        }
+        self.cursor = self.cursor.wrapping_add(1);
+        // A frame the AMQP client cannot parse ends the connection, and the
+        // same message comes back first: never reset the backoff for it.
+        let unparsable = e.is_unparsable_frame();
+        if unparsable {
+            crate::events::unparsable_frame(&e, shared.topology.queue_type);
+        }
+        self.failures = if consumed && !unparsable {
+            1
+        } else {
+            self.failures.saturating_add(1)
+        };
+        let delay = reconnect_delay(self.failures);
+        if self.started {
+            crate::events::reconnecting(&e, delay);
+            shared.health.count_reconnect();
+        } else {
+            crate::events::connecting(&e, self.startup_attempts, shared.connect_attempts, delay);
+        }
+        Ok(delay)
+    }
 }
 
 /// Whether the broker can answer on `conn`: a connection RabbitMQ blocked (a
