@@ -9,11 +9,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt as _;
-use lapin::Connection;
+use futures_util::{Stream, StreamExt as _};
 use lapin::message::Delivery;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
+use lapin::{Connection, Consumer};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -200,58 +200,15 @@ async fn session(
     jobs: &Jobs,
     shutdown: &CancellationToken,
 ) -> SessionEnd {
-    let lost = |e: WorkerError| SessionEnd::Lost {
-        error: e,
-        consumed: false,
+    let conn = match connect(shared, cursor, shutdown).await {
+        Ok(conn) => conn,
+        Err(end) => return end,
     };
-    // Stopping before consuming: nothing is in flight, nothing to drain.
-    let stopped = || SessionEnd::Lost {
-        error: BrokerError::Stopped.into(),
-        consumed: false,
-    };
-    let connect = broker::connect_any(&shared.amqp_urls, *cursor, &shared.connection_name);
-    let conn = match unless_stopped(shutdown, connect).await {
-        None => return stopped(),
-        Some(Ok((c, index))) => {
-            *cursor = index;
-            Arc::new(c)
-        }
-        Some(Err(e)) => return lost(e.into()),
-    };
-    let setup = async {
-        let channel = conn.create_channel().await.map_err(|e| lost(e.into()))?;
-        if let Err(e) = broker::declare(&channel, &shared.topology).await {
-            // The broker refusing a declaration is a configuration problem.
-            return Err(match &e {
-                BrokerError::Declare { source, .. } if source.is_amqp_soft_error() => {
-                    SessionEnd::Fatal(e.into())
-                }
-                BrokerError::InvalidName(_) => SessionEnd::Fatal(e.into()),
-                _ => lost(e.into()),
-            });
-        }
-        channel
-            .basic_qos(shared.prefetch, BasicQosOptions::default())
-            .await
-            .map_err(|e| lost(e.into()))?;
-        let tag = format!("txq-{}", uuid::Uuid::new_v4());
-        let consumer = channel
-            .basic_consume(
-                shared.topology.request_queue.as_str().into(),
-                tag.as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| lost(e.into()))?;
-        Ok((channel, tag, consumer))
-    };
-    let (channel, tag, mut consumer) = match unless_stopped(shutdown, setup).await {
+    let (channel, tag, mut consumer) = match unless_stopped(shutdown, setup(&conn, shared)).await {
         None => return stopped(),
         Some(Err(end)) => return end,
         Some(Ok(set)) => set,
     };
-    let queue = shared.topology.request_queue.as_str();
     let mut events = Box::pin(conn.events_listener());
     // Confirms are pipelined, so one channel carries all the replies (and the broker
     // batches its confirms; BENCHMARKS.md). Jobs of this
@@ -265,57 +222,16 @@ async fn session(
     });
     shared.health.set_consuming(true);
     info!(
-        queue,
+        queue = shared.topology.request_queue.as_str(),
         prefetch = shared.prefetch,
         concurrency = shared.concurrency,
         "consuming"
     );
-
-    let end = loop {
-        let permit = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break None,
-            // While every permit is taken nobody reads the consumer, so a lost
-            // connection would go unnoticed until a job ends: watch it here.
-            Some(event) = events.next() => match event {
-                lapin::Event::Error(e) => break Some(WorkerError::from(e)),
-                _ => continue,
-            },
-            permit = jobs.permits.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                // The semaphore is never closed.
-                Err(_) => break None,
-            },
-        };
-        let next = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break None,
-            next = consumer.next() => next,
-        };
-        match next {
-            Some(Ok(delivery)) => {
-                let hard_stop = jobs.hard_stop.clone();
-                jobs.tracker
-                    .spawn(process(ctx.clone(), delivery, permit, hard_stop));
-            }
-            Some(Err(e)) => break Some(WorkerError::from(e)),
-            None => break Some(BrokerError::ConsumerCancelled(queue.to_owned()).into()),
-        }
-    };
+    let end = consume(&ctx, &mut consumer, &mut events, jobs, shutdown).await;
     shared.health.set_consuming(false);
     match end {
         None => {
-            info!(
-                in_flight = jobs.tracker.len(),
-                "stopping: no new deliveries; finishing jobs in flight"
-            );
-            if answers(&conn) {
-                let cancel =
-                    channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default());
-                if tokio::time::timeout(TEARDOWN_LIMIT, cancel).await.is_err() {
-                    warn!(limit = ?TEARDOWN_LIMIT, "rabbitmq did not confirm the consumer's cancel; draining anyway");
-                }
-            }
+            stop_consuming(&conn, &channel, &tag, jobs.tracker.len()).await;
             SessionEnd::Shutdown(conn, channel)
         }
         Some(error) => {
@@ -327,6 +243,129 @@ async fn session(
                 error,
                 consumed: true,
             }
+        }
+    }
+}
+
+/// A session that ends before consuming.
+fn lost(e: WorkerError) -> SessionEnd {
+    SessionEnd::Lost {
+        error: e,
+        consumed: false,
+    }
+}
+
+/// Stopping before consuming: nothing is in flight, nothing to drain.
+fn stopped() -> SessionEnd {
+    lost(BrokerError::Stopped.into())
+}
+
+/// Connects to one of the broker URLs, trying the one at `cursor` first; `cursor`
+/// becomes the one that answered.
+async fn connect(
+    shared: &Shared,
+    cursor: &mut usize,
+    shutdown: &CancellationToken,
+) -> Result<Arc<Connection>, SessionEnd> {
+    let connect = broker::connect_any(&shared.amqp_urls, *cursor, &shared.connection_name);
+    match unless_stopped(shutdown, connect).await {
+        None => Err(stopped()),
+        Some(Ok((c, index))) => {
+            *cursor = index;
+            Ok(Arc::new(c))
+        }
+        Some(Err(e)) => Err(lost(e.into())),
+    }
+}
+
+/// Opens the consumer's channel, declares the topology, sets the prefetch and
+/// starts consuming; returns the channel, the consumer tag and the consumer.
+async fn setup(
+    conn: &Connection,
+    shared: &Shared,
+) -> Result<(lapin::Channel, String, Consumer), SessionEnd> {
+    let channel = conn.create_channel().await.map_err(|e| lost(e.into()))?;
+    if let Err(e) = broker::declare(&channel, &shared.topology).await {
+        // The broker refusing a declaration is a configuration problem.
+        return Err(match &e {
+            BrokerError::Declare { source, .. } if source.is_amqp_soft_error() => {
+                SessionEnd::Fatal(e.into())
+            }
+            BrokerError::InvalidName(_) => SessionEnd::Fatal(e.into()),
+            _ => lost(e.into()),
+        });
+    }
+    channel
+        .basic_qos(shared.prefetch, BasicQosOptions::default())
+        .await
+        .map_err(|e| lost(e.into()))?;
+    let tag = format!("txq-{}", uuid::Uuid::new_v4());
+    let consumer = channel
+        .basic_consume(
+            shared.topology.request_queue.as_str().into(),
+            tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| lost(e.into()))?;
+    Ok((channel, tag, consumer))
+}
+
+/// Takes a permit, then pulls the next delivery and spawns its job, until
+/// shutdown (`None`) or the connection or consumer is lost.
+async fn consume(
+    ctx: &Arc<Context>,
+    consumer: &mut Consumer,
+    events: &mut (impl Stream<Item = lapin::Event> + Unpin),
+    jobs: &Jobs,
+    shutdown: &CancellationToken,
+) -> Option<WorkerError> {
+    loop {
+        let permit = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return None,
+            // While every permit is taken nobody reads the consumer, so a lost
+            // connection would go unnoticed until a job ends: watch it here.
+            Some(event) = events.next() => match event {
+                lapin::Event::Error(e) => return Some(WorkerError::from(e)),
+                _ => continue,
+            },
+            permit = jobs.permits.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                // The semaphore is never closed.
+                Err(_) => return None,
+            },
+        };
+        let next = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return None,
+            next = consumer.next() => next,
+        };
+        match next {
+            Some(Ok(delivery)) => {
+                let job = process(ctx.clone(), delivery, permit, jobs.hard_stop.clone());
+                jobs.tracker.spawn(job);
+            }
+            Some(Err(e)) => return Some(WorkerError::from(e)),
+            None => {
+                let queue = ctx.topology.request_queue.clone();
+                return Some(BrokerError::ConsumerCancelled(queue).into());
+            }
+        }
+    }
+}
+
+/// Cancels the consumer so no new deliveries come while the jobs in flight finish.
+async fn stop_consuming(conn: &Connection, channel: &lapin::Channel, tag: &str, in_flight: usize) {
+    info!(
+        in_flight,
+        "stopping: no new deliveries; finishing jobs in flight"
+    );
+    if answers(conn) {
+        let cancel = channel.basic_cancel(tag.into(), BasicCancelOptions::default());
+        if tokio::time::timeout(TEARDOWN_LIMIT, cancel).await.is_err() {
+            warn!(limit = ?TEARDOWN_LIMIT, "rabbitmq did not confirm the consumer's cancel; draining anyway");
         }
     }
 }
