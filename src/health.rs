@@ -42,8 +42,8 @@ impl Health {
         self.inner.retries.load(Ordering::Relaxed)
     }
 
-    pub(crate) fn count_settled(&self) {
-        self.inner.settled.fetch_add(1, Ordering::Relaxed);
+    pub(crate) fn count_settled(&self, acked: u64) {
+        self.inner.settled.fetch_add(acked, Ordering::Relaxed);
     }
 
     pub(crate) fn count_retry(&self) {

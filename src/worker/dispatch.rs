@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument as _, info, info_span, warn};
 
+use super::acks::Acks;
 use super::{Context, Shared, WorkerError, finish, job};
 use crate::broker::{self, BrokerError, Envelope, Publisher, Trace};
 
@@ -27,7 +28,7 @@ enum SessionEnd {
     /// Shutdown was requested; the connection and the consumer's channel stay open
     /// for the drain (dropping the channel would close it, and the acks of jobs in
     /// flight could no longer be sent).
-    Shutdown(Arc<Connection>, lapin::Channel),
+    Shutdown(Open),
     /// The connection or consumer was lost: reconnect. `consumed`: the session got
     /// as far as consuming (so the backoff starts over).
     Lost { error: WorkerError, consumed: bool },
@@ -58,10 +59,16 @@ pub(crate) async fn run(
     // The grace period runs from the stop, whatever the broker did since.
     let stopped_at = tokio::time::Instant::now();
     let teardown_by = drain(&jobs, stopped_at + shared.shutdown_grace).await;
-    if let Some((conn, channel)) = connection {
+    if let Some(Open {
+        conn,
+        channel,
+        acks,
+    }) = connection
+    {
         // Bounded: a broker in a resource alarm stops reading from the socket, a
         // half-open socket never answers, and the process must still exit. What is
         // not acked by then goes back to the queue when the socket closes.
+        acks.finish(teardown_by).await;
         let close = async {
             let _ = channel.close(200, "txq worker stopping".into()).await;
             let _ = conn.close(200, "txq worker stopping".into()).await;
@@ -85,7 +92,7 @@ async fn sessions(
         let end = session(shared, &mut reconnects.cursor, jobs, shutdown).await;
         shared.health.set_consuming(false);
         let (error, consumed) = match end {
-            SessionEnd::Shutdown(conn, channel) => return (Some((conn, channel)), Ok(())),
+            SessionEnd::Shutdown(open) => return (Some(open), Ok(())),
             SessionEnd::Fatal(e) => return (None, Err(e)),
             SessionEnd::Lost { error, consumed } => (error, consumed),
         };
@@ -103,8 +110,39 @@ async fn sessions(
     }
 }
 
-/// A connection and its consumer's channel, left open for the drain.
-type Open = (Arc<Connection>, lapin::Channel);
+/// A connection, its consumer's channel and the channel's ack sender, left open
+/// for the drain.
+struct Open {
+    conn: Arc<Connection>,
+    channel: lapin::Channel,
+    acks: AckTask,
+}
+
+/// The task that sends a session's coalesced acks.
+struct AckTask {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl AckTask {
+    fn spawn(acks: &Arc<Acks>, health: &crate::Health) -> Self {
+        let stop = CancellationToken::new();
+        let health = health.clone();
+        let task = tokio::spawn(
+            acks.clone()
+                .run(stop.clone(), move |acked| health.count_settled(acked)),
+        );
+        Self { stop, task }
+    }
+
+    /// Sends what is done, then ends; bounded, since a blocked broker does not read.
+    async fn finish(self, by: tokio::time::Instant) {
+        self.stop.cancel();
+        if tokio::time::timeout_at(by, self.task).await.is_err() {
+            warn!("the last acks were not sent in time; the broker redelivers those requests");
+        }
+    }
+}
 
 /// What the reconnects remember from one session to the next.
 #[derive(Default)]
@@ -215,9 +253,12 @@ async fn session(
     // session publish on this connection only; after a loss, theirs fail and the
     // broker redelivers their requests.
     let connection_lost = CancellationToken::new();
+    let acks = Acks::new();
+    let ack_task = AckTask::spawn(&acks, &shared.health);
     let ctx = Arc::new(Context {
         shared: shared.clone(),
         publisher: Publisher::new(conn.clone(), 1, connection_lost.clone()),
+        acks,
         connection_lost: connection_lost.clone(),
     });
     shared.health.set_consuming(true);
@@ -232,12 +273,17 @@ async fn session(
     match end {
         None => {
             stop_consuming(&conn, &channel, &tag, jobs.tracker.len()).await;
-            SessionEnd::Shutdown(conn, channel)
+            SessionEnd::Shutdown(Open {
+                conn,
+                channel,
+                acks: ack_task,
+            })
         }
         Some(error) => {
             // Jobs of this session still waiting for a confirm give up now; the
-            // broker has requeued their requests already.
+            // broker has requeued their requests already, acked-to-be or not.
             connection_lost.cancel();
+            ack_task.task.abort();
             ctx.publisher.close().await;
             SessionEnd::Lost {
                 error,
@@ -344,6 +390,8 @@ async fn consume(
         };
         match next {
             Some(Ok(delivery)) => {
+                // Before its job runs: the ack window must know every tag in order.
+                ctx.acks.issued(delivery.delivery_tag);
                 let job = process(ctx.clone(), delivery, permit, jobs.hard_stop.clone());
                 jobs.tracker.spawn(job);
             }

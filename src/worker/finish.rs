@@ -6,7 +6,7 @@
 //! commit and confirmed publishes" and "No single message stops consumption".
 
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicNackOptions};
+use lapin::options::BasicNackOptions;
 use lapin::types::AMQPValue;
 use tracing::{debug, error, warn};
 
@@ -363,23 +363,23 @@ async fn publish(
     }
 }
 
-/// Acks, or requeues. A delivery whose channel died is left alone: the broker
-/// already requeued it, and its tag means nothing on any other channel.
+/// Acks (through the session's coalescing window, `acks.rs`), or requeues. A
+/// delivery whose channel died is left alone: the broker already requeued it, and
+/// its tag means nothing on any other channel.
 async fn settle(ctx: &Context, delivery: &Delivery, ack: bool) {
+    let tag = delivery.delivery_tag;
     if !delivery.acker.usable() || ctx.connection_lost.is_cancelled() {
         warn!("the delivery's channel is gone; the broker redelivers it");
+        ctx.acks.settled(tag);
         return;
     }
-    let settled = async {
-        if ack {
-            delivery.ack(BasicAckOptions::default()).await
-        } else {
-            let requeue = BasicNackOptions {
-                requeue: true,
-                ..BasicNackOptions::default()
-            };
-            delivery.nack(requeue).await
-        }
+    if ack {
+        ctx.acks.ack(tag, delivery.acker.clone());
+        return;
+    }
+    let requeue = BasicNackOptions {
+        requeue: true,
+        ..BasicNackOptions::default()
     };
     let result = tokio::select! {
         // A frame for a dead connection is never written: do not wait for it.
@@ -387,11 +387,15 @@ async fn settle(ctx: &Context, delivery: &Delivery, ack: bool) {
             warn!("the connection was lost before the delivery was settled; the broker redelivers it");
             return;
         }
-        result = settled => result,
+        result = delivery.nack(requeue) => result,
     };
     match result {
-        Ok(_) if ack => ctx.health.count_settled(),
-        Ok(_) => {}
-        Err(e) => error!(error = %e, "could not settle the delivery; the broker will redeliver it"),
+        // Only once its nack frame is out may a multiple ack pass over this tag.
+        Ok(_) => ctx.acks.settled(tag),
+        // Left running in the window, so no multiple ack covers it: the channel
+        // is failing, and the broker redelivers it.
+        Err(e) => {
+            error!(error = %e, "could not requeue the delivery; the broker will redeliver it")
+        }
     }
 }

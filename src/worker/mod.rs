@@ -2,6 +2,7 @@
 //! bounded concurrency, publishes the confirmed reply (or retry, or dead-letter
 //! copy), then acks.
 
+mod acks;
 mod decide;
 mod dispatch;
 mod finish;
@@ -416,6 +417,8 @@ impl RequeuePause {
 pub(crate) struct Context {
     shared: Arc<Shared>,
     pub(crate) publisher: Publisher,
+    /// The consumer channel's acks, coalesced.
+    pub(crate) acks: Arc<acks::Acks>,
     /// Cancelled when this connection is lost: nothing sent on it can complete.
     pub(crate) connection_lost: CancellationToken,
 }

@@ -175,6 +175,70 @@ async fn jobs_in_flight_never_exceed_the_concurrency() {
     assert_eq!(client.depth(&requests).await, 0);
 }
 
+/// Acks are coalesced into multiple acks, and a multiple ack settles every tag
+/// below it. One must never cover a job still running: then a cut connection (or
+/// a crash) would lose that request. The first delivery is held at a gate while the
+/// rest finish; the broker must keep exactly it unacked, and after a cut it must
+/// come back and be answered.
+#[tokio::test]
+async fn a_multiple_ack_never_covers_a_job_still_running() {
+    const N: usize = 6;
+    let (test_db, client, requests, replies) = bank_env(Backend::Postgres, 2).await;
+    let batch: Vec<Request> = (0..N)
+        .map(|i| {
+            Request::json(if i == 0 { "gated" } else { "free" }, json!({}))
+                .id(&format!("a-{i}-{}", unique("m")))
+                .correlation(&format!("c-{i}"))
+        })
+        .collect();
+    client.publish_all(&requests, &batch).await;
+    let gated = |permits| {
+        let (waiting, _) = tokio::sync::watch::channel(0);
+        Gated {
+            gate: Arc::new(Semaphore::new(permits)),
+            started: Arc::default(),
+            now: Arc::default(),
+            peak: Arc::default(),
+            waiting,
+        }
+    };
+    let (held, free) = (gated(0), gated(N));
+    let proxy = Proxy::start().await;
+    let mut cfg = config(&test_db.url, &requests, &replies, N as u16);
+    cfg.amqp_url = txq::config::SecretUrl::new(proxy.url());
+    let mut worker = RunningWorker::start(
+        Worker::builder(cfg)
+            .handler("gated", held.clone())
+            .handler("free", free)
+            .database(test_db.db.clone()),
+    )
+    .await;
+    let mut collector = Collector::start(&client, &replies).await;
+    let rest: HashSet<String> = (1..N).map(|i| format!("c-{i}")).collect();
+    collector.wait_for_ids_while(&rest, &mut worker).await;
+    // Every finished job's ack goes out (alone, past the hold: tag 1 blocks the
+    // prefix), and the held one stays unacked. A multiple ack over tag 1 would
+    // take the count to 0.
+    worker
+        .eventually("the finished jobs acked, the held one not", || async {
+            (unacked(&requests).await == 1).then_some(())
+        })
+        .await;
+    assert_eq!(held.started.load(Ordering::SeqCst), 1);
+
+    proxy.cut();
+    held.gate.add_permits(2);
+    collector
+        .wait_for_ids_while(&correlation_ids(N), &mut worker)
+        .await;
+    worker.stop().await.expect("clean stop");
+    let got = collector.stop();
+    assert!(got.iter().all(|r| r.status() == "ok"), "{got:?}");
+    let (rows, ids) = jobs_logged(&test_db).await;
+    assert_eq!((rows, ids), (N as i64, N as i64), "each job committed once");
+    assert_eq!(client.depth(&requests).await, 0);
+}
+
 /// Rows in `jobs_log`, and distinct message_ids among them.
 async fn jobs_logged(test_db: &TestDb) -> (i64, i64) {
     let sql = "SELECT COUNT(*), COUNT(DISTINCT message_id) FROM jobs_log";
