@@ -25,6 +25,7 @@ use sqlx::{
     ValueRef as _,
 };
 
+use super::constraints::{Constraints, DEFAULT_CODE, Refusal};
 use super::params::{ParamSpec, ParamType, Value, bind_payload};
 use super::pg::{self, PgRaw};
 use super::spec::{Operation, ResultSpec, SpecError};
@@ -71,16 +72,36 @@ enum Arg {
 #[derive(Debug)]
 pub struct OpsHandler {
     params: BTreeMap<String, ParamSpec>,
+    /// In the order the file declares the parameters.
+    constraints: Vec<Constraints>,
     steps: Vec<CompiledStep>,
     result: ResultSpec,
 }
 
 impl OpsHandler {
-    /// Checks a payload (a JSON text) against the operation's parameters, as a job
-    /// does before it runs any step: `Err` is the `invalid_parameter` message.
-    pub fn check_payload(&self, payload: &str) -> Result<(), String> {
-        let raw = serde_json::from_str::<&RawValue>(payload).map_err(|e| e.to_string())?;
-        bind_payload(&self.params, raw).map(drop)
+    /// Checks a payload (a JSON text) against the operation's parameters and their
+    /// constraints, as a job does before it runs any step: `Err` is the rejection.
+    pub fn check_payload(&self, payload: &str) -> Result<(), Refusal> {
+        let raw = serde_json::from_str::<&RawValue>(payload).map_err(|e| Refusal {
+            code: DEFAULT_CODE.into(),
+            message: e.to_string(),
+        })?;
+        self.check(raw).map(drop)
+    }
+
+    /// The payload's values, bound to the declared types and checked against the
+    /// constraints, which need no database: a payload that fails answers
+    /// `rejected` (`invalid_parameter` for a missing, extra or wrongly typed
+    /// parameter; a constraint's `error_code`) before any step runs.
+    pub fn check(&self, payload: &RawValue) -> Result<BTreeMap<String, Value>, Refusal> {
+        let values = bind_payload(&self.params, payload).map_err(|message| Refusal {
+            code: DEFAULT_CODE.into(),
+            message,
+        })?;
+        for c in &self.constraints {
+            c.check(&values)?;
+        }
+        Ok(values)
     }
 }
 
@@ -106,6 +127,14 @@ struct CompiledStep {
 impl OpsHandler {
     /// Compiles `op` (checked already) for `backend`.
     pub fn new(name: &str, op: &Operation, backend: Backend) -> Result<Self, SpecError> {
+        let mut constraints = Vec::new();
+        for (p, decl) in op.params.in_order() {
+            let compiled = Constraints::compile(p, &decl.spec()).map_err(|problems| SpecError {
+                place: format!("operation `{name}`"),
+                problem: format!("parameter `{p}`: {}", problems.join("; ")),
+            })?;
+            constraints.extend(compiled);
+        }
         let mut steps = Vec::new();
         for (i, step) in op.steps.iter().enumerate() {
             let compiled =
@@ -142,6 +171,7 @@ impl OpsHandler {
                 .iter()
                 .map(|(k, v)| (k.clone(), v.spec()))
                 .collect(),
+            constraints,
             steps,
             result,
         })
@@ -158,8 +188,9 @@ impl Handler for OpsHandler {
         payload: Box<RawValue>,
         meta: &JobMeta,
     ) -> Result<Box<RawValue>, JobError> {
-        let mut values = bind_payload(&self.params, &payload)
-            .map_err(|e| JobError::reject("invalid_parameter", e))?;
+        let mut values = self
+            .check(&payload)
+            .map_err(|r| JobError::reject(r.code, r.message))?;
         let text = |s: &Option<String>| {
             s.clone()
                 .map_or(Value::Null(Some(ParamType::String)), Value::String)

@@ -4,6 +4,7 @@
 //! `txq run --ops FILE` registers one handler per operation; `txq ops check FILE`
 //! checks a file; `txq ops schema FILE` prints JSON Schemas of the payloads.
 
+mod constraints;
 mod exec;
 mod params;
 mod pg;
@@ -13,6 +14,7 @@ mod sql;
 
 use std::path::Path;
 
+pub use constraints::Refusal;
 pub use exec::OpsHandler;
 pub use params::{JsonText, ParamSpec, ParamType, Value};
 pub use schema::schemas;
@@ -189,6 +191,86 @@ mod tests {
     }
 
     #[test]
+    fn constraints_are_checked_at_load_naming_the_parameter() {
+        let file = |b: &str| {
+            format!(
+                "[t.params]\na = \"string\"\nb = {{ type = \"integer\", {b} }}\n[[t.steps]]\nname = \"s\"\nsql = \"SELECT :a, :b\"\n"
+            )
+        };
+        let at = "operation `t`: parameter `b`: ";
+        for (b, want) in [
+            ("not_equal = \"c\"", "not_equal names no parameter `c`"),
+            ("not_equal = \"b\"", "not_equal names the parameter itself"),
+            (
+                "not_equal = \"a\"",
+                "not_equal names `a`, a string parameter, not integer",
+            ),
+            (
+                "pattern = \"^1\"",
+                "pattern is for string parameters, not integer",
+            ),
+            (
+                "minimum = 5, maximum = 4",
+                "minimum 5 and maximum 4 leave no value",
+            ),
+        ] {
+            assert_eq!(errors(&file(b)), [format!("{at}{want}")], "{b}");
+        }
+        let e = errors(
+            "[t]\nparams = { s = { type = \"string\", pattern = \"[a-\" } }\n[[t.steps]]\nname = \"s\"\nsql = \"SELECT :s\"\n",
+        );
+        assert!(
+            e.len() == 1
+                && e[0].starts_with(
+                    "operation `t`: parameter `s`: pattern `[a-` is not a regular expression: "
+                ),
+            "{e:?}"
+        );
+        let e = errors(&file("maximum = 5, max = 4"));
+        assert!(e[0].contains("unknown field `max`"), "{e:?}");
+    }
+
+    #[test]
+    fn constraints_answer_in_the_order_the_parameters_are_declared() {
+        let to = "to = { type = \"integer\", not_equal = \"from\", error_code = \"same_account\" }";
+        let amount =
+            "amount = { type = \"integer\", minimum = 1, error_code = \"invalid_amount\" }";
+        let steps = "[[t.steps]]\nname = \"s\"\nsql = \"SELECT :from, :to, :amount\"\n";
+        let cases = [
+            (
+                format!("[t.params]\nfrom = \"integer\"\n{to}\n{amount}\n"),
+                "same_account",
+            ),
+            (
+                format!("[t.params]\nfrom = \"integer\"\n{amount}\n{to}\n"),
+                "invalid_amount",
+            ),
+            (
+                format!("[t]\nparams = {{ {amount}, from = \"integer\", {to} }}\n"),
+                "invalid_amount",
+            ),
+            (
+                format!("[t]\nparams.{to}\nparams.from = \"integer\"\nparams.{amount}\n"),
+                "same_account",
+            ),
+        ];
+        for (params, want) in cases {
+            let ops = parse(&format!("{params}{steps}")).expect("valid");
+            let handler =
+                OpsHandler::new("t", &ops.operations["t"], Backend::Sqlite).expect("compiles");
+            let e = handler
+                .check_payload(r#"{"from": 3, "to": 3, "amount": 0}"#)
+                .expect_err("refused");
+            assert_eq!(e.code, want, "{params}");
+            assert!(
+                handler
+                    .check_payload(r#"{"from": 3, "to": 4, "amount": 1}"#)
+                    .is_ok()
+            );
+        }
+    }
+
+    #[test]
     fn errors_point_at_the_operation_and_step() {
         let e = errors(
             "[t]\nparams = { a = \"integer\" }\n[[t.steps]]\nname = \"one\"\nsql = \"SELECT :a, :b\"\n",
@@ -247,9 +329,8 @@ mod tests {
     fn payloads_are_checked_against_the_declarations() {
         use std::collections::BTreeMap;
         let spec = |kind, nullable| ParamSpec {
-            kind,
             nullable,
-            default: None,
+            ..ParamSpec::of(kind)
         };
         let params: BTreeMap<String, ParamSpec> = [
             ("n".to_owned(), spec(ParamType::Integer, false)),

@@ -67,7 +67,9 @@ impl ParamType {
     }
 }
 
-/// A parameter's declaration in full.
+/// A parameter's declaration in full: its type and options, and the constraints
+/// a value must meet (checked in the worker before any SQL; the keywords are JSON
+/// Schema's, which `txq ops schema` prints them as).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ParamSpec {
@@ -80,6 +82,40 @@ pub struct ParamSpec {
     /// The value when the payload leaves it out (a TOML value of the right type).
     #[serde(default)]
     pub default: Option<toml::Value>,
+    /// The least value (integer, float, decimal).
+    #[serde(default)]
+    pub minimum: Option<toml::Value>,
+    /// The greatest value (integer, float, decimal).
+    #[serde(default)]
+    pub maximum: Option<toml::Value>,
+    /// The value must be greater than this (integer, float, decimal).
+    #[serde(default, rename = "exclusiveMinimum", alias = "exclusive_minimum")]
+    pub exclusive_minimum: Option<toml::Value>,
+    /// The value must be less than this (integer, float, decimal).
+    #[serde(default, rename = "exclusiveMaximum", alias = "exclusive_maximum")]
+    pub exclusive_maximum: Option<toml::Value>,
+    /// The values allowed (integer, float, string).
+    #[serde(default, rename = "enum")]
+    pub one_of: Option<Vec<toml::Value>>,
+    /// A regular expression the value must match somewhere (string); anchor it
+    /// with `^…$` to match the whole value, as in JSON Schema.
+    #[serde(default)]
+    pub pattern: Option<String>,
+    /// The most characters (Unicode scalar values) a string may have.
+    #[serde(default, rename = "maxLength", alias = "max_length")]
+    pub max_length: Option<u64>,
+    /// The fewest characters a string may have.
+    #[serde(default, rename = "minLength", alias = "min_length")]
+    pub min_length: Option<u64>,
+    /// Another parameter, of the same type, whose value this one must differ from.
+    #[serde(default)]
+    pub not_equal: Option<String>,
+    /// The rejection code when a constraint fails. Default `invalid_parameter`.
+    #[serde(default)]
+    pub error_code: Option<String>,
+    /// The rejection message when a constraint fails. Default: what failed.
+    #[serde(default)]
+    pub error_message: Option<String>,
 }
 
 /// A value ready to bind.
@@ -144,7 +180,7 @@ pub(super) const BASE64_PATTERN: &str =
     "^([A-Za-z0-9+/]{4})*([A-Za-z0-9+/][AQgw]==|[A-Za-z0-9+/]{2}[AEIMQUYcgkosw048]=)?$";
 
 /// Whether `s` is a decimal number: `-?D+(.D+)?([eE][+-]?D+)?` (D a digit).
-fn decimal_grammar(s: &str) -> bool {
+pub(super) fn decimal_grammar(s: &str) -> bool {
     let b = s.as_bytes();
     let mut i = usize::from(b.first() == Some(&b'-'));
     let digits = |i: &mut usize| {
@@ -189,7 +225,7 @@ fn exponent_fits(s: &str) -> bool {
 
 /// The exact value of a decimal of [`decimal_grammar`]: `Err` when its exponent
 /// is beyond any database (more than 18 digits).
-fn exact_decimal(s: &str) -> Result<BigDecimal, ()> {
+pub(super) fn exact_decimal(s: &str) -> Result<BigDecimal, ()> {
     let (mantissa, exponent) = match s.find(['e', 'E']) {
         Some(at) => (&s[..at], &s[at + 1..]),
         None => (s, "0"),
@@ -283,6 +319,26 @@ fn date(s: &str) -> Option<NaiveDate> {
 }
 
 impl ParamSpec {
+    /// A parameter of type `kind`, not nullable, without default or constraints.
+    pub fn of(kind: ParamType) -> Self {
+        Self {
+            kind,
+            nullable: false,
+            default: None,
+            minimum: None,
+            maximum: None,
+            exclusive_minimum: None,
+            exclusive_maximum: None,
+            one_of: None,
+            pattern: None,
+            max_length: None,
+            min_length: None,
+            not_equal: None,
+            error_code: None,
+            error_message: None,
+        }
+    }
+
     /// Converts one JSON value, as written (`raw` is valid JSON); the error says
     /// what was expected.
     pub fn value_raw(&self, raw: &RawValue) -> Result<Value, String> {
@@ -445,11 +501,7 @@ mod tests {
 
     #[test]
     fn decimals_are_exact() {
-        let spec = ParamSpec {
-            kind: ParamType::Decimal,
-            nullable: false,
-            default: None,
-        };
+        let spec = ParamSpec::of(ParamType::Decimal);
         let raw = |s: &str| RawValue::from_string(s.to_owned()).expect("json");
         for (text, plain) in [
             ("1234567890.123456789", "1234567890.123456789"),

@@ -3,6 +3,7 @@
 
 use serde_json::{Value as Json, json};
 
+use super::constraints::Constraints;
 use super::params::{BASE64_PATTERN, DATE_PATTERN, DECIMAL_PATTERN, ParamType, TIMESTAMP_PATTERN};
 use super::spec::OpsFile;
 
@@ -40,9 +41,15 @@ pub fn schemas(ops: &OpsFile) -> Json {
     for (name, op) in ops {
         let mut props = serde_json::Map::new();
         let mut required = Vec::new();
-        for (p, decl) in &op.params {
+        for (p, decl) in op.params.in_order() {
             let spec = decl.spec();
             let mut s = type_schema(spec.kind);
+            // (A file is checked before its schema is printed.)
+            if let (Ok(Some(c)), Some(keywords)) =
+                (Constraints::compile(p, &spec), s.as_object_mut())
+            {
+                c.annotate(keywords);
+            }
             if spec.nullable {
                 s = json!({"anyOf": [s, {"type": "null"}]});
             }

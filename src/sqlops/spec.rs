@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::constraints::Constraints;
 use super::params::{ParamSpec, ParamType};
 use super::sql::{Placeholder, parse_names};
 use crate::db::{Backend, Isolation};
@@ -37,9 +38,9 @@ pub struct Operation {
     #[serde(default, with = "humantime_serde")]
     pub timeout: Option<Duration>,
     /// Declared parameters: name → type (or a table with `type`, `nullable`,
-    /// `default`).
+    /// `default` and constraints), kept in the order the file declares them.
     #[serde(default)]
-    pub params: BTreeMap<String, ParamDecl>,
+    pub params: Params,
     /// The steps, run in order in one transaction.
     pub steps: Vec<Step>,
     /// What the `ok` reply's `result` is: one step's rows (a string), or an object
@@ -48,13 +49,65 @@ pub struct Operation {
     pub result: Option<ResultSpec>,
 }
 
+/// The declared parameters, by name (what [`Params`] derefs to), and in the order
+/// the file declares them: the order their constraints are checked in, so the
+/// first one declared answers when several fail.
+#[derive(Debug, Clone, Default)]
+pub struct Params {
+    by_name: BTreeMap<String, ParamDecl>,
+    order: Vec<String>,
+}
+
+impl Params {
+    /// The parameters in the order the file declares them.
+    pub fn in_order(&self) -> impl Iterator<Item = (&String, &ParamDecl)> {
+        self.order
+            .iter()
+            .filter_map(|name| self.by_name.get_key_value(name))
+    }
+}
+
+impl std::ops::Deref for Params {
+    type Target = BTreeMap<String, ParamDecl>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.by_name
+    }
+}
+
+impl FromIterator<(String, ParamDecl)> for Params {
+    fn from_iter<I: IntoIterator<Item = (String, ParamDecl)>>(iter: I) -> Self {
+        let mut params = Self::default();
+        for (name, decl) in iter {
+            if params.by_name.insert(name.clone(), decl).is_none() {
+                params.order.push(name);
+            }
+        }
+        params
+    }
+}
+
+/// The TOML parser hands a table over sorted by key; each value's place in the
+/// text gives the order back.
+impl<'de> Deserialize<'de> for Params {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let table = BTreeMap::<String, toml::Spanned<ParamDecl>>::deserialize(d)?;
+        let mut listed: Vec<(usize, String, ParamDecl)> = table
+            .into_iter()
+            .map(|(name, decl)| (decl.span().start, name, decl.into_inner()))
+            .collect();
+        listed.sort_by_key(|(at, _, _)| *at);
+        Ok(listed.into_iter().map(|(_, n, d)| (n, d)).collect())
+    }
+}
+
 /// A parameter declaration: `"integer"` or `{ type = "integer", nullable = true }`.
 #[derive(Debug, Clone)]
 pub enum ParamDecl {
     /// Just the type.
     Type(ParamType),
     /// Type and options.
-    Full(ParamSpec),
+    Full(Box<ParamSpec>),
 }
 
 /// By hand rather than `untagged`, whose error ("did not match any variant of
@@ -82,7 +135,7 @@ impl<'de> Deserialize<'de> for ParamDecl {
                 }),
             table @ toml::Value::Table(_) => table
                 .try_into::<ParamSpec>()
-                .map(Self::Full)
+                .map(|spec| Self::Full(Box::new(spec)))
                 .map_err(|e| D::Error::custom(e.message().trim().to_owned())),
             other => Err(D::Error::custom(format!(
                 "a parameter is a type name ({}) or a table {{ type = …, nullable = …, default = … }}, not {}",
@@ -97,12 +150,8 @@ impl ParamDecl {
     /// The declaration as a full spec.
     pub fn spec(&self) -> ParamSpec {
         match self {
-            Self::Type(t) => ParamSpec {
-                kind: *t,
-                nullable: false,
-                default: None,
-            },
-            Self::Full(s) => s.clone(),
+            Self::Type(t) => ParamSpec::of(*t),
+            Self::Full(s) => (**s).clone(),
         }
     }
 }
@@ -202,15 +251,42 @@ pub fn check(ops: &OpsFile) -> (Vec<SpecError>, Vec<SpecError>) {
         if op.steps.is_empty() {
             errors.push(err(&at_op, "has no steps".into()));
         }
-        for (p, decl) in &op.params {
+        for (p, decl) in op.params.in_order() {
             if !valid_ident(p) {
                 errors.push(err(
                     &at_op,
                     format!("parameter name `{p}` must be letters, digits and _"),
                 ));
             }
-            if let Err(problem) = decl.spec().check_default() {
+            let spec = decl.spec();
+            if let Err(problem) = spec.check_default() {
                 errors.push(err(&at_op, format!("parameter `{p}`: {problem}")));
+                continue;
+            }
+            match Constraints::compile(p, &spec) {
+                Err(problems) => errors.extend(
+                    problems
+                        .into_iter()
+                        .map(|problem| err(&at_op, format!("parameter `{p}`: {problem}"))),
+                ),
+                Ok(Some(c)) => {
+                    if let Some(other) = c.not_equal() {
+                        let problem = match op.params.get(other).map(ParamDecl::spec) {
+                            _ if other == p => Some("not_equal names the parameter itself".into()),
+                            None => Some(format!("not_equal names no parameter `{other}`")),
+                            Some(o) if o.kind != spec.kind => Some(format!(
+                                "not_equal names `{other}`, a {} parameter, not {}",
+                                o.kind.name(),
+                                spec.kind.name()
+                            )),
+                            Some(_) => None,
+                        };
+                        if let Some(problem) = problem {
+                            errors.push(err(&at_op, format!("parameter `{p}`: {problem}")));
+                        }
+                    }
+                }
+                Ok(None) => {}
             }
         }
         let mut used: HashSet<String> = HashSet::new();
