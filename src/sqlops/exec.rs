@@ -137,6 +137,9 @@ impl OpsHandler {
         }
         let mut steps = Vec::new();
         for (i, step) in op.steps.iter().enumerate() {
+            if !step.runs_on(backend) {
+                continue;
+            }
             let compiled =
                 compile(step.sql_for(backend), backend).map_err(|problem| SpecError {
                     place: format!("operation `{name}`, step {} (`{}`)", i + 1, step.name),

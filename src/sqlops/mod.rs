@@ -271,6 +271,38 @@ mod tests {
     }
 
     #[test]
+    fn steps_left_out_on_some_backend_are_checked() {
+        let a = "[[t.steps]]\nname = \"a\"\nsql = \"SELECT 1 AS x\"\n";
+        let m = "[[t.steps]]\nname = \"m\"\nbackends = [\"mysql\"]\nsql = \"SELECT 2 AS x\"\n";
+        assert_eq!(
+            errors(&format!("[t]\nresult = \"m\"\n{a}{m}")),
+            ["operation `t`: result names step `m`, which does not run on PostgreSQL and SQLite"]
+        );
+        assert_eq!(
+            errors(&format!("[t]\n{a}{m}")),
+            [
+                "operation `t`: the result is (by default) the last step `m`, which does not run on PostgreSQL and SQLite"
+            ]
+        );
+        assert_eq!(
+            errors(&format!(
+                "[t]\n{m}[[t.steps]]\nname = \"b\"\nsql = \"SELECT :m.x AS y\"\n"
+            )),
+            [
+                "operation `t`, step 2 (`b`): `:m.…` refers to a step that does not run on this backend (as PostgreSQL and SQLite read it)"
+            ]
+        );
+        assert_eq!(
+            errors("[t]\n[[t.steps]]\nname = \"n\"\nbackends = []\nsql = \"SELECT 1\"\n"),
+            ["operation `t`, step 1 (`n`): backends lists no backend: it would run nowhere"]
+        );
+        let e =
+            errors("[t]\n[[t.steps]]\nname = \"n\"\nbackends = [\"oracle\"]\nsql = \"SELECT 1\"\n");
+        assert!(e[0].contains("oracle"), "{e:?}");
+        assert!(parse(&format!("[t]\nresult = \"a\"\n{m}{a}")).is_ok());
+    }
+
+    #[test]
     fn errors_point_at_the_operation_and_step() {
         let e = errors(
             "[t]\nparams = { a = \"integer\" }\n[[t.steps]]\nname = \"one\"\nsql = \"SELECT :a, :b\"\n",

@@ -173,6 +173,10 @@ pub struct Step {
     /// SQLite's `sql`.
     #[serde(default)]
     pub sql_sqlite: Option<String>,
+    /// The backends the step runs on (`mysql`, which is MySQL and MariaDB,
+    /// `postgres`, `sqlite`). Default: all; on the others it is left out.
+    #[serde(default)]
+    pub backends: Option<Vec<StepBackend>>,
     /// Rows returned (or affected) must be exactly this.
     #[serde(default)]
     pub expect_rows: Option<u64>,
@@ -194,7 +198,36 @@ pub struct Step {
     pub json_columns: Vec<String>,
 }
 
+/// A backend as a step's `backends` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StepBackend {
+    /// MySQL and MariaDB.
+    Mysql,
+    /// PostgreSQL.
+    Postgres,
+    /// SQLite.
+    Sqlite,
+}
+
+impl From<Backend> for StepBackend {
+    fn from(b: Backend) -> Self {
+        match b {
+            Backend::MySql => Self::Mysql,
+            Backend::Postgres => Self::Postgres,
+            Backend::Sqlite => Self::Sqlite,
+        }
+    }
+}
+
 impl Step {
+    /// Whether the step runs on `backend`.
+    pub fn runs_on(&self, backend: Backend) -> bool {
+        self.backends
+            .as_ref()
+            .is_none_or(|on| on.contains(&StepBackend::from(backend)))
+    }
+
     /// The SQL text for `backend`.
     pub fn sql_for(&self, backend: Backend) -> &str {
         let special = match backend {
@@ -304,9 +337,18 @@ pub fn check(ops: &OpsFile) -> (Vec<SpecError>, Vec<SpecError>) {
             }
             let later: Vec<&str> = op.steps[i + 1..].iter().map(|s| s.name.as_str()).collect();
             // Each text as each backend that runs it reads it.
-            let backends = [Backend::MySql, Backend::Postgres, Backend::Sqlite];
+            let backends: Vec<Backend> = ALL_BACKENDS
+                .into_iter()
+                .filter(|b| step.runs_on(*b))
+                .collect();
+            if backends.is_empty() {
+                errors.push(err(
+                    &at,
+                    "backends lists no backend: it would run nowhere".into(),
+                ));
+            }
             let mut problems: Vec<(String, Vec<Backend>)> = Vec::new();
-            for backend in backends {
+            for backend in backends.iter().copied() {
                 let names = match parse_names(step.sql_for(backend), backend) {
                     Ok(n) => n,
                     Err(problem) => {
@@ -333,6 +375,14 @@ pub fn check(ops: &OpsFile) -> (Vec<SpecError>, Vec<SpecError>) {
                                 format!("`:{s}.…` refers to a step that has not run yet")
                             } else if !seen_steps.contains(&s.as_str()) {
                                 format!("`:{s}.…` refers to no step")
+                            } else if op
+                                .steps
+                                .iter()
+                                .any(|earlier| earlier.name == s && !earlier.runs_on(backend))
+                            {
+                                format!(
+                                    "`:{s}.…` refers to a step that does not run on this backend"
+                                )
                             } else {
                                 continue;
                             }
@@ -367,13 +417,34 @@ pub fn check(ops: &OpsFile) -> (Vec<SpecError>, Vec<SpecError>) {
             seen_steps.push(&step.name);
         }
         let result_steps: Vec<&String> = match &op.result {
-            None => vec![],
+            None => op.steps.last().map(|s| &s.name).into_iter().collect(),
             Some(ResultSpec::Step(s)) => vec![s],
             Some(ResultSpec::Object(m)) => m.values().collect(),
         };
         for s in result_steps {
-            if !seen_steps.contains(&s.as_str()) {
-                errors.push(err(&at_op, format!("result names no step `{s}`")));
+            match op.steps.iter().find(|step| step.name == *s) {
+                None => errors.push(err(&at_op, format!("result names no step `{s}`"))),
+                Some(step) => {
+                    let missing: Vec<&str> = ALL_BACKENDS
+                        .into_iter()
+                        .filter(|b| !step.runs_on(*b))
+                        .map(backend_name)
+                        .collect();
+                    if !missing.is_empty() && missing.len() < ALL_BACKENDS.len() {
+                        let what = if op.result.is_some() {
+                            "result names"
+                        } else {
+                            "the result is (by default) the last"
+                        };
+                        errors.push(err(
+                            &at_op,
+                            format!(
+                                "{what} step `{s}`, which does not run on {}",
+                                missing.join(" and ")
+                            ),
+                        ));
+                    }
+                }
             }
         }
         for p in op.params.keys() {
@@ -384,6 +455,8 @@ pub fn check(ops: &OpsFile) -> (Vec<SpecError>, Vec<SpecError>) {
     }
     (errors, warnings)
 }
+
+const ALL_BACKENDS: [Backend; 3] = [Backend::MySql, Backend::Postgres, Backend::Sqlite];
 
 fn backend_name(b: Backend) -> &'static str {
     match b {

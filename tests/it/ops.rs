@@ -418,6 +418,31 @@ name = "bump"
 sql = "WITH x AS (SELECT 1 AS one) UPDATE cust SET n = n + (SELECT one FROM x) WHERE grp = :g"
 expect_rows = 2
 
+[upd_returning]
+params = { g = "integer" }
+[[upd_returning.steps]]
+name = "bump"
+sql = "UPDATE cust SET n = n + 1 WHERE grp = :g RETURNING id, n"
+expect_rows = 1
+
+[per_backend]
+params = { g = "integer" }
+result = "ids"
+[[per_backend.steps]]
+name = "only_postgres"
+backends = ["postgres"]
+sql = "SELECT :g::int8 AS g"
+expect_rows = 1
+[[per_backend.steps]]
+name = "only_others"
+backends = ["mysql", "sqlite"]
+sql = "SELECT id FROM cust WHERE grp = :g AND note <> 'postgres only'"
+expect_rows = 2
+[[per_backend.steps]]
+name = "ids"
+sql = "SELECT id FROM cust WHERE grp = :g ORDER BY id"
+expect_rows = 2
+
 [ins_returning]
 params = { id = "integer" }
 [[ins_returning.steps]]
@@ -481,10 +506,17 @@ async fn statement_kinds(backend: Backend) {
             json!({"status": "ok", "result": {"id": 10, "returning_customer": 1}}),
         ),
     ];
-    // MariaDB has no CTE before UPDATE.
+    // MariaDB has no CTE before UPDATE, nor UPDATE … RETURNING.
     if backend != Backend::MySql {
         cases.push(("cte_update", group.clone(), count.clone()));
+        cases.push((
+            "upd_returning",
+            json!({"g": 2}),
+            json!({"status": "ok", "result": {"id": 3, "n": 1}}),
+        ));
     }
+    // A step runs only on the backends it lists: `::` is PostgreSQL's alone.
+    cases.push(("per_backend", group.clone(), ids.clone()));
     let list = cases
         .iter()
         .map(|(op, payload, _)| Request::json(op, payload.clone()))
