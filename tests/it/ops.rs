@@ -27,13 +27,28 @@ async fn ops_worker(
 
 /// Sends each request in turn and returns the replies' bodies.
 async fn ask_all(client: &Client, requests: &str, replies: &str, list: Vec<Request>) -> Vec<Value> {
+    ask_all_raw(client, requests, replies, list)
+        .await
+        .into_iter()
+        .map(|(body, _)| body)
+        .collect()
+}
+
+/// Sends each request in turn and returns the replies' bodies, as JSON and as
+/// the bytes sent.
+async fn ask_all_raw(
+    client: &Client,
+    requests: &str,
+    replies: &str,
+    list: Vec<Request>,
+) -> Vec<(Value, Vec<u8>)> {
     let mut out = Vec::new();
     for (i, r) in list.into_iter().enumerate() {
         let r = r.correlation(&format!("q-{i}")).reply_to(replies);
         client.publish(requests, &r).await;
         let reply = client.replies(replies, 1).await.remove(0);
         assert_eq!(reply.correlation_id(), Some(format!("q-{i}").as_str()));
-        out.push(reply.body);
+        out.push((reply.body, reply.data));
     }
     out
 }
@@ -278,6 +293,19 @@ async fn injection_attempts_are_plain_data_and_a_failed_expectation_rolls_back_o
     injection_is_data_and_failed_expectations_roll_back(Backend::Postgres).await;
 }
 
+/// Every account's balance, by id.
+async fn balances(db: &txq::Db) -> Vec<(i64, i64)> {
+    let mut tx = db.begin(None).await.expect("begin");
+    let rows: Vec<(i64, i64)> = txq::with_conn!(tx, c => {
+        txq::sqlx::query_as("SELECT id, balance FROM accounts ORDER BY id")
+            .fetch_all(c)
+            .await
+            .expect("balances")
+    });
+    tx.commit().await.expect("commit");
+    rows
+}
+
 /// The same transfers, one at a time, through the Rust handler and through the
 /// operations file, on twin databases: the same replies and the same balances.
 async fn ops_and_rust_transfers_agree(backend: Backend) {
@@ -290,6 +318,10 @@ async fn ops_and_rust_transfers_agree(backend: Backend) {
         json!({"from": 4, "to": 1, "amount": 2 * bank::INITIAL_BALANCE}),
         json!({"from": 5, "to": 4, "amount": 1}),
         json!({"from": 2, "to": 1, "amount": 7}),
+        // Both refusals at once: the Rust handler's first answers.
+        json!({"from": 2, "to": 2, "amount": -1}),
+        json!({"from": 2, "to": 1, "amount": -3}),
+        json!({"from": 5, "to": 1, "amount": bank::INITIAL_BALANCE - 1}),
     ];
     let mut results = Vec::new();
     for use_ops in [false, true] {
@@ -313,16 +345,21 @@ async fn ops_and_rust_transfers_agree(backend: Backend) {
             .enumerate()
             .map(|(i, p)| Request::json("transfer", p.clone()).id(&format!("t-{i}")))
             .collect();
-        let replies = ask_all(&client, &requests, &replies, list).await;
+        let replies = ask_all_raw(&client, &requests, &replies, list).await;
         worker.stop().await.expect("clean stop");
         let totals = bank::totals(&test_db.db).await.expect("totals");
-        results.push((replies, totals));
+        results.push((replies, (totals, balances(&test_db.db).await)));
     }
     let (rust, ops) = (&results[0], &results[1]);
-    for (i, (r, o)) in rust.0.iter().zip(&ops.0).enumerate() {
+    for (i, ((r, r_bytes), (o, o_bytes))) in rust.0.iter().zip(&ops.0).enumerate() {
         assert_eq!(r["status"], o["status"], "transfer {i}: {r} vs {o}");
         if r["status"] == "ok" {
-            assert_eq!(r["result"], o["result"], "transfer {i}");
+            // The same bytes: the same keys, in the same order.
+            assert_eq!(
+                String::from_utf8_lossy(r_bytes),
+                String::from_utf8_lossy(o_bytes),
+                "transfer {i}"
+            );
         } else {
             assert_eq!(
                 r["error"]["code"], o["error"]["code"],
@@ -331,10 +368,15 @@ async fn ops_and_rust_transfers_agree(backend: Backend) {
         }
     }
     assert_eq!(rust.1, ops.1, "the same books");
-    let codes: Vec<&Value> = rust.0.iter().map(|r| &r["error"]["code"]).collect();
-    assert!(
-        codes.contains(&&json!("insufficient_funds")) && codes.contains(&&json!("unknown_account"))
-    );
+    let codes: Vec<&Value> = rust.0.iter().map(|(r, _)| &r["error"]["code"]).collect();
+    for code in [
+        "insufficient_funds",
+        "unknown_account",
+        "same_account",
+        "invalid_amount",
+    ] {
+        assert!(codes.contains(&&json!(code)), "{code}: {codes:?}");
+    }
 }
 
 #[tokio::test]
