@@ -253,6 +253,16 @@ mod tests {
                 format!("[t]\nparams.{to}\nparams.from = \"integer\"\nparams.{amount}\n"),
                 "same_account",
             ),
+            (
+                "[t.params.amount]\ntype = \"integer\"\nminimum = 1\nerror_code = \"invalid_amount\"\n[t.params.from]\ntype = \"integer\"\n[t.params.to]\ntype = \"integer\"\nnot_equal = \"from\"\nerror_code = \"same_account\"\n"
+                    .to_owned(),
+                "invalid_amount",
+            ),
+            (
+                "[t.params.to]\ntype = \"integer\"\nnot_equal = \"from\"\nerror_code = \"same_account\"\n[t.params.amount]\ntype = \"integer\"\nminimum = 1\nerror_code = \"invalid_amount\"\n[t.params.from]\ntype = \"integer\"\n"
+                    .to_owned(),
+                "same_account",
+            ),
         ];
         for (params, want) in cases {
             let ops = parse(&format!("{params}{steps}")).expect("valid");
