@@ -86,14 +86,14 @@ impl OpsHandler {
             code: DEFAULT_CODE.into(),
             message: e.to_string(),
         })?;
-        self.check(raw).map(drop)
+        self.bind(raw).map(drop)
     }
 
     /// The payload's values, bound to the declared types and checked against the
     /// constraints, which need no database: a payload that fails answers
     /// `rejected` (`invalid_parameter` for a missing, extra or wrongly typed
     /// parameter; a constraint's `error_code`) before any step runs.
-    pub fn check(&self, payload: &RawValue) -> Result<BTreeMap<String, Value>, Refusal> {
+    pub fn bind(&self, payload: &RawValue) -> Result<BTreeMap<String, Value>, Refusal> {
         let values = bind_payload(&self.params, payload).map_err(|message| Refusal {
             code: DEFAULT_CODE.into(),
             message,
@@ -192,7 +192,7 @@ impl Handler for OpsHandler {
         meta: &JobMeta,
     ) -> Result<Box<RawValue>, JobError> {
         let mut values = self
-            .check(&payload)
+            .bind(&payload)
             .map_err(|r| JobError::reject(r.code, r.message))?;
         let text = |s: &Option<String>| {
             s.clone()
