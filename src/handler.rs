@@ -61,6 +61,15 @@ pub trait Handler: Send + Sync + 'static {
         payload: Self::Payload,
         meta: &JobMeta,
     ) -> impl Future<Output = Result<Self::Output, JobError>> + Send;
+
+    /// Checks the decoded payload before the worker takes a connection: a
+    /// [`JobError::Rejected`] is answered `rejected` at once, without a
+    /// transaction (nor an inbox record: the same payload is refused the same
+    /// way every time); any other error fails the job. Default: accept.
+    fn check(&self, payload: &Self::Payload) -> Result<(), JobError> {
+        let _ = payload;
+        Ok(())
+    }
 }
 
 /// How a job can fail.
@@ -207,6 +216,7 @@ pub(crate) type Payload = Box<dyn Any + Send>;
 /// Object-safe face of a [`Handler`].
 pub(crate) trait DynHandler: Send + Sync {
     fn decode(&self, body: &[u8]) -> Result<Payload, serde_json::Error>;
+    fn check(&self, payload: &Payload) -> Result<(), JobError>;
     fn call<'a>(
         &'a self,
         tx: &'a mut Tx,
@@ -220,6 +230,16 @@ struct Typed<H>(H);
 impl<H: Handler> DynHandler for Typed<H> {
     fn decode(&self, body: &[u8]) -> Result<Payload, serde_json::Error> {
         serde_json::from_slice::<H::Payload>(body).map(|p| Box::new(p) as Payload)
+    }
+
+    fn check(&self, payload: &Payload) -> Result<(), JobError> {
+        match payload.downcast_ref::<H::Payload>() {
+            Some(p) => self.0.check(p),
+            // Only `decode` of this same handler makes payloads for it.
+            None => Err(JobError::permanent(
+                "internal: payload of another handler's type",
+            )),
+        }
     }
 
     fn call<'a>(

@@ -185,6 +185,13 @@ impl Handler for OpsHandler {
     type Payload = Box<RawValue>;
     type Output = Box<RawValue>;
 
+    /// Types and constraints need no database: refused before a connection.
+    fn check(&self, payload: &Box<RawValue>) -> Result<(), JobError> {
+        self.bind(payload)
+            .map(drop)
+            .map_err(|r| JobError::reject(r.code, r.message))
+    }
+
     async fn handle(
         &self,
         tx: &mut Tx,

@@ -167,14 +167,26 @@ fn prepare<'a>(
         ));
     };
     match handler.decode(body) {
-        Ok(payload) => Ok((
-            Job {
-                job_type,
-                handler,
-                spec,
-            },
-            payload,
-        )),
+        Ok(payload) => {
+            if let Err(e) = handler.check(&payload) {
+                return Err(match e {
+                    JobError::Rejected { code, message } => Outcome::Finished {
+                        status: Status::Rejected,
+                        body: rejected_body(&code, &message),
+                        duplicate: false,
+                    },
+                    other => failed(FailureKind::HandlerError, error_chain(&other)),
+                });
+            }
+            Ok((
+                Job {
+                    job_type,
+                    handler,
+                    spec,
+                },
+                payload,
+            ))
+        }
         Err(e) => Err(failed(
             json_failure_kind(&e),
             format!("payload for `{job_type}`: {e}"),

@@ -588,3 +588,45 @@ async fn rows_or_a_count_is_what_the_prepared_statement_says_on_mariadb() {
 async fn rows_or_a_count_is_what_the_prepared_statement_says_on_postgres() {
     statement_kinds(Backend::Postgres).await;
 }
+
+/// A payload that fails a parameter constraint is refused before a connection
+/// is taken: no transaction, so no inbox record; a step's rejection has one.
+#[tokio::test]
+async fn constraints_refuse_before_a_transaction_is_taken() {
+    let test_db = TestDb::new(Backend::Sqlite).await;
+    bank::setup(&test_db.db, 2).await.expect("bank schema");
+    let mut client = Client::new().await;
+    let requests = client.queue(&unique("requests")).await;
+    let replies = client.queue(&unique("replies")).await;
+    let worker = ops_worker(&test_db, &requests, &replies, BANK_OPS, 1).await;
+    let got = ask_all(
+        &client,
+        &requests,
+        &replies,
+        vec![
+            Request::json("transfer", json!({"from": 1, "to": 1, "amount": 5})).id("c-same"),
+            Request::json("transfer", json!({"from": 1, "to": 2, "amount": 0})).id("c-zero"),
+            Request::json("transfer", json!({"from": 1, "to": 77, "amount": 5})).id("c-step"),
+        ],
+    )
+    .await;
+    worker.stop().await.expect("clean stop");
+    let codes: Vec<&Value> = got.iter().map(|r| &r["error"]["code"]).collect();
+    assert_eq!(
+        codes,
+        [
+            &json!("same_account"),
+            &json!("invalid_amount"),
+            &json!("unknown_account")
+        ]
+    );
+    let mut tx = test_db.db.begin(None).await.expect("begin");
+    let recorded: Vec<String> = txq::with_conn!(tx, c => {
+        txq::sqlx::query_scalar("SELECT message_id FROM txq_inbox ORDER BY message_id")
+            .fetch_all(c)
+            .await
+            .expect("inbox")
+    });
+    tx.commit().await.expect("commit");
+    assert_eq!(recorded, ["c-step"]);
+}
