@@ -1,7 +1,5 @@
 //! The RabbitMQ side: connecting, declaring the topology, publishing with confirms,
 //! and mapping AMQP properties to and from txq's message contract.
-//!
-//! **Invariant:** only this module and `worker/` touch lapin types.
 
 mod envelope;
 #[cfg(feature = "cli")]

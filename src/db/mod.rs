@@ -1,8 +1,8 @@
 //! The database side: one sqlx pool per backend, chosen by the URL's scheme at run
 //! time, and the per-job transaction handed to handlers.
 //!
-//! **Invariant:** a job's connection and transaction live in exactly one [`Tx`],
-//! owned by that job; nothing else can reach them.
+//! [`Tx`] carries out ARCHITECTURE.md's "one job = one connection = one
+//! transaction".
 
 /// Runs the same code on whichever pool a [`Db`] holds (each arm compiled per
 /// backend, like [`with_conn!`](crate::with_conn)).

@@ -1,10 +1,8 @@
 //! The consume loop: sessions on a broker connection, rebuilt with backoff when the
 //! connection is lost, and the drain at shutdown.
 //!
-//! **Invariant:** at most `concurrency` jobs run at once, across reconnects too: a
-//! permit is taken *before* the next delivery is pulled, and `basic.qos` bounds what
-//! the broker pushes, so the backlog stays in RabbitMQ and memory stays flat however
-//! deep the queue is.
+//! Carries out ARCHITECTURE.md's "at most `concurrency` jobs in flight" (in
+//! `consume`).
 
 use std::sync::Arc;
 use std::time::Duration;
