@@ -80,6 +80,15 @@ struct Run {
     db_cpu_s_per_1k: f64,
     retries: u64,
     seconds: f64,
+    /// CPU steal during the timed part, % of all CPUs' time (/proc/stat)
+    steal_pct: f64,
+}
+
+/// Runs whose steal was above this share of the CPUs' time are marked.
+const STEAL_LIMIT_PCT: f64 = 5.0;
+
+fn steal_mark(pct: f64) -> &'static str {
+    if pct > STEAL_LIMIT_PCT { " ⚠" } else { "" }
 }
 
 #[tokio::main]
@@ -98,12 +107,13 @@ async fn main() -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("{v}, run {}", run + 1))?;
             eprintln!(
-                "{v:>7} run {}: {:>8.0} jobs/s, worker {:.3} CPU-s/1k, {:.1} MiB, retries {}",
+                "{v:>7} run {}: {:>8.0} jobs/s, worker {:.3} CPU-s/1k, {:.1} MiB, retries {}, steal {:.1}%",
                 run + 1,
                 r.jobs_per_sec,
                 r.worker_cpu_s_per_1k,
                 r.worker_peak_rss_mib,
-                r.retries
+                r.retries,
+                r.steal_pct
             );
             results.entry(v.clone()).or_default().push(r);
         }
@@ -135,21 +145,32 @@ fn report(args: &Args, results: &BTreeMap<String, Vec<Run>>) -> anyhow::Result<(
         args.runs
     );
     println!(
-        "\n| variant | jobs/s median (min–max) | worker CPU s/1k | worker peak RSS MiB | RabbitMQ CPU s/1k | DB CPU s/1k | retries |"
+        "\n| variant | jobs/s median (min–max) | worker CPU s/1k | worker peak RSS MiB | RabbitMQ CPU s/1k | DB CPU s/1k | retries | steal % max |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     for (v, rs) in results {
         let js: Vec<f64> = rs.iter().map(|r| r.jobs_per_sec).collect();
         let min = js.iter().copied().fold(f64::INFINITY, f64::min);
         let max = js.iter().copied().fold(0.0, f64::max);
+        let steal = rs.iter().map(|r| r.steal_pct).fold(0.0, f64::max);
         println!(
-            "| {v} | {:.0} ({min:.0}–{max:.0}) | {:.3} | {:.1} | {:.3} | {:.3} | {} |",
+            "| {v} | {:.0} ({min:.0}–{max:.0}) | {:.3} | {:.1} | {:.3} | {:.3} | {} | {steal:.1}{} |",
             median(js.clone()),
             median(rs.iter().map(|r| r.worker_cpu_s_per_1k).collect()),
             median(rs.iter().map(|r| r.worker_peak_rss_mib).collect()),
             median(rs.iter().map(|r| r.broker_cpu_s_per_1k).collect()),
             median(rs.iter().map(|r| r.db_cpu_s_per_1k).collect()),
             rs.iter().map(|r| r.retries).max().unwrap_or(0),
+            steal_mark(steal),
+        );
+    }
+    if results
+        .values()
+        .flatten()
+        .any(|r| r.steal_pct > STEAL_LIMIT_PCT)
+    {
+        println!(
+            "\n⚠ CPU steal above {STEAL_LIMIT_PCT}% of the CPUs' time in a run: redo on a quieter machine."
         );
     }
     let mut ratios = serde_json::Map::new();
@@ -244,6 +265,7 @@ async fn one_run(args: &Args, variant: &str) -> anyhow::Result<Run> {
     preload(args, &channel, &queue, &replies).await?;
 
     let services_before = procstat::services();
+    let cpu_before = procstat::cpu_times();
     let started = Instant::now();
     let mut child = spawn_worker(args, variant, &queue, &replies)?;
     let pid = child.id().context("worker pid")?;
@@ -275,6 +297,7 @@ async fn one_run(args: &Args, variant: &str) -> anyhow::Result<Run> {
     let seconds = started.elapsed().as_secs_f64();
     let worker = procstat::process(pid).context("reading the worker's /proc")?;
     let services_after = procstat::services();
+    let steal_pct = procstat::cpu_times().steal_pct_since(&cpu_before);
     let _ = tokio::process::Command::new("kill")
         .args(["-TERM", &pid.to_string()])
         .status()
@@ -301,6 +324,7 @@ async fn one_run(args: &Args, variant: &str) -> anyhow::Result<Run> {
         db_cpu_s_per_1k: per_1k(services_after.database - services_before.database),
         retries,
         seconds,
+        steal_pct,
     })
 }
 
@@ -423,6 +447,7 @@ async fn db_only(args: &Args, db: &Db) -> anyhow::Result<Run> {
     let me = std::process::id();
     let cpu_before = procstat::process(me).map(|p| p.cpu_seconds).unwrap_or(0.0);
     let services_before = procstat::services();
+    let cpu_times_before = procstat::cpu_times();
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -467,6 +492,7 @@ async fn db_only(args: &Args, db: &Db) -> anyhow::Result<Run> {
     let seconds = started.elapsed().as_secs_f64();
     let cpu = procstat::process(me).map(|p| p.cpu_seconds).unwrap_or(0.0) - cpu_before;
     let services_after = procstat::services();
+    let steal_pct = procstat::cpu_times().steal_pct_since(&cpu_times_before);
     let statuses = BTreeMap::from([("ok".to_owned(), args.jobs)]);
     check(args, "db", db, &statuses).await?;
     let per_1k = |s: f64| s * 1000.0 / args.jobs as f64;
@@ -479,6 +505,7 @@ async fn db_only(args: &Args, db: &Db) -> anyhow::Result<Run> {
         db_cpu_s_per_1k: per_1k(services_after.database - services_before.database),
         retries: 0,
         seconds,
+        steal_pct,
     })
 }
 

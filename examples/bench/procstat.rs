@@ -65,3 +65,40 @@ pub(crate) fn services() -> Services {
     }
     s
 }
+
+/// The machine's CPU time so far from /proc/stat's `cpu` line, in ticks of all
+/// CPUs together: how much the hypervisor took (steal) and the total.
+#[derive(Clone, Copy)]
+pub(crate) struct CpuTimes {
+    steal: u64,
+    total: u64,
+}
+
+pub(crate) fn cpu_times() -> CpuTimes {
+    let stat = fs::read_to_string("/proc/stat").unwrap_or_default();
+    // cpu user nice system idle iowait irq softirq steal guest guest_nice; guest
+    // time is already counted in user and nice.
+    let fields: Vec<u64> = stat
+        .lines()
+        .find_map(|l| l.strip_prefix("cpu "))
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(8)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    CpuTimes {
+        steal: fields.get(7).copied().unwrap_or(0),
+        total: fields.iter().sum(),
+    }
+}
+
+impl CpuTimes {
+    /// The share of all CPU time from `earlier` to `self` that was stolen, in %.
+    pub(crate) fn steal_pct_since(&self, earlier: &CpuTimes) -> f64 {
+        let total = self.total.saturating_sub(earlier.total);
+        if total == 0 {
+            return 0.0;
+        }
+        100.0 * self.steal.saturating_sub(earlier.steal) as f64 / total as f64
+    }
+}
