@@ -230,7 +230,17 @@ fn sibling(name: &str) -> anyhow::Result<PathBuf> {
         .with_context(|| format!("{name} is not built: cargo build --release --bins --examples"))
 }
 
-async fn one_run(args: &Args, variant: &str) -> anyhow::Result<Run> {
+/// What every run starts from: the bank tables rebuilt, an empty inbox, and a
+/// queue of its own with txq's topology (retry and dead-letter queues, replies).
+struct Setup {
+    db: Db,
+    conn: Connection,
+    channel: lapin::Channel,
+    queue: String,
+    replies: String,
+}
+
+async fn setup(args: &Args) -> anyhow::Result<Setup> {
     let db = Db::connect(
         &args.database_url,
         &txq::db::PoolOptions {
@@ -256,22 +266,47 @@ async fn one_run(args: &Args, variant: &str) -> anyhow::Result<Run> {
         ..txq::Config::default()
     };
     txq::broker::declare(&channel, &txq::broker::Topology::from_config(&config)).await?;
+    Ok(Setup {
+        db,
+        conn,
+        channel,
+        queue,
+        replies,
+    })
+}
 
-    if variant == "db" {
-        let result = db_only(args, &db).await;
-        cleanup(&channel, &queue).await;
-        return result;
+impl Setup {
+    async fn close(self) {
+        cleanup(&self.channel, &self.queue).await;
+        let _ = self.conn.close(200, "bye".into()).await;
+        self.db.close().await;
     }
-    preload(args, &channel, &queue, &replies).await?;
+}
 
-    let services_before = procstat::services();
-    let cpu_before = procstat::cpu_times();
-    let started = Instant::now();
-    let mut child = spawn_worker(args, variant, &queue, &replies)?;
-    let pid = child.id().context("worker pid")?;
-    let mut consumer = channel
+/// Stops a worker with SIGTERM and returns the retries it reports.
+async fn stop_worker(child: tokio::process::Child, pid: u32) -> anyhow::Result<u64> {
+    let _ = tokio::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .await;
+    let out = child.wait_with_output().await?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    Ok(stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("txq-stats "))
+        .and_then(|j| serde_json::from_str::<serde_json::Value>(j).ok())
+        .and_then(|j| j["retries"].as_u64())
+        .unwrap_or(0))
+}
+
+/// A consumer of `replies` that takes them without acks.
+async fn consume_replies(
+    channel: &lapin::Channel,
+    replies: &str,
+) -> anyhow::Result<lapin::Consumer> {
+    Ok(channel
         .basic_consume(
-            replies.as_str().into(),
+            replies.into(),
             "bench".into(),
             BasicConsumeOptions {
                 no_ack: true,
@@ -279,7 +314,30 @@ async fn one_run(args: &Args, variant: &str) -> anyhow::Result<Run> {
             },
             FieldTable::default(),
         )
-        .await?;
+        .await?)
+}
+
+/// A reply's `status`: `ok`, `rejected`, `failed`, or `?`.
+fn reply_status(body: &[u8]) -> String {
+    let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    v["status"].as_str().unwrap_or("?").to_owned()
+}
+
+async fn one_run(args: &Args, variant: &str) -> anyhow::Result<Run> {
+    let s = setup(args).await?;
+    if variant == "db" {
+        let result = db_only(args, &s.db).await;
+        s.close().await;
+        return result;
+    }
+    preload(args, &s.channel, &s.queue, &s.replies).await?;
+
+    let services_before = procstat::services();
+    let cpu_before = procstat::cpu_times();
+    let started = Instant::now();
+    let mut child = spawn_worker(args, variant, &s.queue, &s.replies)?;
+    let pid = child.id().context("worker pid")?;
+    let mut consumer = consume_replies(&s.channel, &s.replies).await?;
     let mut statuses: BTreeMap<String, usize> = BTreeMap::new();
     let mut got = 0;
     while got < args.jobs {
@@ -288,32 +346,16 @@ async fn one_run(args: &Args, variant: &str) -> anyhow::Result<Run> {
             let _ = child.start_kill();
             bail!("only {got} of {} replies arrived", args.jobs);
         };
-        let v: serde_json::Value = serde_json::from_slice(&d.data).unwrap_or_default();
-        *statuses
-            .entry(v["status"].as_str().unwrap_or("?").to_owned())
-            .or_default() += 1;
+        *statuses.entry(reply_status(&d.data)).or_default() += 1;
         got += 1;
     }
     let seconds = started.elapsed().as_secs_f64();
     let worker = procstat::process(pid).context("reading the worker's /proc")?;
     let services_after = procstat::services();
     let steal_pct = procstat::cpu_times().steal_pct_since(&cpu_before);
-    let _ = tokio::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .await;
-    let out = child.wait_with_output().await?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let retries = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("txq-stats "))
-        .and_then(|j| serde_json::from_str::<serde_json::Value>(j).ok())
-        .and_then(|j| j["retries"].as_u64())
-        .unwrap_or(0);
-    check(args, variant, &db, &statuses).await?;
-    cleanup(&channel, &queue).await;
-    let _ = conn.close(200, "bye".into()).await;
-    db.close().await;
+    let retries = stop_worker(child, pid).await?;
+    check(args, variant, &s.db, &statuses, args.jobs).await?;
+    s.close().await;
     let per_1k = |s: f64| s * 1000.0 / args.jobs as f64;
     Ok(Run {
         variant: variant.to_owned(),
@@ -494,7 +536,7 @@ async fn db_only(args: &Args, db: &Db) -> anyhow::Result<Run> {
     let services_after = procstat::services();
     let steal_pct = procstat::cpu_times().steal_pct_since(&cpu_times_before);
     let statuses = BTreeMap::from([("ok".to_owned(), args.jobs)]);
-    check(args, "db", db, &statuses).await?;
+    check(args, "db", db, &statuses, args.jobs).await?;
     let per_1k = |s: f64| s * 1000.0 / args.jobs as f64;
     Ok(Run {
         variant: "db".into(),
@@ -516,12 +558,12 @@ async fn check(
     variant: &str,
     db: &Db,
     statuses: &BTreeMap<String, usize>,
+    requests: usize,
 ) -> anyhow::Result<()> {
     let answered: usize = statuses.values().sum();
     ensure!(
-        answered == args.jobs,
-        "{variant}: {answered} replies for {} requests",
-        args.jobs
+        answered == requests,
+        "{variant}: {answered} replies for {requests} requests"
     );
     ensure!(
         !statuses.contains_key("failed"),
