@@ -10,10 +10,13 @@
 //! Each run pre-loads N persistent requests with confirms, starts the worker, and
 //! times from its start to the last reply; it reads the worker's CPU and peak RSS
 //! and RabbitMQ's and the database's CPU from /proc, and checks the invariants.
+//! With `--latency`, the throughput runs are followed by request-to-reply
+//! latency runs under a fixed offered load (latency.rs).
 //! Build first: `cargo build --release --bins --examples`; see BENCHMARKS.md.
 
 #[path = "../bank/handlers.rs"]
 mod handlers;
+mod latency;
 mod procstat;
 
 use std::collections::BTreeMap;
@@ -50,9 +53,10 @@ struct Args {
     concurrency: usize,
     #[arg(long, default_value_t = 3)]
     runs: usize,
-    /// Comma-separated: txq, ops, bare, broker, db
-    #[arg(long, default_value = "txq,ops,bare,broker,db")]
-    variants: String,
+    /// Comma-separated: txq, ops, bare, broker, db [default: txq,ops,bare,broker,db;
+    /// with --latency: bare,txq,ops]
+    #[arg(long)]
+    variants: Option<String>,
     /// Pad each request body to about this many bytes
     #[arg(long, default_value_t = 0)]
     payload_bytes: usize,
@@ -68,6 +72,28 @@ struct Args {
     /// A label for this configuration in the report
     #[arg(long, default_value = "")]
     label: String,
+    /// After the throughput runs, measure request-to-reply latency under a fixed
+    /// offered load (open loop; see latency.rs)
+    #[arg(long)]
+    latency: bool,
+    /// Offered loads, as fractions of the maximum throughput
+    #[arg(long, default_value = "0.5,0.9")]
+    latency_loads: String,
+    /// Whose maximum: `bare` (the same rate for every variant) or `own`
+    #[arg(long, default_value = "bare", value_parser = ["bare", "own"])]
+    latency_basis: String,
+    /// The maximum: `sustained`, what closed-loop runs (4×C requests out, one
+    /// more published per reply) answer a second while requests are being
+    /// published; or `preloaded`, the throughput runs' drain rate, their publishing
+    /// done beforehand
+    #[arg(long, default_value = "sustained", value_parser = ["sustained", "preloaded"])]
+    latency_max: String,
+    /// Seconds of publishing per latency run
+    #[arg(long, default_value_t = 20.0)]
+    latency_seconds: f64,
+    /// Seconds at the start of each latency run that are not counted
+    #[arg(long, default_value_t = 2.0)]
+    latency_warmup: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -94,12 +120,29 @@ fn steal_mark(pct: f64) -> &'static str {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let default_variants = if args.latency {
+        "bare,txq,ops"
+    } else {
+        "txq,ops,bare,broker,db"
+    };
     let variants: Vec<String> = args
         .variants
+        .as_deref()
+        .unwrap_or(default_variants)
         .split(',')
         .map(str::trim)
         .map(str::to_owned)
         .collect();
+    if args.latency {
+        ensure!(
+            !variants.iter().any(|v| v == "db"),
+            "--latency: the db variant has no broker to measure"
+        );
+        ensure!(
+            args.latency_basis == "own" || variants.iter().any(|v| v == "bare"),
+            "--latency takes bare's maximum: add bare to --variants, or --latency-basis own"
+        );
+    }
     let mut results: BTreeMap<String, Vec<Run>> = BTreeMap::new();
     for run in 0..args.runs {
         for v in &variants {
@@ -119,6 +162,9 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     report(&args, &results)?;
+    if args.latency {
+        latency::run_all(&args, &variants, &results).await?;
+    }
     Ok(())
 }
 
