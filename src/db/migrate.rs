@@ -80,31 +80,79 @@ fn migrator(backend: Backend) -> Migrator {
     migrator
 }
 
-/// Applies the migrations this database lacks, with sqlx's `Migrator` (which takes
-/// a lock on MySQL/MariaDB and PostgreSQL, so workers starting at once apply each
-/// once); returns the versions applied now.
+/// Applies the migrations this database lacks, with sqlx's `Migrator`, under a
+/// lock so that workers starting at once apply each once; returns the versions
+/// applied now.
 pub async fn migrate(db: &Db) -> Result<Vec<i64>, sqlx::Error> {
-    let migrator = migrator(db.backend());
-    let applied = crate::on_pool!(db, p => {
-        let before = applied(p, &migrator).await?;
-        migrator.run(p).await?;
-        let after = applied(p, &migrator).await?;
-        after.into_iter().filter(|v| !before.contains(v)).collect::<Vec<_>>()
-    });
+    let mut migrator = migrator(db.backend());
+    let applied = match db {
+        Db::MySql(pool) => {
+            // sqlx's own MySQL lock asks for GET_LOCK(name, -1), which MariaDB
+            // answers with NULL and no lock: take one here, with a timeout.
+            migrator.set_locking(false);
+            let mut conn = pool.acquire().await?;
+            let got: Option<i64> = sqlx::query_scalar("SELECT GET_LOCK(?, ?)")
+                .bind(LOCK)
+                .bind(MYSQL_LOCK_WAIT_SECONDS)
+                .fetch_one(&mut *conn)
+                .await?;
+            if got != Some(1) {
+                return Err(sqlx::Error::Protocol(format!(
+                    "another process held the migration lock `{LOCK}` for {MYSQL_LOCK_WAIT_SECONDS} s"
+                )));
+            }
+            let applied = run(&migrator, &mut *conn).await;
+            let _ = sqlx::query("SELECT RELEASE_LOCK(?)")
+                .bind(LOCK)
+                .execute(&mut *conn)
+                .await;
+            applied?
+        }
+        Db::Postgres(pool) => {
+            // Held across the ledger's creation too, which sqlx's own lock is not.
+            migrator.set_locking(false);
+            let mut conn = pool.acquire().await?;
+            sqlx::query("SELECT pg_advisory_lock(hashtext($1))")
+                .bind(LOCK)
+                .execute(&mut *conn)
+                .await?;
+            let applied = run(&migrator, &mut *conn).await;
+            let _ = sqlx::query("SELECT pg_advisory_unlock(hashtext($1))")
+                .bind(LOCK)
+                .execute(&mut *conn)
+                .await;
+            applied?
+        }
+        // SQLite's write lock serialises the writers.
+        Db::Sqlite(pool) => run(&migrator, &mut *pool.acquire().await?).await?,
+    };
     for m in MIGRATIONS.iter().filter(|m| applied.contains(&m.version)) {
         tracing::info!(version = m.version, name = m.name, "applied migration");
     }
     Ok(applied)
 }
 
-async fn applied<DB>(pool: &sqlx::Pool<DB>, migrator: &Migrator) -> Result<Vec<i64>, sqlx::Error>
+/// The lock held while migrating (MySQL/MariaDB named lock, PostgreSQL advisory
+/// lock of its hash), and how long MySQL waits for it.
+const LOCK: &str = "txq_schema_migrations";
+const MYSQL_LOCK_WAIT_SECONDS: i64 = 60;
+
+/// Runs the migrator on `conn`; the versions it applied.
+async fn run<C>(migrator: &Migrator, conn: &mut C) -> Result<Vec<i64>, sqlx::Error>
 where
-    DB: sqlx::Database,
-    DB::Connection: sqlx::migrate::Migrate,
+    C: sqlx::migrate::Migrate,
 {
-    use sqlx::migrate::Migrate as _;
-    let mut conn = pool.acquire().await?;
     conn.ensure_migrations_table(&migrator.table_name).await?;
+    let before = versions(conn, migrator).await?;
+    migrator.run_direct(None, conn, false).await?;
+    let after = versions(conn, migrator).await?;
+    Ok(after.into_iter().filter(|v| !before.contains(v)).collect())
+}
+
+async fn versions<C>(conn: &mut C, migrator: &Migrator) -> Result<Vec<i64>, sqlx::Error>
+where
+    C: sqlx::migrate::Migrate,
+{
     let applied = conn.list_applied_migrations(&migrator.table_name).await?;
     Ok(applied.into_iter().map(|m| m.version).collect())
 }
