@@ -123,7 +123,7 @@ struct AckTask {
 }
 
 impl AckTask {
-    fn spawn(acks: &Arc<Acks>, health: &crate::Health) -> Self {
+    fn spawn(acks: &Arc<Acks>, health: &crate::health::Health) -> Self {
         let stop = CancellationToken::new();
         let health = health.clone();
         let task = tokio::spawn(
