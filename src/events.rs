@@ -105,10 +105,35 @@ pub fn describe() {
     );
 }
 
-/// The worker started: how many jobs it runs at once.
-pub(crate) fn started(concurrency: usize) {
+/// The worker started: how many jobs it runs at once. The counters an alert
+/// watches are set to 0 for every job type it handles, so that a series exists
+/// (and `rate()` and `increase()` work) before its first event.
+pub(crate) fn started<'a>(concurrency: usize, job_types: impl Iterator<Item = &'a str>) {
     gauge!("txq_concurrency_limit").set(concurrency as f64);
     gauge!("txq_jobs_in_flight").set(0.0);
+    const OUTCOMES: [JobOutcome; 6] = [
+        JobOutcome::Ok,
+        JobOutcome::Rejected,
+        JobOutcome::Failed,
+        JobOutcome::Retried,
+        JobOutcome::Duplicate,
+        JobOutcome::Requeued,
+    ];
+    for job_type in job_types {
+        for outcome in OUTCOMES {
+            counter!("txq_jobs_total", "type" => job_type.to_owned(), "outcome" => outcome.as_str())
+                .absolute(0);
+        }
+    }
+    for name in [
+        "txq_duplicates_total",
+        "txq_replies_returned_total",
+        "txq_publishes_refused_total",
+        "txq_unparsable_frames_total",
+        "txq_broker_reconnects_total",
+    ] {
+        counter!(name).absolute(0);
+    }
 }
 
 /// A job task started.

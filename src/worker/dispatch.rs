@@ -52,7 +52,7 @@ pub(crate) async fn run(
         tracker: TaskTracker::new(),
         hard_stop: CancellationToken::new(),
     };
-    crate::events::started(shared.concurrency);
+    crate::events::started(shared.concurrency, shared.specs.keys().map(String::as_str));
     let (connection, result) = sessions(&shared, &jobs, &shutdown).await;
     // The grace period runs from the stop, whatever the broker did since.
     let stopped_at = tokio::time::Instant::now();

@@ -128,6 +128,47 @@ fn present(m: &BTreeMap<String, f64>, key: &str) -> f64 {
         .unwrap_or_else(|| panic!("no series {key} in the scrape: {m:#?}"))
 }
 
+/// The series an alert watches exist from the start, at 0, for every job type the
+/// worker handles: `rate(txq_jobs_total{outcome="failed"}[5m])` must not be empty
+/// until the first failure.
+#[tokio::test]
+async fn alerting_series_exist_at_zero_before_the_first_job() {
+    let (test_db, _client, requests, replies) = bank_env(Backend::Sqlite, 2).await;
+    let ops = ops_file();
+    let mut txq = spawn_txq(
+        &crate::support::amqp_url(),
+        &test_db.url,
+        &requests,
+        &replies,
+        &ops.0,
+    );
+    until(&mut txq, "/readyz", |status, _| status == 200).await;
+    let m = scrape(&mut txq).await;
+    for job_type in ["transfer", "noop", "balance", "sleepy"] {
+        for outcome in [
+            "ok",
+            "rejected",
+            "failed",
+            "retried",
+            "duplicate",
+            "requeued",
+        ] {
+            let key = format!("txq_jobs_total{{outcome=\"{outcome}\",type=\"{job_type}\"}}");
+            assert_eq!(present(&m, &key), 0.0, "{key}");
+        }
+    }
+    for name in [
+        "txq_duplicates_total",
+        "txq_replies_returned_total",
+        "txq_publishes_refused_total",
+        "txq_unparsable_frames_total",
+        "txq_broker_reconnects_total",
+    ] {
+        assert_eq!(present(&m, name), 0.0, "{name}");
+    }
+    txq.child.kill().await.expect("stopping txq");
+}
+
 #[tokio::test]
 async fn metrics_count_what_happened() {
     let (test_db, client, requests, replies) = bank_env(Backend::MySql, 10).await;
@@ -290,8 +331,8 @@ async fn metrics_count_what_happened() {
         1.0,
         "the reply to the gone queue: {m:#?}"
     );
-    // Counters appear with their first count: none for what never happened.
-    assert_eq!(m.get("txq_broker_reconnects_total"), None, "{m:#?}");
+    // What never happened is there at 0.
+    assert_eq!(present(&m, "txq_broker_reconnects_total"), 0.0, "{m:#?}");
 
     let totals = bank::totals(&test_db.db).await.expect("totals");
     assert_eq!(
