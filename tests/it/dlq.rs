@@ -25,16 +25,30 @@ trait Printed {
     fn summary(&self) -> Value;
 }
 
+/// The `--json` convention's last line: an object holding `summary` alone.
+fn is_summary(v: &Value) -> bool {
+    v.as_object()
+        .is_some_and(|o| o.len() == 1 && o.contains_key("summary"))
+}
+
+fn all_json(out: &TxqOutput) -> Vec<Value> {
+    out.stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}")))
+        .collect()
+}
+
 impl Printed for TxqOutput {
+    /// The rows: every JSON line but the summary.
     fn json_lines(&self) -> Vec<Value> {
-        self.stdout
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}")))
+        all_json(self)
+            .into_iter()
+            .filter(|v| !is_summary(v))
             .collect()
     }
 
     fn summary(&self) -> Value {
-        self.json_lines()
+        all_json(self)
             .into_iter()
             .find_map(|v| v.get("summary").cloned())
             .unwrap_or_else(|| panic!("no summary line in {}", self.stdout))
@@ -130,10 +144,16 @@ async fn publish_dead_replying(client: &Client, dlq: &str, dead: &[Dead], reply_
 async fn listed_ids(queue: &str) -> Vec<String> {
     let run = txq(queue, &["dlq", "list", "--json"]).await;
     assert_eq!(run.code, Some(0), "{run:?}");
-    run.json_lines()
+    let ids: Vec<String> = run
+        .json_lines()
         .iter()
         .map(|v| v["message_id"].as_str().expect("message_id").to_owned())
-        .collect()
+        .collect();
+    // The `--json` convention: a summary last, counting what was listed.
+    let last = all_json(&run).pop().expect("a last line");
+    assert_eq!(last["summary"]["matched"], ids.len(), "{run:?}");
+    assert_eq!(last["summary"]["queue"], format!("{queue}.dlq"), "{run:?}");
+    ids
 }
 
 fn ids_of(replies: &[Reply]) -> Vec<String> {
@@ -354,6 +374,8 @@ async fn a_thousand_jobs_failed_for_a_missing_table_are_applied_once_after_repla
     assert_eq!(group.code, Some(0), "{group:?}");
     let groups = group.json_lines();
     assert_eq!(groups.len(), 1, "one cause: {groups:?}");
+    assert_eq!(group.summary()["groups"], 1, "{group:?}");
+    assert_eq!(group.summary()["matched"], 1000, "{group:?}");
     assert_eq!(groups[0]["count"], 1000);
     assert_eq!(groups[0]["type"], "transfer");
     assert_eq!(groups[0]["error_kind"], "database_error");
@@ -897,8 +919,11 @@ async fn list_show_group_and_purge_print_what_they_did_and_exit_meaningfully() {
     let rest = txq(&queue, &["dlq", "purge", "--yes"]).await;
     assert_eq!(rest.code, Some(0), "{rest:?}");
     assert_eq!(client.depth(&dlq).await, 0);
+    // An empty queue lists no rows, only the summary.
     let empty = txq(&queue, &["dlq", "list", "--json"]).await;
-    assert_eq!((empty.code, empty.stdout.as_str()), (Some(0), ""));
+    assert_eq!(empty.code, Some(0), "{empty:?}");
+    assert_eq!(all_json(&empty).len(), 1, "{empty:?}");
+    assert_eq!(empty.summary()["matched"], 0, "{empty:?}");
 }
 
 #[tokio::test]
@@ -1508,7 +1533,7 @@ async fn a_message_whose_headers_cannot_be_decoded_is_purged_and_replay_says_why
 /// Every line of `run`'s stdout, parsed; panics on one that is not JSON.
 fn every_line_json(run: &Run) -> Vec<Value> {
     assert!(!run.stdout.is_empty(), "no output: {run:?}");
-    run.json_lines()
+    all_json(run)
 }
 
 /// Issue 14 §9: one `--json` convention: JSON lines on stdout and nothing else
@@ -1531,8 +1556,10 @@ async fn every_json_output_is_json_lines_with_the_summary_or_the_error_last() {
 
     let list = txq(&queue, &["dlq", "list", "--json"]).await;
     assert_eq!(list.code, Some(0), "{list:?}");
-    let lines = every_line_json(&list);
-    assert_eq!(lines.len(), 10, "{list:?}");
+    let mut lines = every_line_json(&list);
+    assert_eq!(lines.len(), 11, "ten rows and the summary: {list:?}");
+    let summary = lines.pop().expect("the summary");
+    assert_eq!(summary["summary"]["matched"], 10, "{list:?}");
     assert!(
         lines.iter().all(|l| l["message_id"].is_string()),
         "{list:?}"
@@ -1540,7 +1567,10 @@ async fn every_json_output_is_json_lines_with_the_summary_or_the_error_last() {
 
     let group = txq(&queue, &["dlq", "list", "--group", "--json"]).await;
     assert_eq!(group.code, Some(0), "{group:?}");
-    assert!(every_line_json(&group).iter().all(|l| l["count"].is_u64()));
+    let mut lines = every_line_json(&group);
+    let summary = lines.pop().expect("the summary");
+    assert_eq!(summary["summary"]["groups"], lines.len(), "{group:?}");
+    assert!(lines.iter().all(|l| l["count"].is_u64()), "{group:?}");
 
     let show = txq(&queue, &["dlq", "show", "d-3", "--json"]).await;
     assert_eq!(show.code, Some(0), "{show:?}");

@@ -198,6 +198,9 @@ async fn run_command(config: &Config, args: DlqArgs) -> Result<u8, DlqError> {
             if header {
                 print_header().map_err(DlqError::Output)?;
             }
+            if json {
+                print_json(&list_summary(&target.dlq, &counts, None)).map_err(DlqError::Output)?;
+            }
             note(format_args!(
                 "{} of {} message(s) in `{}`",
                 counts.matched, counts.depth, target.dlq
@@ -220,6 +223,8 @@ async fn run_command(config: &Config, args: DlqArgs) -> Result<u8, DlqError> {
                 groups
                     .iter()
                     .try_for_each(print_json)
+                    .map_err(DlqError::Output)?;
+                print_json(&list_summary(&target.dlq, &counts, Some(groups.len())))
                     .map_err(DlqError::Output)?;
             } else {
                 print_groups(&groups).map_err(DlqError::Output)?;
@@ -362,6 +367,21 @@ async fn run_command(config: &Config, args: DlqArgs) -> Result<u8, DlqError> {
 
 /// What the operator should know beyond the counts: messages no AMQP client
 /// library reads.
+/// The `--json` convention's last line for `list`: `{"summary": …}`.
+fn list_summary(queue: &str, counts: &super::Counts, groups: Option<usize>) -> serde_json::Value {
+    let mut summary = serde_json::json!({
+        "queue": queue,
+        "depth": counts.depth,
+        "scanned": counts.scanned,
+        "matched": counts.matched,
+        "unreadable": counts.unreadable,
+    });
+    if let Some(groups) = groups {
+        summary["groups"] = groups.into();
+    }
+    serde_json::json!({ "summary": summary })
+}
+
 fn note_counts(counts: &super::Counts) {
     if counts.unreadable > 0 {
         note(format_args!(
