@@ -435,10 +435,25 @@ mod tests {
     fn backoff_grows_and_is_capped() {
         let base = Duration::from_millis(10);
         let max = Duration::from_millis(100);
-        for _ in 0..100 {
-            assert!(backoff(base, max, 1) <= base);
-            assert!(backoff(base, max, 3) <= base * 4);
-            assert!(backoff(base, max, 30) <= max);
+        // Full jitter: uniform in [0, ceiling]. Over 2,000 draws the mean sits near
+        // half the ceiling and the largest near the ceiling, so a backoff of zero,
+        // one that does not grow, or one past the cap all fail.
+        for (attempt, ceiling) in [(1, base), (3, base * 4), (30, max)] {
+            let draws: Vec<Duration> = (0..2000).map(|_| backoff(base, max, attempt)).collect();
+            let largest = draws.iter().max().copied().unwrap_or_default();
+            let mean = draws.iter().sum::<Duration>() / 2000;
+            assert!(
+                largest <= ceiling,
+                "attempt {attempt}: {largest:?} > {ceiling:?}"
+            );
+            assert!(
+                largest >= ceiling.mul_f64(0.9),
+                "attempt {attempt}: at most {largest:?}"
+            );
+            assert!(
+                mean >= ceiling.mul_f64(0.4) && mean <= ceiling.mul_f64(0.6),
+                "attempt {attempt}: mean {mean:?} of a ceiling {ceiling:?}"
+            );
         }
     }
 
