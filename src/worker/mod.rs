@@ -146,48 +146,8 @@ impl WorkerBuilder {
             return Err(WorkerError::NoHandlers);
         }
         check_job_sections(&config, &self.registry)?;
-        let db = match self.db {
-            Some(db) => db,
-            None => Db::connect(config.database_url.expose(), &config.pool_options()).await?,
-        };
-        let pool = db.max_connections();
-        if pool < u32::from(config.concurrency.get()) {
-            warn!(
-                db_pool_size = pool,
-                concurrency = config.concurrency.get(),
-                "the database pool is smaller than the concurrency: jobs will wait for connections"
-            );
-        }
-        if config.inbox.enabled {
-            crate::db::migrate(&db).await?;
-        }
-        let timeouts: std::collections::HashSet<Duration> = self
-            .registry
-            .job_types()
-            .map(|t| config.job_timeout(t))
-            .collect();
-        let begins = db.job_begins(&timeouts).await?;
-        debug!(?begins, "how job transactions begin");
-        let mut specs = HashMap::new();
-        for job_type in self.registry.job_types() {
-            let job = config.job(job_type);
-            if job.isolation.is_some() && db.backend() == Backend::Sqlite {
-                warn!(
-                    job_type,
-                    "SQLite transactions are always serializable; `isolation` is ignored"
-                );
-            }
-            let timeout = config.job_timeout(job_type);
-            let worst = timeout.saturating_mul(config.retry.in_process_attempts.get())
-                + config.retry.max_delay;
-            if worst > config.consumer_timeout / 2 {
-                warn!(job_type, ?timeout, consumer_timeout = ?config.consumer_timeout,
-                    "a delivery of this job type may stay unacked for more than half the broker's \
-                     consumer_timeout, which closes the channel: lower the timeout or raise consumer_timeout");
-            }
-            let begin = begins.statement(job.isolation, timeout);
-            specs.insert(job_type.to_owned(), JobSpec { begin, timeout });
-        }
+        let db = connect_db(&config, self.db).await?;
+        let specs = job_specs(&config, &self.registry, &db).await?;
         let shared = Shared {
             amqp_url: config.amqp_url.clone(),
             amqp_urls: config.amqp_url.split(),
@@ -227,6 +187,62 @@ impl WorkerBuilder {
                 .map(|every| (every, config.inbox.retention)),
         })
     }
+}
+
+/// The database, connected unless given, and migrated when the inbox is on.
+async fn connect_db(config: &Config, given: Option<Db>) -> Result<Db, WorkerError> {
+    let db = match given {
+        Some(db) => db,
+        None => Db::connect(config.database_url.expose(), &config.pool_options()).await?,
+    };
+    let pool = db.max_connections();
+    if pool < u32::from(config.concurrency.get()) {
+        warn!(
+            db_pool_size = pool,
+            concurrency = config.concurrency.get(),
+            "the database pool is smaller than the concurrency: jobs will wait for connections"
+        );
+    }
+    if config.inbox.enabled {
+        crate::db::migrate(&db).await?;
+    }
+    Ok(db)
+}
+
+/// Each job type's BEGIN statement and timeout, with warnings for settings that
+/// cannot work as asked.
+async fn job_specs(
+    config: &Config,
+    registry: &Registry,
+    db: &Db,
+) -> Result<HashMap<String, JobSpec>, WorkerError> {
+    let timeouts: std::collections::HashSet<Duration> = registry
+        .job_types()
+        .map(|t| config.job_timeout(t))
+        .collect();
+    let begins = db.job_begins(&timeouts).await?;
+    debug!(?begins, "how job transactions begin");
+    let mut specs = HashMap::new();
+    for job_type in registry.job_types() {
+        let job = config.job(job_type);
+        if job.isolation.is_some() && db.backend() == Backend::Sqlite {
+            warn!(
+                job_type,
+                "SQLite transactions are always serializable; `isolation` is ignored"
+            );
+        }
+        let timeout = config.job_timeout(job_type);
+        let worst =
+            timeout.saturating_mul(config.retry.in_process_attempts.get()) + config.retry.max_delay;
+        if worst > config.consumer_timeout / 2 {
+            warn!(job_type, ?timeout, consumer_timeout = ?config.consumer_timeout,
+                "a delivery of this job type may stay unacked for more than half the broker's \
+                 consumer_timeout, which closes the channel: lower the timeout or raise consumer_timeout");
+        }
+        let begin = begins.statement(job.isolation, timeout);
+        specs.insert(job_type.to_owned(), JobSpec { begin, timeout });
+    }
+    Ok(specs)
 }
 
 /// `jobs.<type>` sections must name a job type this worker handles. One that
