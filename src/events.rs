@@ -37,6 +37,16 @@ pub enum JobOutcome {
 }
 
 impl JobOutcome {
+    /// Every outcome, for series that must exist before their first count.
+    pub const ALL: [JobOutcome; 6] = [
+        Self::Ok,
+        Self::Rejected,
+        Self::Failed,
+        Self::Retried,
+        Self::Duplicate,
+        Self::Requeued,
+    ];
+
     /// Metric label.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -111,16 +121,8 @@ pub fn describe() {
 pub(crate) fn started<'a>(concurrency: usize, job_types: impl Iterator<Item = &'a str>) {
     gauge!("txq_concurrency_limit").set(concurrency as f64);
     gauge!("txq_jobs_in_flight").set(0.0);
-    const OUTCOMES: [JobOutcome; 6] = [
-        JobOutcome::Ok,
-        JobOutcome::Rejected,
-        JobOutcome::Failed,
-        JobOutcome::Retried,
-        JobOutcome::Duplicate,
-        JobOutcome::Requeued,
-    ];
     for job_type in job_types {
-        for outcome in OUTCOMES {
+        for outcome in JobOutcome::ALL {
             counter!("txq_jobs_total", "type" => job_type.to_owned(), "outcome" => outcome.as_str())
                 .absolute(0);
         }
