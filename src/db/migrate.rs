@@ -15,11 +15,12 @@ struct Migration {
     sqlite: &'static [&'static str],
 }
 
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "inbox",
-    // VARBINARY: message ids compare byte for byte (no case folding, no PAD SPACE).
-    mysql: &["CREATE TABLE IF NOT EXISTS txq_inbox (
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "inbox",
+        // VARBINARY: message ids compare byte for byte (no case folding, no PAD SPACE).
+        mysql: &["CREATE TABLE IF NOT EXISTS txq_inbox (
             message_id VARBINARY(255) NOT NULL PRIMARY KEY,
             job_type VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
             status VARCHAR(16) NOT NULL,
@@ -28,27 +29,121 @@ const MIGRATIONS: &[Migration] = &[Migration {
             created_at_ms BIGINT NOT NULL,
             INDEX txq_inbox_created (created_at_ms)
         ) ENGINE=InnoDB"],
-    postgres: &[
-        "CREATE TABLE IF NOT EXISTS txq_inbox (
+        postgres: &[
+            "CREATE TABLE IF NOT EXISTS txq_inbox (
             message_id VARCHAR(255) NOT NULL PRIMARY KEY,
             job_type VARCHAR(255) NOT NULL,
             status VARCHAR(16) NOT NULL,
             reply BYTEA NULL,
             attempts BIGINT NOT NULL,
             created_at_ms BIGINT NOT NULL)",
-        "CREATE INDEX IF NOT EXISTS txq_inbox_created ON txq_inbox (created_at_ms)",
-    ],
-    sqlite: &[
-        "CREATE TABLE IF NOT EXISTS txq_inbox (
+            "CREATE INDEX IF NOT EXISTS txq_inbox_created ON txq_inbox (created_at_ms)",
+        ],
+        sqlite: &[
+            "CREATE TABLE IF NOT EXISTS txq_inbox (
             message_id TEXT NOT NULL PRIMARY KEY,
             job_type TEXT NOT NULL,
             status TEXT NOT NULL,
             reply BLOB NULL,
             attempts INTEGER NOT NULL,
             created_at_ms INTEGER NOT NULL)",
-        "CREATE INDEX IF NOT EXISTS txq_inbox_created ON txq_inbox (created_at_ms)",
-    ],
-}];
+            "CREATE INDEX IF NOT EXISTS txq_inbox_created ON txq_inbox (created_at_ms)",
+        ],
+    },
+    Migration {
+        version: 2,
+        name: "batches",
+        // One row a batch (its counts: the row every member's transaction updates),
+        // one a counted member (what makes a count idempotent, and lets a replayed
+        // failure move to ok), one a completion revision to publish (the outbox).
+        mysql: &[
+            "CREATE TABLE IF NOT EXISTS txq_batches (
+            batch_id VARBINARY(255) NOT NULL PRIMARY KEY,
+            size BIGINT NOT NULL,
+            ok BIGINT NOT NULL,
+            rejected BIGINT NOT NULL,
+            failed BIGINT NOT NULL,
+            revision BIGINT NOT NULL,
+            reply_to VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NULL,
+            opened_at_ms BIGINT NOT NULL,
+            completed_at_ms BIGINT NULL,
+            INDEX txq_batches_opened (opened_at_ms)
+        ) ENGINE=InnoDB",
+            "CREATE TABLE IF NOT EXISTS txq_batch_members (
+            batch_id VARBINARY(255) NOT NULL,
+            message_id VARBINARY(255) NOT NULL,
+            status VARCHAR(16) NOT NULL,
+            PRIMARY KEY (batch_id, message_id)
+        ) ENGINE=InnoDB",
+            "CREATE TABLE IF NOT EXISTS txq_batch_completions (
+            batch_id VARBINARY(255) NOT NULL,
+            revision BIGINT NOT NULL,
+            destination VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NULL,
+            body LONGBLOB NOT NULL,
+            due_at_ms BIGINT NOT NULL,
+            published_at_ms BIGINT NULL,
+            PRIMARY KEY (batch_id, revision),
+            INDEX txq_batch_completions_due (published_at_ms, due_at_ms)
+        ) ENGINE=InnoDB",
+        ],
+        postgres: &[
+            "CREATE TABLE IF NOT EXISTS txq_batches (
+            batch_id VARCHAR(255) NOT NULL PRIMARY KEY,
+            size BIGINT NOT NULL,
+            ok BIGINT NOT NULL,
+            rejected BIGINT NOT NULL,
+            failed BIGINT NOT NULL,
+            revision BIGINT NOT NULL,
+            reply_to VARCHAR(255) NULL,
+            opened_at_ms BIGINT NOT NULL,
+            completed_at_ms BIGINT NULL)",
+            "CREATE INDEX IF NOT EXISTS txq_batches_opened ON txq_batches (opened_at_ms)",
+            "CREATE TABLE IF NOT EXISTS txq_batch_members (
+            batch_id VARCHAR(255) NOT NULL,
+            message_id VARCHAR(255) NOT NULL,
+            status VARCHAR(16) NOT NULL,
+            PRIMARY KEY (batch_id, message_id))",
+            "CREATE TABLE IF NOT EXISTS txq_batch_completions (
+            batch_id VARCHAR(255) NOT NULL,
+            revision BIGINT NOT NULL,
+            destination VARCHAR(255) NULL,
+            body BYTEA NOT NULL,
+            due_at_ms BIGINT NOT NULL,
+            published_at_ms BIGINT NULL,
+            PRIMARY KEY (batch_id, revision))",
+            "CREATE INDEX IF NOT EXISTS txq_batch_completions_due
+            ON txq_batch_completions (published_at_ms, due_at_ms)",
+        ],
+        sqlite: &[
+            "CREATE TABLE IF NOT EXISTS txq_batches (
+            batch_id TEXT NOT NULL PRIMARY KEY,
+            size INTEGER NOT NULL,
+            ok INTEGER NOT NULL,
+            rejected INTEGER NOT NULL,
+            failed INTEGER NOT NULL,
+            revision INTEGER NOT NULL,
+            reply_to TEXT NULL,
+            opened_at_ms INTEGER NOT NULL,
+            completed_at_ms INTEGER NULL)",
+            "CREATE INDEX IF NOT EXISTS txq_batches_opened ON txq_batches (opened_at_ms)",
+            "CREATE TABLE IF NOT EXISTS txq_batch_members (
+            batch_id TEXT NOT NULL,
+            message_id TEXT NOT NULL,
+            status TEXT NOT NULL,
+            PRIMARY KEY (batch_id, message_id))",
+            "CREATE TABLE IF NOT EXISTS txq_batch_completions (
+            batch_id TEXT NOT NULL,
+            revision INTEGER NOT NULL,
+            destination TEXT NULL,
+            body BLOB NOT NULL,
+            due_at_ms INTEGER NOT NULL,
+            published_at_ms INTEGER NULL,
+            PRIMARY KEY (batch_id, revision))",
+            "CREATE INDEX IF NOT EXISTS txq_batch_completions_due
+            ON txq_batch_completions (published_at_ms, due_at_ms)",
+        ],
+    },
+];
 
 /// sqlx's ledger, under a name of txq's own: the application's own migrations may
 /// own `_sqlx_migrations`. (Releases before 0.2 kept a ledger of their own format in
@@ -165,13 +260,13 @@ mod tests {
     #[tokio::test]
     async fn each_migration_is_applied_once_and_recorded_in_txq_s_ledger() {
         let t = empty_temp_db().await;
-        assert_eq!(migrate(&t.db).await.expect("first"), vec![1]);
+        assert_eq!(migrate(&t.db).await.expect("first"), vec![1, 2]);
         assert_eq!(migrate(&t.db).await.expect("second"), Vec::<i64>::new());
         let recorded: Vec<i64> = crate::on_pool!(&t.db, p => {
             sqlx::query_scalar("SELECT version FROM txq_schema_migrations")
                 .fetch_all(p).await.expect("ledger")
         });
-        assert_eq!(recorded, vec![1]);
+        assert_eq!(recorded, vec![1, 2]);
     }
 
     #[tokio::test]
@@ -184,7 +279,7 @@ mod tests {
             sqlx::query("INSERT INTO txq_inbox VALUES ('m', 't', 'ok', NULL, 1, 0)")
                 .execute(p).await.expect("a row");
         });
-        assert_eq!(migrate(&t.db).await.expect("migrate"), vec![1]);
+        assert_eq!(migrate(&t.db).await.expect("migrate"), vec![1, 2]);
         let rows: i64 = crate::on_pool!(&t.db, p => {
             sqlx::query_scalar("SELECT COUNT(*) FROM txq_inbox").fetch_one(p).await.expect("count")
         });

@@ -18,6 +18,7 @@ macro_rules! on_pool {
     };
 }
 
+pub mod batch;
 mod dialect;
 pub mod inbox;
 mod migrate;
