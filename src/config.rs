@@ -45,6 +45,9 @@ pub struct Config {
     /// Where replies go when a request has no `reply_to`. Default `txq.replies`;
     /// an empty string means "no reply" for such requests.
     pub reply_queue: String,
+    /// Where batch completion messages go. Default empty: to the `reply_to` of the
+    /// member that opened the batch, else `reply_queue`.
+    pub batch_completion_queue: String,
     /// Jobs in flight at once, at most: 1 to 65535. Default 16. Also the AMQP
     /// prefetch unless `prefetch` is set, so the backlog stays in RabbitMQ, not in
     /// memory.
@@ -123,6 +126,7 @@ impl Default for Config {
             queue_type: QueueType::Classic,
             default_type: None,
             reply_queue: "txq.replies".into(),
+            batch_completion_queue: String::new(),
             concurrency: const { NonZeroU16::new(16).unwrap() },
             prefetch: None,
             db_pool_size: None,
@@ -491,6 +495,12 @@ impl Config {
         }
         if self.reply_queue.len() > 255 {
             return Err(invalid("reply_queue", "must be at most 255 bytes long"));
+        }
+        if self.batch_completion_queue.len() > 255 {
+            return Err(invalid(
+                "batch_completion_queue",
+                "must be at most 255 bytes long",
+            ));
         }
         if self.retry.max_attempts.get() > 1 && self.retry.delays.is_empty() {
             return Err(invalid(

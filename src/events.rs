@@ -113,6 +113,70 @@ pub fn describe() {
         "txq_publishes_refused_total",
         "Publishes the broker refused because of the message itself"
     );
+    describe_gauge!(
+        "txq_batches_open",
+        "Batches with members still to answer (read from the database by each worker)"
+    );
+    describe_counter!(
+        "txq_batch_completions_total",
+        "Batch completions written by this worker, by revision kind (first, revised)"
+    );
+    describe_histogram!(
+        "txq_batch_duration_seconds",
+        metrics::Unit::Seconds,
+        "From a batch's first counted member to its first completion"
+    );
+    describe_counter!(
+        "txq_batch_completions_published_total",
+        "Batch completion messages published, by route (live, sweep)"
+    );
+}
+
+/// Buckets of `txq_batch_duration_seconds`: a batch takes from a second to a day.
+pub const BATCH_DURATION_BUCKETS: &[f64] = &[
+    1.0,
+    5.0,
+    15.0,
+    60.0,
+    300.0,
+    900.0,
+    3600.0,
+    4.0 * 3600.0,
+    12.0 * 3600.0,
+    86400.0,
+];
+
+/// A member's transaction completed its batch (or revised a complete one).
+pub(crate) fn batch_completed(batch_id: &str, revision: i64, took: Duration) {
+    tracing::info!(batch_id, revision, took = ?took, "batch complete");
+    let kind = if revision == 1 { "first" } else { "revised" };
+    counter!("txq_batch_completions_total", "kind" => kind).increment(1);
+    if revision == 1 {
+        histogram!("txq_batch_duration_seconds").record(took.as_secs_f64());
+    }
+}
+
+/// A completion message went out (`live`: by the worker that completed the
+/// batch; `sweep`: by a later sweep, that worker having failed to).
+pub(crate) fn batch_completion_published(batch_id: &str, revision: i64, route: &'static str) {
+    debug!(batch_id, revision, route, "batch completion published");
+    counter!("txq_batch_completions_published_total", "route" => route).increment(1);
+}
+
+/// A completion was not published now; a sweep will.
+pub(crate) fn batch_completion_deferred(batch_id: &str, error: &dyn std::fmt::Display) {
+    warn!(batch_id, error = %error, "the batch completion was not published; a sweep publishes it");
+}
+
+/// A member could not be counted in its batch (its headers disagree with the
+/// batch); its answer stands.
+pub(crate) fn batch_member_refused(batch_id: &str, reason: &str) {
+    warn!(batch_id, reason, "a batch member was not counted");
+}
+
+/// How many batches are open.
+pub(crate) fn batches_open(n: i64) {
+    gauge!("txq_batches_open").set(n as f64);
 }
 
 /// The worker started: how many jobs it runs at once. The counters an alert
@@ -135,6 +199,9 @@ pub(crate) fn started<'a>(concurrency: usize, job_types: impl Iterator<Item = &'
         "txq_broker_reconnects_total",
     ] {
         counter!(name).absolute(0);
+    }
+    for kind in ["first", "revised"] {
+        counter!("txq_batch_completions_total", "kind" => kind).absolute(0);
     }
 }
 

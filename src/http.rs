@@ -49,6 +49,10 @@ pub fn install_recorder() -> Result<PrometheusHandle, HttpError> {
             Matcher::Full("txq_job_duration_seconds".into()),
             DURATION_BUCKETS,
         )?
+        .set_buckets_for_metric(
+            Matcher::Full("txq_batch_duration_seconds".into()),
+            events::BATCH_DURATION_BUCKETS,
+        )?
         .install_recorder()?;
     events::describe();
     // Histogram samples pile up until folded into buckets: without this, a worker

@@ -33,6 +33,13 @@ pub mod headers {
     /// Retry and dead-letter copies: the request's `user_id`, which the copy does
     /// not carry (RabbitMQ checks it against the publishing user, txq's).
     pub const ORIGINAL_USER_ID: &str = "x-txq-original-user-id";
+    /// Request: the batch it belongs to (at most 200 bytes of UTF-8).
+    pub const BATCH_ID: &str = "x-txq-batch-id";
+    /// Request: how many members its batch has (opens the batch; optional once
+    /// the batch is open).
+    pub const BATCH_SIZE: &str = "x-txq-batch-size";
+    /// Batch completion: its revision (1, then one more per change of counts).
+    pub const BATCH_REVISION: &str = "x-txq-batch-revision";
 }
 
 /// Header values txq writes stay under this, so a header can never break the
@@ -71,6 +78,9 @@ pub struct Envelope {
     /// The job's trace, set by the worker once it takes the request on; what it
     /// publishes carries it. `None`: `traceparent` is passed on unchanged.
     pub trace: Option<super::Trace>,
+    /// The batch headers: `None` without `x-txq-batch-id`; `Err` says what is wrong
+    /// with them.
+    pub batch: Option<Result<crate::db::batch::BatchTag, String>>,
 }
 
 impl Envelope {
@@ -106,8 +116,42 @@ impl Envelope {
             traceparent,
             content_type: text(props.content_type()),
             trace: None,
+            batch: props.headers().as_ref().and_then(batch_tag),
         }
     }
+}
+
+/// The batch headers of a request, checked.
+fn batch_tag(table: &FieldTable) -> Option<Result<crate::db::batch::BatchTag, String>> {
+    use crate::db::batch::{BatchTag, MAX_BATCH_ID_BYTES};
+    let id = table.inner().get(headers::BATCH_ID);
+    let size = table.inner().get(headers::BATCH_SIZE);
+    if id.is_none() && size.is_none() {
+        return None;
+    }
+    let check = || {
+        let id =
+            id.ok_or_else(|| format!("{} without {}", headers::BATCH_SIZE, headers::BATCH_ID))?;
+        let id = header_text(id)
+            .filter(|id| !id.is_empty() && id.len() <= MAX_BATCH_ID_BYTES)
+            .ok_or_else(|| {
+                format!(
+                    "{} must be a text of 1 to {MAX_BATCH_ID_BYTES} bytes",
+                    headers::BATCH_ID
+                )
+            })?;
+        let size = match size {
+            None => None,
+            Some(v) => Some(header_int(v).filter(|n| *n >= 1).ok_or_else(|| {
+                format!(
+                    "{} must be a whole number of at least 1",
+                    headers::BATCH_SIZE
+                )
+            })?),
+        };
+        Ok(BatchTag { id, size })
+    };
+    Some(check())
 }
 
 impl Envelope {

@@ -256,6 +256,7 @@ mod tests {
             request_queue: "q".into(),
             queue_type,
             reply_queue: None,
+            batch_completion_queue: None,
             dead_letter_queue: "q.dlq".into(),
             retry_delays: vec![],
             delivery_limit: 20,

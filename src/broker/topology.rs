@@ -24,6 +24,8 @@ pub struct Topology {
     pub queue_type: QueueType,
     /// Replies to requests without `reply_to` go here; `None` for no reply.
     pub reply_queue: Option<String>,
+    /// Batch completions go here when set (else to the batch's `reply_to`).
+    pub batch_completion_queue: Option<String>,
     /// Requests that failed for good.
     pub dead_letter_queue: String,
     /// Delay before the 2nd, 3rd… delivery; the last one repeats.
@@ -39,6 +41,8 @@ impl Topology {
             request_queue: config.queue.clone(),
             queue_type: config.queue_type,
             reply_queue: (!config.reply_queue.is_empty()).then(|| config.reply_queue.clone()),
+            batch_completion_queue: (!config.batch_completion_queue.is_empty())
+                .then(|| config.batch_completion_queue.clone()),
             dead_letter_queue: config.dead_letter_queue(),
             retry_delays: config.retry.delays.clone(),
             delivery_limit: config.delivery_limit,
@@ -129,8 +133,11 @@ pub async fn declare(channel: &Channel, topology: &Topology) -> Result<(), Broke
     for (queue, args) in queue_arguments(topology) {
         declare_one(channel, &queue, args).await?;
     }
-    if let Some(reply) = &topology.reply_queue {
-        declare_one(channel, reply, FieldTable::default()).await?;
+    for queue in [&topology.reply_queue, &topology.batch_completion_queue]
+        .into_iter()
+        .flatten()
+    {
+        declare_one(channel, queue, FieldTable::default()).await?;
     }
     Ok(())
 }
@@ -162,6 +169,7 @@ mod tests {
             request_queue: "q".into(),
             queue_type: QueueType::Classic,
             reply_queue: None,
+            batch_completion_queue: None,
             dead_letter_queue: "q.dlq".into(),
             retry_delays: vec![Duration::from_secs(1), Duration::from_secs(90)],
             delivery_limit: 20,
@@ -191,6 +199,7 @@ mod tests {
             request_queue: "q".into(),
             queue_type: QueueType::Quorum,
             reply_queue: None,
+            batch_completion_queue: None,
             dead_letter_queue: "q.dlq".into(),
             retry_delays: vec![Duration::from_secs(1)],
             delivery_limit: 7,

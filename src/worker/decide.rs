@@ -148,6 +148,7 @@ mod tests {
             request_queue: "q".into(),
             queue_type: QueueType::Classic,
             reply_queue: None,
+            batch_completion_queue: None,
             dead_letter_queue: "q.dlq".into(),
             retry_delays: delays.iter().map(|s| Duration::from_secs(*s)).collect(),
             delivery_limit: 20,

@@ -259,6 +259,7 @@ async fn session(
         acks,
         connection_lost: connection_lost.clone(),
     });
+    let sweeper = tokio::spawn(super::batches::sweep(ctx.clone()));
     shared.health.set_consuming(true);
     info!(
         queue = shared.topology.request_queue.as_str(),
@@ -268,6 +269,7 @@ async fn session(
     );
     let end = consume(&ctx, &mut consumer, &mut events, jobs, shutdown).await;
     shared.health.set_consuming(false);
+    sweeper.abort();
     match end {
         None => {
             stop_consuming(&conn, &channel, &tag, jobs.tracker.len()).await;
@@ -486,9 +488,10 @@ async fn process(
     env.trace = Some(trace);
     let label = super::type_label(&ctx.shared, &env);
     let work = async {
-        let outcome = job::execute(&ctx, &env, &delivery.data, delivery.redelivered).await;
+        let (outcome, completion) =
+            job::execute(&ctx, &env, &delivery.data, delivery.redelivered).await;
         // The connection went back to the pool before the publishes are awaited.
-        finish::finish(&ctx, &env, label, &delivery, outcome).await
+        finish::finish(&ctx, &env, label, &delivery, outcome, completion).await
     };
     let settled = async {
         tokio::select! {
@@ -496,7 +499,7 @@ async fn process(
             // reply was already out, the redelivery gets the inbox's copy.
             _ = hard_stop.cancelled() => {
                 let abandoned = super::outcome::Outcome::Abandoned;
-                finish::finish(&ctx, &env, label, &delivery, abandoned).await
+                finish::finish(&ctx, &env, label, &delivery, abandoned, None).await
             }
             settled = work => settled,
         }

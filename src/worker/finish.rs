@@ -12,11 +12,12 @@ use tracing::{debug, error, warn};
 
 use super::Context;
 use super::decide::{Disposition, Policy, decide};
-use super::outcome::{Outcome, Status, failed_body};
+use super::outcome::{FailureKind, Outcome, Status, failed_body};
 use crate::broker::{
     Envelope, PublishError, PublishOutcome, ReplyHeaders, bounded, headers, long_string,
     reply_properties, with_headers,
 };
+use crate::db::batch::{self, BatchError, Completion, Count, Final};
 use crate::events::{self, JobOutcome};
 
 /// Decides what `outcome` calls for and carries it out: publishes, then acks, or
@@ -28,12 +29,29 @@ pub(crate) async fn finish(
     job_type: &str,
     delivery: &Delivery,
     outcome: Outcome,
+    mut completion: Option<Completion>,
 ) -> JobOutcome {
     let policy = Policy {
         max_attempts: ctx.retry.max_attempts,
         topology: &ctx.topology,
     };
     let mut disposition = decide(outcome, env.attempt, &policy);
+    match count_final(ctx, env, &disposition).await {
+        Ok(Some(c)) => completion = Some(c),
+        Ok(None) => {}
+        Err(e) => {
+            // Answering before the count commits could lose it: hand the request
+            // back, after a pause, as after a failed publish.
+            let delay = ctx.requeue_pause.next();
+            events::publish_unconfirmed(&format!("counting the batch member: {e}"), delay);
+            tokio::select! {
+                _ = ctx.connection_lost.cancelled() => {}
+                _ = tokio::time::sleep(delay) => {}
+            }
+            settle(ctx, delivery, false).await;
+            return JobOutcome::Requeued;
+        }
+    }
     let mut result = carry_out(ctx, env, job_type, delivery, &disposition).await;
     if let Err(PublishError::Refused(reason)) = &result {
         // The broker refuses this message's reply or copy, and would again: decide
@@ -54,6 +72,9 @@ pub(crate) async fn finish(
         }
         Ok(()) => {
             ctx.requeue_pause.reset();
+            if let Some(c) = completion {
+                super::batches::publish_completion(ctx, &c, "live").await;
+            }
             settle(ctx, delivery, true).await;
             disposition.label()
         }
@@ -69,6 +90,39 @@ pub(crate) async fn finish(
             settle(ctx, delivery, false).await;
             JobOutcome::Requeued
         }
+    }
+}
+
+/// Counts a batch member whose answer is final and not `ok` (an `ok` is counted
+/// in the job's own transaction), in a transaction of its own, before the answer
+/// goes out; the completion it wrote, if any. A member the batch refuses is only
+/// logged: its answer stands.
+async fn count_final(
+    ctx: &Context,
+    env: &Envelope,
+    disposition: &Disposition,
+) -> Result<Option<Completion>, sqlx::Error> {
+    let answer = match disposition {
+        Disposition::Reply {
+            status: Status::Rejected,
+            ..
+        } => Final::Rejected,
+        Disposition::DeadLetter { kind, .. } if *kind != FailureKind::InvalidBatch.as_str() => {
+            Final::Failed
+        }
+        _ => return Ok(None),
+    };
+    let Some(member) = super::job::batch_member(env) else {
+        return Ok(None);
+    };
+    match batch::count_alone(&ctx.db, member, answer, &ctx.batches).await {
+        Ok(Count::Completed(c)) => Ok(Some(c)),
+        Ok(Count::Added | Count::Unchanged) => Ok(None),
+        Err(BatchError::Invalid(reason)) => {
+            events::batch_member_refused(&member.tag.id, &reason);
+            Ok(None)
+        }
+        Err(BatchError::Db(e)) => Err(e),
     }
 }
 

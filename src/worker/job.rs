@@ -12,6 +12,7 @@ use super::outcome::{FailureKind, Outcome, Status, ok_body, rejected_body};
 use super::{Context, JobSpec};
 use crate::broker::Envelope;
 use crate::db::TransientReason;
+use crate::db::batch::{self, BatchError, Completion, Count, Final, Member};
 use crate::db::inbox::{Entry, Inbox, StoredReply, StoredStatus};
 use crate::handler::{DynHandler, JobError, JobMeta, Payload, error_chain};
 
@@ -21,8 +22,8 @@ const TIMEOUT_MARGIN: Duration = Duration::from_millis(500);
 
 /// How one attempt ended, short of an error.
 enum Done {
-    /// Committed; the `ok` reply body.
-    Committed(Vec<u8>),
+    /// Committed; the `ok` reply body, and the batch completion this commit wrote.
+    Committed(Vec<u8>, Option<Completion>),
     /// Another delivery of this message_id committed first: its answer is the answer.
     Taken,
 }
@@ -37,6 +38,8 @@ enum AttemptError {
     /// The COMMIT was sent and no answer came back (the connection dropped, or it
     /// timed out): it may have landed, or may still.
     CommitUnknown(String),
+    /// The batch refused the member (its size disagrees, or it is one too many).
+    InvalidBatch(String),
 }
 
 impl From<sqlx::Error> for AttemptError {
@@ -45,18 +48,44 @@ impl From<sqlx::Error> for AttemptError {
     }
 }
 
-/// Runs the job a delivery asks for and says how it ended. Never panics, whatever
-/// the body or the handler does.
+/// The batch member a request is, if it is one (its headers checked in `prepare`).
+pub(crate) fn batch_member(env: &Envelope) -> Option<Member<'_>> {
+    match (&env.batch, &env.message_id) {
+        (Some(Ok(tag)), Some(message_id)) => Some(Member {
+            tag,
+            message_id,
+            reply_to: env.reply_to.as_deref(),
+        }),
+        _ => None,
+    }
+}
+
+/// Runs the job a delivery asks for and says how it ended, with the batch
+/// completion its commit wrote, if any. Never panics, whatever the body or the
+/// handler does.
 pub(crate) async fn execute(
     ctx: &Context,
     env: &Envelope,
     body: &[u8],
     redelivered: bool,
+) -> (Outcome, Option<Completion>) {
+    let mut completion = None;
+    let outcome = run(ctx, env, body, redelivered, &mut completion).await;
+    (outcome, completion)
+}
+
+async fn run(
+    ctx: &Context,
+    env: &Envelope,
+    body: &[u8],
+    redelivered: bool,
+    completion: &mut Option<Completion>,
 ) -> Outcome {
     let (job, payload) = match prepare(ctx, env, body) {
         Ok(prepared) => prepared,
         Err(outcome) => return outcome,
     };
+    let member = batch_member(env);
     let inbox = Inbox::new(
         &ctx.db,
         env.message_id.as_deref().filter(|_| ctx.inbox),
@@ -74,8 +103,9 @@ pub(crate) async fn execute(
             Ok(p) => p,
             Err(e) => return failed(json_failure_kind(&e), e.to_string()),
         };
-        let error = match attempt_once(ctx, &job, &inbox, payload, &meta).await {
-            Ok(Done::Committed(body)) => {
+        let error = match attempt_once(ctx, &job, (&inbox, member), payload, &meta).await {
+            Ok(Done::Committed(body, completed)) => {
+                *completion = completed;
                 return Outcome::Finished {
                     status: Status::Ok,
                     body,
@@ -148,6 +178,18 @@ fn prepare<'a>(
                 ctx.max_body_bytes
             ),
         ));
+    }
+    match (&env.batch, &env.message_id) {
+        (Some(Err(problem)), _) => {
+            return Err(failed(FailureKind::InvalidBatch, problem.clone()));
+        }
+        (Some(Ok(_)), None) => {
+            return Err(failed(
+                FailureKind::InvalidBatch,
+                "a batch member needs a message_id: it is what counts it once".into(),
+            ));
+        }
+        _ => {}
     }
     let Some(job_type) = env.job_type.as_deref() else {
         return Err(failed(
@@ -232,6 +274,9 @@ async fn judge(
             TransientReason::Timeout,
             format!("the job ran past its timeout of {limit:?}"),
         ),
+        AttemptError::InvalidBatch(message) => {
+            return Err(failed(FailureKind::InvalidBatch, message));
+        }
         AttemptError::ReplyTooLarge(size) => {
             return Err(failed(
                 FailureKind::ReplyTooLarge,
@@ -276,7 +321,7 @@ async fn judge(
 async fn attempt_once(
     ctx: &Context,
     job: &Job<'_>,
-    inbox: &Inbox<'_>,
+    (inbox, member): (&Inbox<'_>, Option<Member<'_>>),
     payload: Payload,
     meta: &JobMeta,
 ) -> Result<Done, AttemptError> {
@@ -320,7 +365,22 @@ async fn attempt_once(
             let _ = tx.rollback().await;
             return Ok((None, Done::Taken));
         }
-        Ok((Some(tx), Done::Committed(body)))
+        // Last before COMMIT: the batch's row stays locked until then.
+        let completion = match member {
+            None => None,
+            Some(member) => match batch::count(&mut tx, member, Final::Ok, &ctx.batches).await {
+                Ok(Count::Completed(c)) => Some(c),
+                Ok(Count::Added | Count::Unchanged) => None,
+                Err(e) => {
+                    let _ = tx.rollback().await;
+                    return Err(match e {
+                        BatchError::Invalid(message) => AttemptError::InvalidBatch(message),
+                        BatchError::Db(e) => AttemptError::from(e),
+                    });
+                }
+            },
+        };
+        Ok((Some(tx), Done::Committed(body, completion)))
     };
     // Dropping the work on timeout drops its transaction, which rolls it back.
     let (tx, done) = match tokio::time::timeout(limit, work).await {

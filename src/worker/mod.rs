@@ -3,6 +3,7 @@
 //! copy), then acks.
 
 mod acks;
+mod batches;
 mod decide;
 mod dispatch;
 mod finish;
@@ -176,6 +177,11 @@ impl WorkerBuilder {
             max_reply_bytes: config.max_reply_bytes,
             requeue_pause: RequeuePause::default(),
             default_type: config.default_type.clone(),
+            batches: crate::db::batch::Destinations {
+                completion_queue: (!config.batch_completion_queue.is_empty())
+                    .then(|| config.batch_completion_queue.clone()),
+                reply_queue: (!config.reply_queue.is_empty()).then(|| config.reply_queue.clone()),
+            },
         };
         Ok(Worker {
             shared: Arc::new(shared),
@@ -189,7 +195,7 @@ impl WorkerBuilder {
     }
 }
 
-/// The database, connected unless given, and migrated when the inbox is on.
+/// The database, connected unless given, and migrated.
 async fn connect_db(config: &Config, given: Option<Db>) -> Result<Db, WorkerError> {
     let db = match given {
         Some(db) => db,
@@ -203,9 +209,8 @@ async fn connect_db(config: &Config, given: Option<Db>) -> Result<Db, WorkerErro
             "the database pool is smaller than the concurrency: jobs will wait for connections"
         );
     }
-    if config.inbox.enabled {
-        crate::db::migrate(&db).await?;
-    }
+    // The inbox's and the batches' tables.
+    crate::db::migrate(&db).await?;
     Ok(db)
 }
 
@@ -385,6 +390,8 @@ pub(crate) struct Shared {
     pub(crate) max_reply_bytes: usize,
     pub(crate) requeue_pause: RequeuePause,
     pub(crate) default_type: Option<String>,
+    /// Where batch completions go.
+    pub(crate) batches: crate::db::batch::Destinations,
 }
 
 /// The `retry` settings a job reads, as plain numbers (the config's types have

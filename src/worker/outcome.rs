@@ -28,6 +28,10 @@ pub enum FailureKind {
     Panic,
     /// The `ok` reply is larger than `max_reply_bytes`; nothing was committed.
     ReplyTooLarge,
+    /// The batch headers are malformed, name a batch that is not open, disagree
+    /// with its size, or the batch has all its members already; nothing was
+    /// committed and the batch's counts are unchanged.
+    InvalidBatch,
 }
 
 impl FailureKind {
@@ -43,6 +47,7 @@ impl FailureKind {
             Self::DatabaseError => "database_error",
             Self::Panic => "panic",
             Self::ReplyTooLarge => "reply_too_large",
+            Self::InvalidBatch => "invalid_batch",
         }
     }
 }
