@@ -96,6 +96,9 @@ enum Command {
         #[command(flatten)]
         broker: BrokerArgs,
     },
+    /// Batches tracked on the server: status, list, wait.
+    #[command(subcommand)]
+    Batch(txq::tools::batch::BatchCommand),
     /// Publish a file of JSON-lines requests; with --wait, collect the replies.
     #[command(
         after_long_help = "EXAMPLES:\n  txq submit examples/bank/transfers.jsonl --wait\n  \
@@ -139,6 +142,9 @@ impl Command {
             }
             Command::Dlq { broker, .. } | Command::Submit { broker, .. } => {
                 all.broker = broker.clone();
+            }
+            Command::Batch(command) => {
+                all.db = command.db_args().clone();
             }
             Command::Ops(_) => {}
         }
@@ -301,11 +307,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let overrides = cli.command.overrides();
     let config = Config::load(cli.config.as_deref(), &overrides)?;
     // Their stderr is for their own counts and errors (`--json`: one object).
-    let quiet = matches!(cli.command, Command::Dlq { .. } | Command::Submit { .. });
+    let quiet = matches!(
+        cli.command,
+        Command::Dlq { .. } | Command::Submit { .. } | Command::Batch(_)
+    );
     // Held to the end of the command: dropping it flushes exported spans.
     let _telemetry = txq::telemetry::init_with(config.log_format, &log_filter(&cli, quiet));
     match cli.command {
         Command::Dlq { args, .. } => Ok(txq::tools::dlq::cli::run(&config, args).await),
+        Command::Batch(command) => Ok(txq::tools::batch::run(&config, command).await),
         Command::Config { json, .. } => {
             let text = if json {
                 serde_json::to_string_pretty(&config).context("encoding the config")?
@@ -470,6 +480,11 @@ struct SubmitArgs {
     /// path; a hash of the input for standard input]
     #[arg(long)]
     batch_id: Option<String>,
+    /// Track the requests as one batch on the server (`txq batch status|wait ID`):
+    /// each carries x-txq-batch-id and x-txq-batch-size [default ID: derived from
+    /// the input, the same for the same input]
+    #[arg(long, value_name = "ID", num_args = 0..=1, default_missing_value = "")]
+    batch: Option<String>,
     /// Unconfirmed publishes at most
     #[arg(long, default_value_t = txq::tools::submit::DEFAULT_WINDOW,
         value_parser = clap::value_parser!(u16).range(1..))]
@@ -512,7 +527,11 @@ async fn submit(config: &Config, args: SubmitArgs) -> ExitCode {
             _ => Source::Stdin,
         },
         job_type: args.job_type,
-        batch_id: args.batch_id,
+        // A named batch names its message_ids too, unless --batch-id does.
+        batch_id: args
+            .batch_id
+            .or_else(|| args.batch.clone().filter(|id| !id.is_empty())),
+        batch: args.batch.map(|id| (!id.is_empty()).then_some(id)),
         window: usize::from(args.window),
         rate: args.rate,
         wait: args.wait.then_some(WaitOptions {

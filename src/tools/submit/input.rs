@@ -391,6 +391,13 @@ pub struct Batch {
     fingerprints: Fingerprinter,
 }
 
+impl Batch {
+    /// What derived message_ids are made from (`batch_identity`).
+    pub fn identity(&self) -> &str {
+        &self.identity
+    }
+}
+
 impl fmt::Debug for Batch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Batch")

@@ -248,6 +248,11 @@ pub struct SubmitOptions {
     /// `--batch-id`: the batch identity derived message_ids are made from,
     /// instead of the file's absolute path (or, for standard input, its content).
     pub batch_id: Option<String>,
+    /// `--batch [ID]`: tag every request as a member of one batch the workers
+    /// track (`x-txq-batch-id`, `x-txq-batch-size`); `Some(None)` derives the id
+    /// from the input's identity, so running the same input again names the same
+    /// batch.
+    pub batch: Option<Option<String>>,
     /// Unconfirmed publishes at most (at least 1).
     pub window: usize,
     /// Publish at most this fast.
@@ -282,6 +287,9 @@ pub struct Summary {
     /// Of the replies, those the worker answered from its inbox: an earlier run
     /// did the work, this one changed nothing.
     pub duplicate: usize,
+    /// `--batch`: the batch the requests belong to (`txq batch status <id>`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch_id: Option<String>,
 }
 
 impl Summary {
@@ -329,6 +337,9 @@ impl fmt::Display for Summary {
         if self.skipped > 0 {
             write!(f, "; {} skipped, already answered", self.skipped)?;
         }
+        if let Some(id) = &self.batch_id {
+            write!(f, "; batch {id}")?;
+        }
         Ok(())
     }
 }
@@ -346,13 +357,16 @@ pub async fn submit(config: &Config, options: &SubmitOptions) -> Result<Summary,
         }) => answered_lines(path, &batch)?,
         _ => Answered::default(),
     };
-    let todo = Todo::new(&batch, &answered);
+    let mut todo = Todo::new(&batch, &answered);
+    let membership = membership(options, &batch)?;
     let mut summary = Summary {
         total: batch.len(),
         skipped: batch.len() - todo.len,
         waited: options.wait.is_some(),
+        batch_id: membership.as_ref().map(|(id, _)| id.clone()),
         ..Summary::default()
     };
+    todo.headers = membership.map(|(_, headers)| headers);
     // A skipped line ended as the output file says: a rejected one is still not
     // ok, whichever run got its reply.
     for (_, status) in answered.iter() {
@@ -380,12 +394,45 @@ pub async fn submit(config: &Config, options: &SubmitOptions) -> Result<Summary,
     result.map(|()| summary)
 }
 
+/// `--batch`: the batch id and the headers every request carries. The size is the
+/// whole input's, skipped lines included: they are members answered earlier.
+fn membership(
+    options: &SubmitOptions,
+    batch: &Batch,
+) -> Result<Option<(String, FieldTable)>, SubmitError> {
+    use crate::db::batch::MAX_BATCH_ID_BYTES;
+    let Some(id) = &options.batch else {
+        return Ok(None);
+    };
+    let id = id.clone().unwrap_or_else(|| {
+        uuid::Uuid::new_v5(&MESSAGE_ID_NAMESPACE, batch.identity().as_bytes()).to_string()
+    });
+    if id.is_empty() || id.len() > MAX_BATCH_ID_BYTES {
+        return Err(SubmitError::Usage(format!(
+            "--batch: the id must be 1 to {MAX_BATCH_ID_BYTES} bytes"
+        )));
+    }
+    let size = i64::try_from(batch.len()).unwrap_or(i64::MAX);
+    let mut headers = FieldTable::default();
+    headers.insert(
+        crate::broker::headers::BATCH_ID.into(),
+        crate::broker::long_string(&id),
+    );
+    headers.insert(
+        crate::broker::headers::BATCH_SIZE.into(),
+        lapin::types::AMQPValue::LongLongInt(size),
+    );
+    Ok(Some((id, headers)))
+}
+
 /// The requests of a batch this run publishes: all but those `--resume` skips.
 struct Todo<'a> {
     batch: &'a Batch,
     /// By request index; empty when nothing is skipped.
     skip: Vec<bool>,
     len: usize,
+    /// Headers every request carries (`--batch`).
+    headers: Option<FieldTable>,
 }
 
 impl<'a> Todo<'a> {
@@ -403,6 +450,7 @@ impl<'a> Todo<'a> {
             batch,
             skip,
             len: batch.len() - skipped,
+            headers: None,
         }
     }
 
@@ -610,7 +658,10 @@ async fn publish_all(
         }
         let request = todo.batch.get(index);
         let line = request.line;
-        let props = properties(&request, reply_to.clone())?;
+        let mut props = properties(&request, reply_to.clone())?;
+        if let Some(headers) = &todo.headers {
+            props = props.with_headers(headers.clone());
+        }
         let confirm = channel
             .basic_publish(
                 "".into(),
