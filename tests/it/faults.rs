@@ -286,7 +286,7 @@ async fn poison_is_dead_lettered_with_its_reason_and_good_requests_are_answered(
         correlation_id: Some(cid.to_owned()),
         message_id: Some(format!("{cid}-{}", unique("p"))),
         reply_to: Some(replies.clone()),
-        traceparent: None,
+        ..Request::default()
     };
     let bad = vec![
         (

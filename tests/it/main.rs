@@ -7,6 +7,7 @@ mod support;
 #[path = "../../examples/bank/handlers.rs"]
 mod bank;
 
+mod batches;
 mod bench;
 mod cli;
 mod commands;

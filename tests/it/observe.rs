@@ -163,9 +163,57 @@ async fn alerting_series_exist_at_zero_before_the_first_job() {
         "txq_publishes_refused_total",
         "txq_unparsable_frames_total",
         "txq_broker_reconnects_total",
+        "txq_batch_completions_total{kind=\"first\"}",
+        "txq_batch_completions_total{kind=\"revised\"}",
     ] {
         assert_eq!(present(&m, name), 0.0, "{name}");
     }
+    txq.child.kill().await.expect("stopping txq");
+}
+
+/// A batch of three: one completion written and published live, its duration
+/// observed, and the open-batch gauge back at 0 by the next sweep.
+#[tokio::test]
+async fn batch_metrics_count_the_completion() {
+    let (test_db, client, requests, replies) = bank_env(Backend::Sqlite, 2).await;
+    let ops = ops_file();
+    let mut txq = spawn_txq(
+        &crate::support::amqp_url(),
+        &test_db.url,
+        &requests,
+        &replies,
+        &ops.0,
+    );
+    until(&mut txq, "/readyz", |status, _| status == 200).await;
+    let batch = crate::support::unique("b");
+    let members: Vec<Request> = (0..3)
+        .map(|i| {
+            Request::json("noop", json!({}))
+                .id(&crate::support::unique(&format!("m{i}")))
+                .reply_to(&replies)
+                .batch(&batch, 3)
+        })
+        .collect();
+    client.publish_all(&requests, &members).await;
+    let got = client.replies(&replies, 4).await;
+    assert_eq!(got.len(), 4, "three replies and the completion");
+    // Marked published after the confirm, and the gauge read by the next sweep.
+    until(&mut txq, "/metrics", |_, body| {
+        let m = parse_metrics(body);
+        m.get("txq_batch_completions_published_total{route=\"live\"}") == Some(&1.0)
+            && m.get("txq_batches_open") == Some(&0.0)
+    })
+    .await;
+    let m = scrape(&mut txq).await;
+    assert_eq!(
+        present(&m, "txq_batch_completions_total{kind=\"first\"}"),
+        1.0
+    );
+    assert_eq!(
+        present(&m, "txq_batch_completions_total{kind=\"revised\"}"),
+        0.0
+    );
+    assert_eq!(present(&m, "txq_batch_duration_seconds_count"), 1.0);
     txq.child.kill().await.expect("stopping txq");
 }
 

@@ -35,6 +35,8 @@ pub struct Request {
     pub correlation_id: Option<String>,
     pub reply_to: Option<String>,
     pub traceparent: Option<String>,
+    /// Headers of the test's own (batch headers, say).
+    pub headers: Vec<(String, AMQPValue)>,
 }
 
 impl Request {
@@ -66,14 +68,30 @@ impl Request {
         self
     }
 
+    pub fn header(mut self, name: &str, value: AMQPValue) -> Self {
+        self.headers.push((name.to_owned(), value));
+        self
+    }
+
+    /// A member of batch `id` of `size` members.
+    pub fn batch(self, id: &str, size: i64) -> Self {
+        self.header("x-txq-batch-id", AMQPValue::LongString(id.into()))
+            .header("x-txq-batch-size", AMQPValue::LongLongInt(size))
+    }
+
     fn properties(&self) -> BasicProperties {
         let mut p = BasicProperties::default().with_delivery_mode(2);
+        let mut headers = FieldTable::default();
         if let Some(tp) = &self.traceparent {
-            let mut headers = FieldTable::default();
             headers.insert(
                 "traceparent".into(),
                 AMQPValue::LongString(tp.as_str().into()),
             );
+        }
+        for (name, value) in &self.headers {
+            headers.insert(name.as_str().into(), value.clone());
+        }
+        if !headers.inner().is_empty() {
             p = p.with_headers(headers);
         }
         if let Some(t) = &self.job_type {
