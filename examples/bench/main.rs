@@ -53,7 +53,8 @@ struct Args {
     concurrency: usize,
     #[arg(long, default_value_t = 3)]
     runs: usize,
-    /// Comma-separated: txq, ops, bare, broker, db [default: txq,ops,bare,broker,db;
+    /// Comma-separated: txq, txq-batch (every request a member of one batch), ops,
+    /// bare, broker, db [default: txq,ops,bare,broker,db;
     /// with --latency: bare,txq,ops]
     #[arg(long)]
     variants: Option<String>,
@@ -376,7 +377,9 @@ async fn one_run(args: &Args, variant: &str) -> anyhow::Result<Run> {
         s.close().await;
         return result;
     }
-    preload(args, &s.channel, &s.queue, &s.replies).await?;
+    // `txq-batch`: txq with every request a member of one batch (issue 16's cost).
+    let batch = (variant == "txq-batch").then(|| format!("{}-batch", s.queue));
+    preload(args, &s.channel, &s.queue, &s.replies, batch.as_deref()).await?;
 
     let services_before = procstat::services();
     let cpu_before = procstat::cpu_times();
@@ -386,12 +389,24 @@ async fn one_run(args: &Args, variant: &str) -> anyhow::Result<Run> {
     let mut consumer = consume_replies(&s.channel, &s.replies).await?;
     let mut statuses: BTreeMap<String, usize> = BTreeMap::new();
     let mut got = 0;
-    while got < args.jobs {
+    let mut completion_due = batch.is_some();
+    while got < args.jobs || completion_due {
         let next = tokio::time::timeout(Duration::from_secs(120), consumer.next()).await;
         let Ok(Some(Ok(d))) = next else {
             let _ = child.start_kill();
             bail!("only {got} of {} replies arrived", args.jobs);
         };
+        if d.properties.kind().as_ref().map(|k| k.as_str()) == Some("txq.batch.completed") {
+            let body: serde_json::Value = serde_json::from_slice(&d.data)?;
+            ensure!(
+                completion_due
+                    && body["ok"].as_u64().unwrap_or(0) + body["rejected"].as_u64().unwrap_or(0)
+                        == args.jobs as u64,
+                "{variant}: an unexpected completion {body}"
+            );
+            completion_due = false;
+            continue;
+        }
         *statuses.entry(reply_status(&d.data)).or_default() += 1;
         got += 1;
     }
@@ -456,15 +471,28 @@ async fn preload(
     channel: &lapin::Channel,
     queue: &str,
     replies: &str,
+    batch: Option<&str>,
 ) -> anyhow::Result<()> {
     let mut rng = rand::rng();
     let mut pending = Vec::new();
+    let mut headers = lapin::types::FieldTable::default();
+    if let Some(id) = batch {
+        use lapin::types::AMQPValue;
+        headers.insert("x-txq-batch-id".into(), AMQPValue::LongString(id.into()));
+        headers.insert(
+            "x-txq-batch-size".into(),
+            AMQPValue::LongLongInt(i64::try_from(args.jobs)?),
+        );
+    }
     for i in 0..args.jobs {
-        let props = BasicProperties::default()
+        let mut props = BasicProperties::default()
             .with_type(args.workload.as_str().into())
             .with_message_id(format!("{queue}-{i}").into())
             .with_reply_to(replies.into())
             .with_delivery_mode(2);
+        if batch.is_some() {
+            props = props.with_headers(headers.clone());
+        }
         let body = request_body(args, &mut rng);
         pending.push(
             channel
@@ -496,7 +524,7 @@ fn spawn_worker(
     replies: &str,
 ) -> anyhow::Result<tokio::process::Child> {
     let mut cmd = match variant {
-        "txq" => tokio::process::Command::new(sibling("bank")?),
+        "txq" | "txq-batch" => tokio::process::Command::new(sibling("bank")?),
         "ops" => {
             let mut c = tokio::process::Command::new(sibling("txq")?);
             c.args(["run", "--ops", "examples/bank/ops.toml"]);
