@@ -87,7 +87,12 @@ async fn sessions(
 ) -> (Option<Open>, Result<(), WorkerError>) {
     let mut reconnects = Reconnects::default();
     loop {
-        let end = session(shared, &mut reconnects.cursor, jobs, shutdown).await;
+        let prefetch = if reconnects.cautious {
+            1
+        } else {
+            shared.prefetch
+        };
+        let end = session(shared, &mut reconnects.cursor, prefetch, jobs, shutdown).await;
         shared.health.set_consuming(false);
         let (error, consumed) = match end {
             SessionEnd::Shutdown(open) => return (Some(open), Ok(())),
@@ -152,6 +157,12 @@ struct Reconnects {
     /// Whether a session ever consumed: until then, connecting is bounded.
     started: bool,
     startup_attempts: u32,
+    /// The last session ended on a frame the client could not parse: the next one
+    /// takes one delivery at a time until one arrives whole, so the message that
+    /// broke it comes back alone. With the full prefetch, the messages sent behind
+    /// it would be handed back with it each time, and a quorum queue would
+    /// dead-letter them too once their delivery count reached the limit.
+    cautious: bool,
 }
 
 impl Reconnects {
@@ -184,6 +195,7 @@ impl Reconnects {
         // A frame the AMQP client cannot parse ends the connection, and the
         // same message comes back first: never reset the backoff for it.
         let unparsable = e.is_unparsable_frame();
+        self.cautious = unparsable;
         if unparsable {
             crate::events::unparsable_frame(&e, shared.topology.queue_type);
         }
@@ -233,6 +245,7 @@ async fn unless_stopped<T>(
 async fn session(
     shared: &Arc<Shared>,
     cursor: &mut usize,
+    prefetch: u16,
     jobs: &Jobs,
     shutdown: &CancellationToken,
 ) -> SessionEnd {
@@ -240,7 +253,8 @@ async fn session(
         Ok(conn) => conn,
         Err(end) => return end,
     };
-    let (channel, tag, mut consumer) = match unless_stopped(shutdown, setup(&conn, shared)).await {
+    let setup = setup(&conn, shared, prefetch);
+    let (channel, mut tag, mut consumer) = match unless_stopped(shutdown, setup).await {
         None => return stopped(),
         Some(Err(end)) => return end,
         Some(Ok(set)) => set,
@@ -263,11 +277,17 @@ async fn session(
     shared.health.set_consuming(true);
     info!(
         queue = shared.topology.request_queue.as_str(),
-        prefetch = shared.prefetch,
+        prefetch,
         concurrency = shared.concurrency,
         "consuming"
     );
-    let end = consume(&ctx, &mut consumer, &mut events, jobs, shutdown).await;
+    let mut consuming = Consuming {
+        channel: &channel,
+        tag: &mut tag,
+        consumer: &mut consumer,
+        full_prefetch: (prefetch != shared.prefetch).then_some(shared.prefetch),
+    };
+    let end = consume(&ctx, &mut consuming, &mut events, jobs, shutdown).await;
     shared.health.set_consuming(false);
     sweeper.abort();
     match end {
@@ -329,6 +349,7 @@ async fn connect(
 async fn setup(
     conn: &Connection,
     shared: &Shared,
+    prefetch: u16,
 ) -> Result<(lapin::Channel, String, Consumer), SessionEnd> {
     let channel = conn.create_channel().await.map_err(|e| lost(e.into()))?;
     if let Err(e) = broker::declare(&channel, &shared.topology).await {
@@ -341,10 +362,22 @@ async fn setup(
             _ => lost(e.into()),
         });
     }
-    channel
-        .basic_qos(shared.prefetch, BasicQosOptions::default())
+    let (tag, consumer) = start_consumer(&channel, shared, prefetch)
         .await
         .map_err(|e| lost(e.into()))?;
+    Ok((channel, tag, consumer))
+}
+
+/// Sets the prefetch and starts a consumer on the request queue.
+async fn start_consumer(
+    channel: &lapin::Channel,
+    shared: &Shared,
+    prefetch: u16,
+) -> Result<(String, Consumer), lapin::Error> {
+    // Per consumer (not global): it holds for the consumers started after it.
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await?;
     let tag = format!("txq-{}", uuid::Uuid::new_v4());
     let consumer = channel
         .basic_consume(
@@ -353,16 +386,48 @@ async fn setup(
             BasicConsumeOptions::default(),
             FieldTable::default(),
         )
-        .await
-        .map_err(|e| lost(e.into()))?;
-    Ok((channel, tag, consumer))
+        .await?;
+    Ok((tag, consumer))
+}
+
+/// The session's consumer, which a cautious session replaces once.
+struct Consuming<'a> {
+    channel: &'a lapin::Channel,
+    tag: &'a mut String,
+    consumer: &'a mut Consumer,
+    /// Set while the session takes one delivery at a time: the prefetch to go
+    /// back to once a delivery arrived whole.
+    full_prefetch: Option<u16>,
+}
+
+impl Consuming<'_> {
+    /// A delivery arrived whole, so the message that broke the last session is
+    /// gone: go back to the full prefetch. A consumer keeps the prefetch it
+    /// started with, so this one is cancelled and another started; the delivery
+    /// in hand stays the channel's, and is acked there as usual.
+    async fn arrived_whole(&mut self, ctx: &Context) -> Result<(), lapin::Error> {
+        let Some(prefetch) = self.full_prefetch.take() else {
+            return Ok(());
+        };
+        self.channel
+            .basic_cancel(self.tag.as_str().into(), BasicCancelOptions::default())
+            .await?;
+        let (tag, consumer) = start_consumer(self.channel, &ctx.shared, prefetch).await?;
+        *self.tag = tag;
+        *self.consumer = consumer;
+        info!(
+            prefetch,
+            "a delivery arrived whole; back to the full prefetch"
+        );
+        Ok(())
+    }
 }
 
 /// Takes a permit, then pulls the next delivery and spawns its job, until
 /// shutdown (`None`) or the connection or consumer is lost.
 async fn consume(
     ctx: &Arc<Context>,
-    consumer: &mut Consumer,
+    consuming: &mut Consuming<'_>,
     events: &mut (impl Stream<Item = lapin::Event> + Unpin),
     jobs: &Jobs,
     shutdown: &CancellationToken,
@@ -386,7 +451,7 @@ async fn consume(
         let next = tokio::select! {
             biased;
             _ = shutdown.cancelled() => return None,
-            next = consumer.next() => next,
+            next = consuming.consumer.next() => next,
         };
         match next {
             Some(Ok(delivery)) => {
@@ -394,6 +459,9 @@ async fn consume(
                 ctx.acks.issued(delivery.delivery_tag);
                 let job = process(ctx.clone(), delivery, permit, jobs.hard_stop.clone());
                 jobs.tracker.spawn(job);
+                if let Err(e) = consuming.arrived_whole(ctx).await {
+                    return Some(e.into());
+                }
             }
             Some(Err(e)) => return Some(WorkerError::from(e)),
             None => {

@@ -264,7 +264,9 @@ async fn a_reply_over_max_reply_bytes_rolls_back_and_fails() {
 /// frame and drops the connection, and the broker hands the message to the next
 /// consumer. On a quorum queue txq declares a delivery limit and a dead-letter
 /// target, so the message leaves the request queue after that many deliveries,
-/// lands in the DLQ, and everything behind it is answered.
+/// lands in the DLQ, and everything behind it is answered: the messages sent
+/// with it in the prefetch window come back with it on each loss, and must not
+/// reach the delivery limit alongside it.
 #[tokio::test]
 async fn an_unparsable_message_leaves_a_quorum_queue_and_the_rest_is_answered() {
     let test_db = TestDb::new(Backend::Sqlite).await;
@@ -275,20 +277,14 @@ async fn an_unparsable_message_leaves_a_quorum_queue_and_the_rest_is_answered() 
     let mut cfg = config(&test_db.url, &requests, &replies, 4);
     cfg.queue_type = QueueType::Quorum;
     cfg.delivery_limit = 3;
-    // The worker declares the quorum queues; the test owns them for cleanup.
-    for q in txq::broker::queue_arguments(&txq::broker::Topology::from_config(&cfg)) {
+    // The test declares the quorum queues and owns them for cleanup.
+    let topology = txq::broker::Topology::from_config(&cfg);
+    for q in txq::broker::queue_arguments(&topology) {
         client.own(&q.0);
     }
-    let worker = RunningWorker::start(
-        Worker::builder(cfg)
-            .handler("sized", Sized)
-            .database(test_db.db.clone()),
-    )
-    .await;
-    eventually("the worker to consume", || async {
-        worker.health.is_consuming().then_some(())
-    })
-    .await;
+    txq::broker::declare(&client.channel, &topology)
+        .await
+        .expect("declare the quorum queues");
 
     // The marker becomes bytes that are not UTF-8 on the way to the broker.
     let marker = b"POISON-MARKER-01".to_vec();
@@ -307,6 +303,8 @@ async fn an_unparsable_message_leaves_a_quorum_queue_and_the_rest_is_answered() 
         .with_message_id(String::from_utf8(marker).expect("ascii").into())
         .with_delivery_mode(2);
     publish_raw(&channel, &requests, br#"{"n":1}"#, props).await;
+    // Queued behind the poison before the worker starts, so its prefetch window
+    // holds them with it: they must not share its fate.
     let good: Vec<Request> = (0..20)
         .map(|i| {
             Request::json("sized", json!({"n": 1}))
@@ -315,6 +313,12 @@ async fn an_unparsable_message_leaves_a_quorum_queue_and_the_rest_is_answered() 
         })
         .collect();
     client.publish_all(&requests, &good).await;
+    let worker = RunningWorker::start(
+        Worker::builder(cfg)
+            .handler("sized", Sized)
+            .database(test_db.db.clone()),
+    )
+    .await;
 
     let mut collector = Collector::start(&client, &replies).await;
     let ids = (0..20).map(|i| format!("good-{i}")).collect();
