@@ -121,6 +121,10 @@ pub fn describe() {
         "txq_batch_completions_total",
         "Batch completions written by this worker, by revision kind (first, revised)"
     );
+    describe_counter!(
+        "txq_batch_callbacks_total",
+        "Runs of the batch callback (on_batch_complete), by result (ok, rejected, failed)"
+    );
     describe_histogram!(
         "txq_batch_duration_seconds",
         metrics::Unit::Seconds,
@@ -166,6 +170,28 @@ pub(crate) fn batch_completion_published(batch_id: &str, revision: i64, route: &
 /// A completion was not published now; a sweep will.
 pub(crate) fn batch_completion_deferred(batch_id: &str, error: &dyn std::fmt::Display) {
     warn!(batch_id, error = %error, "the batch completion was not published; a sweep publishes it");
+}
+
+/// The batch callback ran for a completion revision: `ok` (committed),
+/// `rejected` (refused for good: the completion goes out without it) or `failed`
+/// (rolled back: a sweep runs it again, and the completion waits for it).
+pub(crate) fn batch_callback(
+    batch_id: &str,
+    revision: i64,
+    result: &'static str,
+    error: Option<&dyn std::fmt::Display>,
+) {
+    match (result, error) {
+        ("ok", _) => debug!(batch_id, revision, "batch callback committed"),
+        (_, Some(e)) if result == "rejected" => {
+            warn!(batch_id, revision, error = %e, "the batch callback refused; the completion goes out without it")
+        }
+        (_, e) => {
+            let e = e.map(ToString::to_string).unwrap_or_default();
+            tracing::error!(batch_id, revision, error = %e, "the batch callback failed; the completion waits, and a sweep runs it again")
+        }
+    }
+    counter!("txq_batch_callbacks_total", "result" => result).increment(1);
 }
 
 /// A member could not be counted in its batch (its headers disagree with the

@@ -264,6 +264,15 @@ impl<H: Handler> DynHandler for Typed<H> {
 #[derive(Clone, Default)]
 pub(crate) struct Registry {
     handlers: HashMap<String, Arc<dyn DynHandler>>,
+    batch_callback: Option<BatchCallback>,
+}
+
+/// The handler a batch's completion runs once per revision, and its settings.
+#[derive(Clone)]
+pub(crate) struct BatchCallback {
+    pub(crate) handler: Arc<dyn DynHandler>,
+    pub(crate) isolation: Option<crate::db::Isolation>,
+    pub(crate) timeout: Option<std::time::Duration>,
 }
 
 impl Registry {
@@ -271,6 +280,22 @@ impl Registry {
         self.handlers
             .insert(job_type, Arc::new(Typed(handler)))
             .is_some()
+    }
+
+    pub(crate) fn set_batch_callback<H: Handler>(
+        &mut self,
+        handler: H,
+        settings: crate::config::JobConfig,
+    ) {
+        self.batch_callback = Some(BatchCallback {
+            handler: Arc::new(Typed(handler)),
+            isolation: settings.isolation,
+            timeout: settings.timeout,
+        });
+    }
+
+    pub(crate) fn batch_callback(&self) -> Option<&BatchCallback> {
+        self.batch_callback.as_ref()
     }
 
     pub(crate) fn get(&self, job_type: &str) -> Option<&Arc<dyn DynHandler>> {

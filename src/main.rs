@@ -355,8 +355,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             for w in &ops.warnings {
                 eprintln!("warning: {w}");
             }
+            let callback = if ops.on_batch_complete.is_some() {
+                " and a batch callback"
+            } else {
+                ""
+            };
             out(format_args!(
-                "{}: {} operation(s), ok",
+                "{}: {} operation(s){callback}, ok",
                 file.display(),
                 ops.operations.len()
             ))?;

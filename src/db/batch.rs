@@ -106,6 +106,10 @@ pub(crate) enum BatchError {
     Db(#[from] sqlx::Error),
 }
 
+/// The batch callback's name: its section of an operations file, and the
+/// `job_type` its handler is told.
+pub const ON_BATCH_COMPLETE: &str = "on_batch_complete";
+
 /// A completion revision to publish.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Completion {
@@ -490,6 +494,32 @@ pub(crate) async fn count_alone(
     let counted = count(&mut tx, member, answer, to).await?;
     tx.commit().await?;
     Ok(counted)
+}
+
+/// Takes the batch callback's turn for one completion revision, in the
+/// callback's own transaction: `true` once, for the transaction that first marks
+/// it (a concurrent one waits on the row lock, then finds it marked). Rolled
+/// back with the callback, so a callback that fails is run again.
+pub(crate) async fn claim_callback(
+    tx: &mut Tx,
+    batch_id: &str,
+    revision: i64,
+) -> Result<bool, sqlx::Error> {
+    let q = sql(
+        tx.backend(),
+        "UPDATE txq_batch_completions SET callback_at_ms = ?
+         WHERE batch_id = ? AND revision = ? AND callback_at_ms IS NULL",
+        "UPDATE txq_batch_completions SET callback_at_ms = $1
+         WHERE batch_id = $2 AND revision = $3 AND callback_at_ms IS NULL",
+        "UPDATE txq_batch_completions SET callback_at_ms = ?
+         WHERE batch_id = ? AND revision = ? AND callback_at_ms IS NULL",
+    );
+    let now = super::now_ms();
+    let claimed = with_conn!(tx, c => {
+        sqlx::query(q).bind(now).bind(batch_id).bind(revision).execute(&mut *c).await?
+            .rows_affected()
+    });
+    Ok(claimed == 1)
 }
 
 /// Step 4: the completion is out (or had nowhere to go).

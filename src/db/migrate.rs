@@ -82,6 +82,7 @@ const MIGRATIONS: &[Migration] = &[
             body LONGBLOB NOT NULL,
             due_at_ms BIGINT NOT NULL,
             published_at_ms BIGINT NULL,
+            callback_at_ms BIGINT NULL,
             PRIMARY KEY (batch_id, revision),
             INDEX txq_batch_completions_due (published_at_ms, due_at_ms)
         ) ENGINE=InnoDB",
@@ -110,6 +111,7 @@ const MIGRATIONS: &[Migration] = &[
             body BYTEA NOT NULL,
             due_at_ms BIGINT NOT NULL,
             published_at_ms BIGINT NULL,
+            callback_at_ms BIGINT NULL,
             PRIMARY KEY (batch_id, revision))",
             "CREATE INDEX IF NOT EXISTS txq_batch_completions_due
             ON txq_batch_completions (published_at_ms, due_at_ms)",
@@ -138,6 +140,7 @@ const MIGRATIONS: &[Migration] = &[
             body BLOB NOT NULL,
             due_at_ms INTEGER NOT NULL,
             published_at_ms INTEGER NULL,
+            callback_at_ms INTEGER NULL,
             PRIMARY KEY (batch_id, revision))",
             "CREATE INDEX IF NOT EXISTS txq_batch_completions_due
             ON txq_batch_completions (published_at_ms, due_at_ms)",

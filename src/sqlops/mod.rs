@@ -59,6 +59,9 @@ pub enum OpsError {
 pub struct Ops {
     /// The operations by name.
     pub operations: OpsFile,
+    /// `[on_batch_complete]`: steps run once per batch completion revision, in
+    /// their own transaction, with the completion's fields as parameters.
+    pub on_batch_complete: Option<Operation>,
     /// Unused parameters and the like.
     pub warnings: Vec<SpecError>,
 }
@@ -85,11 +88,23 @@ pub fn load(path: &Path) -> Result<Ops, OpsError> {
 
 /// Parses and checks the text of an operations file.
 pub fn parse(text: &str) -> Result<Ops, OpsError> {
-    let operations: OpsFile = toml::from_str(text).map_err(|e| OpsError::Parse {
+    let mut operations: OpsFile = toml::from_str(text).map_err(|e| OpsError::Parse {
         path: String::new(),
         message: one_line(text, &e),
     })?;
-    let (errors, warnings) = check(&operations);
+    // The callback's parameters are given; it is checked as an operation with them.
+    let mut errors = Vec::new();
+    if let Some(op) = operations.get_mut(spec::ON_BATCH_COMPLETE) {
+        errors.extend(spec::batch_callback_params(op));
+    }
+    let (more, warnings) = check(&operations);
+    errors.extend(more);
+    let on_batch_complete = operations.remove(spec::ON_BATCH_COMPLETE);
+    let callback = format!("`{}`", spec::ON_BATCH_COMPLETE);
+    let warnings = warnings
+        .into_iter()
+        .filter(|w| !w.place.contains(&callback))
+        .collect();
     if !errors.is_empty() {
         return Err(OpsError::Invalid {
             path: String::new(),
@@ -98,6 +113,7 @@ pub fn parse(text: &str) -> Result<Ops, OpsError> {
     }
     Ok(Ops {
         operations,
+        on_batch_complete,
         warnings,
     })
 }
@@ -137,6 +153,14 @@ impl Ops {
                 )
                 .handler(name.clone(), handler);
         }
+        if let Some(op) = &self.on_batch_complete {
+            let handler = OpsHandler::new(spec::ON_BATCH_COMPLETE, op, backend)?;
+            let settings = JobConfig {
+                isolation: op.isolation,
+                timeout: op.timeout,
+            };
+            builder = builder.on_batch_complete(handler, settings);
+        }
         Ok(builder)
     }
 }
@@ -160,6 +184,30 @@ mod tests {
         let ops = parse(include_str!("../../examples/bank/ops.toml")).expect("valid");
         assert_eq!(ops.operations.len(), 3);
         assert!(ops.warnings.is_empty(), "{:?}", ops.warnings);
+    }
+
+    #[test]
+    fn the_batch_callback_has_its_parameters_given_and_is_no_job_type() {
+        let step = "[[on_batch_complete.steps]]\nname = \"s\"\nsql = \"UPDATE t SET n = :failed WHERE id = :batch_id\"\n";
+        let ops = parse(step).expect("valid");
+        assert!(ops.operations.is_empty());
+        assert!(ops.on_batch_complete.is_some());
+        assert!(ops.warnings.is_empty(), "{:?}", ops.warnings);
+        let e = errors(&format!(
+            "[on_batch_complete]\nparams = {{ n = \"integer\" }}\n{step}"
+        ));
+        assert!(
+            e.iter()
+                .any(|e| e.contains("its parameters are given: :batch_id, :revision")),
+            "{e:?}"
+        );
+        let e = errors(&step.replace(":failed", ":fialed"));
+        assert_eq!(
+            e,
+            ["operation `on_batch_complete`, step 1 (`s`): unknown parameter `:fialed`"]
+        );
+        let e = errors(&format!("[on_batch_complete]\nresult = \"s\"\n{step}"));
+        assert!(e.iter().any(|e| e.contains("no result")), "{e:?}");
     }
 
     #[test]

@@ -264,6 +264,48 @@ pub struct SpecError {
     pub problem: String,
 }
 
+pub(super) use crate::db::batch::ON_BATCH_COMPLETE;
+
+/// The batch callback's parameters: the completion's fields.
+pub(super) const BATCH_CALLBACK_PARAMS: [(&str, ParamType); 8] = [
+    ("batch_id", ParamType::String),
+    ("revision", ParamType::Integer),
+    ("size", ParamType::Integer),
+    ("ok", ParamType::Integer),
+    ("rejected", ParamType::Integer),
+    ("failed", ParamType::Integer),
+    ("opened_at", ParamType::Timestamp),
+    ("completed_at", ParamType::Timestamp),
+];
+
+/// Gives the batch callback its parameters; a file that declares its own, or a
+/// result nobody reads, is told so.
+pub(super) fn batch_callback_params(op: &mut Operation) -> Vec<SpecError> {
+    let place = format!("`{ON_BATCH_COMPLETE}`");
+    let names: Vec<&str> = BATCH_CALLBACK_PARAMS.iter().map(|(n, _)| *n).collect();
+    let mut errors = Vec::new();
+    if !op.params.is_empty() {
+        errors.push(SpecError {
+            place: place.clone(),
+            problem: format!(
+                "declares params, but its parameters are given: :{}",
+                names.join(", :")
+            ),
+        });
+    }
+    if op.result.is_some() {
+        errors.push(SpecError {
+            place,
+            problem: "has no reply, so no result".into(),
+        });
+    }
+    op.params = BATCH_CALLBACK_PARAMS
+        .iter()
+        .map(|(n, t)| ((*n).to_owned(), ParamDecl::Type(*t)))
+        .collect();
+    errors
+}
+
 /// The file: operation name → operation.
 pub type OpsFile = BTreeMap<String, Operation>;
 

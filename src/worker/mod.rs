@@ -108,6 +108,22 @@ impl WorkerBuilder {
         self
     }
 
+    /// Runs `handler` once per batch completion (and once per revision), in a
+    /// transaction of its own, before that completion is published: the chord
+    /// callback. Its payload is the completion message's body (README, "Batches
+    /// tracked on the server"); `settings` give its isolation and timeout (default:
+    /// the database's own, and `job_timeout`). A rejection is final; any other
+    /// error rolls it back, and the sweep runs it again later, holding the
+    /// completion back until it commits.
+    pub fn on_batch_complete<H: Handler>(
+        mut self,
+        handler: H,
+        settings: crate::config::JobConfig,
+    ) -> Self {
+        self.registry.set_batch_callback(handler, settings);
+        self
+    }
+
     /// Sets the settings of one job type (isolation, timeout), as `[jobs.<type>]`
     /// in the config file would.
     pub fn job_config(
@@ -164,6 +180,11 @@ impl WorkerBuilder {
             connect_attempts: config.connect_attempts.get(),
             health: Health::default(),
             db,
+            batch_callback_timeout: self
+                .registry
+                .batch_callback()
+                .and_then(|c| c.timeout)
+                .unwrap_or(config.job_timeout),
             registry: self.registry,
             specs,
             inbox: config.inbox.enabled,
@@ -392,6 +413,8 @@ pub(crate) struct Shared {
     pub(crate) default_type: Option<String>,
     /// Where batch completions go.
     pub(crate) batches: crate::db::batch::Destinations,
+    /// The timeout of the batch callback's transaction.
+    pub(crate) batch_callback_timeout: Duration,
 }
 
 /// The `retry` settings a job reads, as plain numbers (the config's types have

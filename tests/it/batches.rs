@@ -549,3 +549,248 @@ async fn submit_batch_then_status_list_and_wait() {
     assert_eq!(timed_out.code, Some(1), "{timed_out:?}");
     worker.stop().await.expect("clean stop");
 }
+
+/// An operations file's `[on_batch_complete]`, the chord callback: its steps run
+/// once per completion revision, in a transaction of their own, with the
+/// completion's fields as parameters, and have committed before the completion is
+/// published. A batch of 3 (2 ok, 1 dead-lettered), then a replay of the failure:
+/// revision 1 and revision 2 each run it once, with their counts.
+async fn the_ops_file_callback_runs_once_per_revision(backend: Backend) {
+    let (test_db, client, requests, replies) = bank_env(backend, ACCOUNTS).await;
+    let stamp = match backend {
+        Backend::MySql => "DATETIME(6)",
+        Backend::Postgres => "TIMESTAMPTZ",
+        Backend::Sqlite => "TEXT",
+    };
+    exec(
+        &test_db.db,
+        "CREATE TABLE imports (id VARCHAR(255) PRIMARY KEY, status VARCHAR(16) NOT NULL,
+         ok BIGINT NOT NULL, failed BIGINT NOT NULL, revision BIGINT NOT NULL)",
+    )
+    .await;
+    exec(
+        &test_db.db,
+        &format!(
+            "CREATE TABLE import_log (batch_id VARCHAR(255) NOT NULL, revision INTEGER NOT NULL,
+             size INTEGER NOT NULL, rejected INTEGER NOT NULL, opened_at {stamp} NOT NULL,
+             completed_at {stamp} NOT NULL)"
+        ),
+    )
+    .await;
+    let batch = unique("import");
+    exec(
+        &test_db.db,
+        &format!("INSERT INTO imports VALUES ('{batch}', 'running', 0, 0, 0)"),
+    )
+    .await;
+    let ops = txq::sqlops::parse(
+        r#"
+[[on_batch_complete.steps]]
+name = "mark"
+sql = "UPDATE imports SET status = 'done', ok = :ok, failed = :failed, revision = :revision WHERE id = :batch_id"
+expect_rows = 1
+
+[[on_batch_complete.steps]]
+name = "log"
+sql = "INSERT INTO import_log VALUES (:batch_id, :revision, :size, :rejected, :opened_at, :completed_at)"
+"#,
+    )
+    .expect("a valid file");
+    assert!(ops.operations.is_empty(), "the callback is not a job type");
+    let broken = Arc::new(AtomicBool::new(true));
+    let builder = Worker::builder(config(&test_db.url, &requests, &replies, 4))
+        .handler("noop", bank::Noop)
+        .handler(
+            "fragile",
+            Fragile {
+                broken: broken.clone(),
+            },
+        )
+        .database(test_db.db.clone());
+    let worker = RunningWorker::start(ops.register(builder, backend).expect("compiles")).await;
+    let mut collector = Collector::start(&client, &replies).await;
+    let member = |kind: &str, i: usize| {
+        Request::json(kind, json!({"i": i}))
+            .id(&unique("m"))
+            .correlation(&format!("{kind}-{i}"))
+            .reply_to(&replies)
+            .batch(&batch, 3)
+    };
+    let members = vec![member("noop", 0), member("noop", 1), member("fragile", 2)];
+    client.publish_all(&requests, &members).await;
+    collector.wait_for(4).await;
+    // Read as soon as the completion arrived: the callback committed before it.
+    let mark = format!(
+        "SELECT revision * 100 + ok * 10 + failed FROM imports WHERE id = '{batch}' AND status = 'done'"
+    );
+    assert_eq!(
+        scalar(&test_db.db, &mark).await,
+        121,
+        "revision 1: 2 ok, 1 failed"
+    );
+
+    broken.store(false, Ordering::SeqCst);
+    let replay = Txq::new(["dlq", "replay", "--json"])
+        .env("TXQ_AMQP_URL", amqp_url())
+        .env("TXQ_QUEUE", &requests)
+        .output()
+        .await;
+    assert_eq!(replay.code, Some(0), "{replay:?}");
+    collector.wait_for(6).await;
+    assert_eq!(
+        scalar(&test_db.db, &mark).await,
+        230,
+        "revision 2: 3 ok, 0 failed"
+    );
+    worker.stop().await.expect("clean stop");
+    let got = collector.stop();
+    assert_eq!(completions(&got).len(), 2, "{:?}", completions(&got));
+    assert_eq!(
+        scalar(&test_db.db, "SELECT COUNT(*) FROM import_log").await,
+        2,
+        "once per revision"
+    );
+    for revision in [1, 2] {
+        let row = format!(
+            "SELECT COUNT(*) FROM import_log WHERE batch_id = '{batch}' AND revision = {revision} AND size = 3 AND rejected = 0"
+        );
+        assert_eq!(scalar(&test_db.db, &row).await, 1, "revision {revision}");
+    }
+    assert_eq!(
+        scalar(
+            &test_db.db,
+            "SELECT COUNT(*) FROM import_log WHERE completed_at >= opened_at"
+        )
+        .await,
+        2,
+        "the timestamps bind as timestamps"
+    );
+}
+
+#[tokio::test]
+async fn the_ops_file_callback_runs_once_per_revision_on_sqlite() {
+    the_ops_file_callback_runs_once_per_revision(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn the_ops_file_callback_runs_once_per_revision_on_mariadb() {
+    the_ops_file_callback_runs_once_per_revision(Backend::MySql).await;
+}
+
+#[tokio::test]
+async fn the_ops_file_callback_runs_once_per_revision_on_postgres() {
+    the_ops_file_callback_runs_once_per_revision(Backend::Postgres).await;
+}
+
+/// A callback that writes a row, then fails or refuses as told.
+#[derive(Clone, Default)]
+struct Callback {
+    failing: Arc<AtomicBool>,
+    calls: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Handler for Callback {
+    type Payload = Value;
+    type Output = ();
+
+    async fn handle(&self, tx: &mut Tx, c: Value, _meta: &JobMeta) -> Result<(), JobError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let id = c["batch_id"].as_str().unwrap_or_default().to_owned();
+        let rev = c["revision"].as_i64().unwrap_or_default();
+        match tx.conn() {
+            txq::Conn::Sqlite(conn) => {
+                txq::sqlx::query("INSERT INTO called (batch_id, revision) VALUES (?, ?)")
+                    .bind(&id)
+                    .bind(rev)
+                    .execute(&mut *conn)
+                    .await?;
+            }
+            _ => return Err(JobError::permanent("this test runs on SQLite")),
+        }
+        if id.contains("refuse") {
+            return Err(JobError::reject("no_such_import", "refused for good"));
+        }
+        if self.failing.load(Ordering::SeqCst) {
+            return Err(JobError::permanent("the callback's table is locked"));
+        }
+        Ok(())
+    }
+}
+
+/// A callback that fails holds its completion back, and a sweep runs it again
+/// and then publishes; one that refuses (`JobError::reject`) is final, rolled
+/// back, and the completion goes out without it.
+#[tokio::test]
+async fn a_failing_callback_holds_the_completion_and_a_refusing_one_does_not() {
+    let (test_db, client, requests, replies) = bank_env(Backend::Sqlite, ACCOUNTS).await;
+    exec(
+        &test_db.db,
+        "CREATE TABLE called (batch_id TEXT NOT NULL, revision INTEGER NOT NULL)",
+    )
+    .await;
+    let callback = Callback::default();
+    callback.failing.store(true, Ordering::SeqCst);
+    let worker = RunningWorker::start(
+        Worker::builder(config(&test_db.url, &requests, &replies, 4))
+            .handler("noop", bank::Noop)
+            .on_batch_complete(callback.clone(), txq::config::JobConfig::default())
+            .database(test_db.db.clone()),
+    )
+    .await;
+    let mut collector = Collector::start(&client, &replies).await;
+    let batch = unique("held");
+    let members: Vec<Request> = (0..2)
+        .map(|i| {
+            Request::json("noop", json!({}))
+                .id(&unique("m"))
+                .correlation(&format!("held-{i}"))
+                .reply_to(&replies)
+                .batch(&batch, 2)
+        })
+        .collect();
+    client.publish_all(&requests, &members).await;
+    collector.wait_for(2).await;
+    eventually("the callback to have failed once", || async {
+        (callback.calls.load(Ordering::SeqCst) >= 1).then_some(())
+    })
+    .await;
+    let called = format!("SELECT COUNT(*) FROM called WHERE batch_id = '{batch}'");
+    assert_eq!(scalar(&test_db.db, &called).await, 0, "rolled back");
+    assert!(
+        completions(&collector.snapshot()).is_empty(),
+        "the completion waits for its callback"
+    );
+    callback.failing.store(false, Ordering::SeqCst);
+    collector.wait_for(3).await;
+    assert_eq!(
+        scalar(&test_db.db, &called).await,
+        1,
+        "committed before the completion was published"
+    );
+
+    let refused = unique("refuse");
+    let member = Request::json("noop", json!({}))
+        .id(&unique("m"))
+        .correlation("refused-0")
+        .reply_to(&replies)
+        .batch(&refused, 1);
+    client.publish_all(&requests, &[member]).await;
+    collector.wait_for(5).await;
+    worker.stop().await.expect("clean stop");
+    let got = collector.stop();
+    let done = completions(&got);
+    assert_eq!(done.len(), 2, "{done:?}");
+    assert_eq!(
+        scalar(
+            &test_db.db,
+            &format!("SELECT COUNT(*) FROM called WHERE batch_id = '{refused}'")
+        )
+        .await,
+        0,
+        "a refusal rolls the callback back"
+    );
+    let outbox = format!(
+        "SELECT COUNT(*) FROM txq_batch_completions WHERE batch_id = '{refused}' AND callback_at_ms IS NOT NULL"
+    );
+    assert_eq!(scalar(&test_db.db, &outbox).await, 1, "and is final");
+}
