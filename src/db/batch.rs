@@ -12,11 +12,17 @@
 //!    the member was counted, and nothing changes — unless it was counted `failed`
 //!    and now ends otherwise (a dead letter replayed after the cause was fixed),
 //!    when the member moves.
-//! 3. It then adds to the batch's row in `txq_batches`, opening it with the size
-//!    the member carries. The row stays locked until COMMIT, so the members of one
-//!    batch count one after another and exactly one of them sees the counts reach
-//!    the size: that transaction raises the batch's `revision` and writes the
-//!    completion to `txq_batch_completions`, the outbox.
+//! 3. It then reads the batch's row in `txq_batches` (opening it with the size the
+//!    member carries, if no member did) and adds to one of the batch's counter rows
+//!    in `txq_batch_counts`, picked at random among 32, so that concurrent members
+//!    seldom wait for each other's COMMIT. After COMMIT, `settle` compares the
+//!    counters' sums with the size and with the counts the last completion
+//!    recorded; when they complete the batch and differ, it locks the batch's row,
+//!    checks again, and raises the `revision`, records the counts and writes the
+//!    completion to `txq_batch_completions`, the outbox, in one COMMIT. Every
+//!    member settles, so the last COMMIT's settle sees the last count; the lock
+//!    makes one settle write each revision. A sweep settles the batches whose
+//!    worker died before it could (`unsettled`).
 //! 4. After COMMIT the worker publishes the completion, confirmed, and marks it
 //!    published (`mark_published`). A completion left unpublished (the worker died
 //!    between COMMIT and the confirm) is taken by any worker's sweep once it is due
@@ -219,35 +225,35 @@ fn sql(
 }
 
 /// Counts `member` with its final answer, in `tx` (steps 2 and 3 of the protocol).
+/// `Count::Added`: after COMMIT, [`settle`] the batch.
 pub(crate) async fn count(
     tx: &mut Tx,
     member: Member<'_>,
     answer: Final,
-    to: &Destinations,
 ) -> Result<Count, BatchError> {
     let Some(delta) = move_member(tx, member, answer).await? else {
         return Ok(Count::Unchanged);
     };
-    let batch = add(tx, member, delta).await?;
-    if let Some(size) = member.tag.size {
-        if size != batch.size {
+    let id = member.tag.id.as_str();
+    let (size, revision) = open(tx, member).await?;
+    if let Some(said) = member.tag.size {
+        if said != size {
             return Err(BatchError::Invalid(format!(
-                "x-txq-batch-size is {size}, but batch `{}` was opened with size {}",
-                batch.batch_id, batch.size
+                "x-txq-batch-size is {said}, but batch `{id}` was opened with size {size}"
             )));
         }
     }
-    if batch.done() > batch.size {
+    // A new member (not a move) of a batch that completed: one too many. One
+    // racing the last member is counted instead (the size is the producer's
+    // promise, and the completion's counts then say so).
+    let new = delta[2] >= 0;
+    if new && revision > 0 {
         return Err(BatchError::Invalid(format!(
-            "batch `{}` has {} members already: this one is one too many",
-            batch.batch_id, batch.size
+            "batch `{id}` has {size} members already: this one is one too many"
         )));
     }
-    if batch.done() < batch.size {
-        return Ok(Count::Added);
-    }
-    let completion = complete(tx, batch, to).await?;
-    Ok(Count::Completed(completion))
+    add(tx, id, delta).await?;
+    Ok(Count::Added)
 }
 
 /// The counts to add: `(ok, rejected, failed)`; `None` when the member stands
@@ -319,6 +325,22 @@ type Row = (
     Option<String>,
 );
 
+/// The counts a batch's last completion recorded, then its live row's columns.
+type Recorded = (
+    i64,
+    i64,
+    i64,
+    String,
+    i64,
+    i64,
+    i64,
+    i64,
+    i64,
+    i64,
+    Option<i64>,
+    Option<String>,
+);
+
 /// An outbox row: batch, revision, destination, body, due time.
 type OutboxRow = (String, i64, Option<String>, Vec<u8>, i64);
 
@@ -336,104 +358,238 @@ fn from_row(r: Row) -> BatchStatus {
     }
 }
 
-/// Adds `delta` to the batch's counts, opening it when the member carries a size;
-/// the row as it now stands (locked until COMMIT).
-async fn add(
-    tx: &mut Tx,
-    member: Member<'_>,
-    [ok, rejected, failed]: [i64; 3],
-) -> Result<BatchStatus, BatchError> {
+/// How many counter rows a batch has: members add to one picked at random, so
+/// that concurrent members of one batch seldom wait for each other's COMMIT.
+const SHARDS: u32 = 32;
+
+/// The batch row, with the live counts (the sums of its counter rows) in place
+/// of the counts its last completion recorded.
+fn live_select(backend: Backend, filter: &str) -> String {
+    let (id, sum) = match backend {
+        Backend::MySql => (
+            "CONVERT(b.batch_id USING utf8mb4)",
+            "CAST(COALESCE(SUM(c.{0}), 0) AS SIGNED)",
+        ),
+        Backend::Postgres => ("b.batch_id", "CAST(COALESCE(SUM(c.{0}), 0) AS BIGINT)"),
+        Backend::Sqlite => ("b.batch_id", "COALESCE(SUM(c.{0}), 0)"),
+    };
+    let sum = |col: &str| sum.replace("{0}", col);
+    format!(
+        "SELECT {id}, b.size, {}, {}, {}, b.revision, b.opened_at_ms, b.completed_at_ms, b.reply_to
+         FROM txq_batches b LEFT JOIN txq_batch_counts c ON c.batch_id = b.batch_id
+         {filter}
+         GROUP BY b.batch_id, b.size, b.revision, b.opened_at_ms, b.completed_at_ms, b.reply_to",
+        sum("ok"),
+        sum("rejected"),
+        sum("failed"),
+    )
+}
+
+/// The batch as it stands, live counts included, read on `$exec` (a connection
+/// or pool of any backend).
+macro_rules! read_live {
+    ($backend:expr, $exec:expr, $id:expr) => {{
+        let q = live_select($backend, &format!("WHERE b.batch_id = {}", ph($backend, 1)));
+        let row: Option<Row> = sqlx::query_as(sqlx::AssertSqlSafe(q))
+            .bind($id)
+            .fetch_optional($exec)
+            .await?;
+        row.map(from_row)
+    }};
+}
+
+/// `?` or `$n`.
+fn ph(backend: Backend, n: usize) -> String {
+    match backend {
+        Backend::Postgres => format!("${n}"),
+        _ => "?".into(),
+    }
+}
+
+/// The member's batch, opened with the size it carries if no member opened it
+/// before: its size and revision.
+async fn open(tx: &mut Tx, member: Member<'_>) -> Result<(i64, i64), BatchError> {
     let id = member.tag.id.as_str();
+    let backend = tx.backend();
+    let read = sql(
+        backend,
+        "SELECT size, revision FROM txq_batches WHERE batch_id = ?",
+        "SELECT size, revision FROM txq_batches WHERE batch_id = $1",
+        "SELECT size, revision FROM txq_batches WHERE batch_id = ?",
+    );
+    let found: Option<(i64, i64)> = with_conn!(tx, c => {
+        sqlx::query_as(read).bind(id).fetch_optional(&mut *c).await?
+    });
+    if let Some(found) = found {
+        return Ok(found);
+    }
+    let Some(size) = member.tag.size else {
+        return Err(BatchError::Invalid(format!(
+            "batch `{id}` is not open, and the request carries no x-txq-batch-size to open it"
+        )));
+    };
     // A direct reply-to pseudo-queue belongs to one connection: a completion
     // published later, maybe by another worker, could never reach it.
     let reply_to = member
         .reply_to
         .filter(|r| !r.starts_with("amq.rabbitmq.reply-to"));
+    let insert = sql(
+        backend,
+        "INSERT IGNORE INTO txq_batches
+           (batch_id, size, ok, rejected, failed, revision, reply_to, opened_at_ms)
+         VALUES (?, ?, 0, 0, 0, 0, ?, ?)",
+        "INSERT INTO txq_batches
+           (batch_id, size, ok, rejected, failed, revision, reply_to, opened_at_ms)
+         VALUES ($1, $2, 0, 0, 0, 0, $3, $4) ON CONFLICT (batch_id) DO NOTHING",
+        "INSERT INTO txq_batches
+           (batch_id, size, ok, rejected, failed, revision, reply_to, opened_at_ms)
+         VALUES (?, ?, 0, 0, 0, 0, ?, ?) ON CONFLICT (batch_id) DO NOTHING",
+    );
     let now = super::now_ms();
-    let row: Option<Row> = match (tx.backend(), member.tag.size) {
-        (Backend::MySql, size) => {
-            let changed = with_conn!(tx, c => {
-                match size {
-                    Some(size) => sqlx::query(
-                        "INSERT INTO txq_batches
-                           (batch_id, size, ok, rejected, failed, revision, reply_to, opened_at_ms)
-                         VALUES (?, ?, ?, ?, ?, 0, ?, ?)
-                         ON DUPLICATE KEY UPDATE ok = ok + VALUES(ok),
-                           rejected = rejected + VALUES(rejected), failed = failed + VALUES(failed)",
-                    )
-                    .bind(id).bind(size).bind(ok).bind(rejected).bind(failed).bind(reply_to).bind(now)
-                    .execute(c).await?.rows_affected(),
-                    None => sqlx::query(
-                        "UPDATE txq_batches SET ok = ok + ?, rejected = rejected + ?,
-                           failed = failed + ? WHERE batch_id = ?",
-                    )
-                    .bind(ok).bind(rejected).bind(failed).bind(id)
-                    .execute(c).await?.rows_affected(),
-                }
-            });
-            if changed == 0 {
-                None
-            } else {
-                with_conn!(tx, c => {
-                    sqlx::query_as(
-                        "SELECT CONVERT(batch_id USING utf8mb4), size, ok, rejected, failed,
-                           revision, opened_at_ms, completed_at_ms, reply_to
-                         FROM txq_batches WHERE batch_id = ?",
-                    )
-                    .bind(id).fetch_optional(c).await?
-                })
-            }
-        }
-        (backend, Some(size)) => {
-            let q = if backend == Backend::Postgres {
-                "INSERT INTO txq_batches
-                   (batch_id, size, ok, rejected, failed, revision, reply_to, opened_at_ms)
-                 VALUES ($1, $2, $3, $4, $5, 0, $6, $7)
-                 ON CONFLICT (batch_id) DO UPDATE SET ok = txq_batches.ok + EXCLUDED.ok,
-                   rejected = txq_batches.rejected + EXCLUDED.rejected,
-                   failed = txq_batches.failed + EXCLUDED.failed
-                 RETURNING batch_id, size, ok, rejected, failed, revision, opened_at_ms,
-                   completed_at_ms, reply_to"
-            } else {
-                "INSERT INTO txq_batches
-                   (batch_id, size, ok, rejected, failed, revision, reply_to, opened_at_ms)
-                 VALUES (?, ?, ?, ?, ?, 0, ?, ?)
-                 ON CONFLICT (batch_id) DO UPDATE SET ok = txq_batches.ok + excluded.ok,
-                   rejected = txq_batches.rejected + excluded.rejected,
-                   failed = txq_batches.failed + excluded.failed
-                 RETURNING batch_id, size, ok, rejected, failed, revision, opened_at_ms,
-                   completed_at_ms, reply_to"
-            };
-            with_conn!(tx, c => {
-                sqlx::query_as(q)
-                    .bind(id).bind(size).bind(ok).bind(rejected).bind(failed).bind(reply_to).bind(now)
-                    .fetch_optional(c).await?
-            })
-        }
-        (backend, None) => {
-            let q = if backend == Backend::Postgres {
-                "UPDATE txq_batches SET ok = ok + $1, rejected = rejected + $2, failed = failed + $3
-                 WHERE batch_id = $4
-                 RETURNING batch_id, size, ok, rejected, failed, revision, opened_at_ms,
-                   completed_at_ms, reply_to"
-            } else {
-                "UPDATE txq_batches SET ok = ok + ?, rejected = rejected + ?, failed = failed + ?
-                 WHERE batch_id = ?
-                 RETURNING batch_id, size, ok, rejected, failed, revision, opened_at_ms,
-                   completed_at_ms, reply_to"
-            };
-            with_conn!(tx, c => {
-                sqlx::query_as(q)
-                    .bind(ok).bind(rejected).bind(failed).bind(id)
-                    .fetch_optional(c).await?
-            })
-        }
+    let inserted = with_conn!(tx, c => {
+        sqlx::query(insert).bind(id).bind(size).bind(reply_to).bind(now)
+            .execute(&mut *c).await?.rows_affected()
+    });
+    if inserted == 1 {
+        return Ok((size, 0));
+    }
+    // A member opened it at the same time and has committed. A locking read:
+    // MySQL's plain reads would keep to this transaction's older snapshot.
+    let q = sql(
+        backend,
+        "SELECT size, revision FROM txq_batches WHERE batch_id = ? LOCK IN SHARE MODE",
+        "SELECT size, revision FROM txq_batches WHERE batch_id = $1 FOR SHARE",
+        "SELECT size, revision FROM txq_batches WHERE batch_id = ?",
+    );
+    Ok(with_conn!(tx, c => {
+        sqlx::query_as(q).bind(id).fetch_one(&mut *c).await?
+    }))
+}
+
+/// Adds `delta` to one of the batch's counter rows.
+async fn add(tx: &mut Tx, id: &str, [ok, rejected, failed]: [i64; 3]) -> Result<(), sqlx::Error> {
+    let shard = i64::from(rand::random::<u32>() % SHARDS);
+    let q = sql(
+        tx.backend(),
+        "INSERT INTO txq_batch_counts (batch_id, shard, ok, rejected, failed, updated_at_ms)
+         VALUES (?, ?, ?, ?, ?, ?)
+         ON DUPLICATE KEY UPDATE ok = ok + VALUES(ok), rejected = rejected + VALUES(rejected),
+           failed = failed + VALUES(failed), updated_at_ms = VALUES(updated_at_ms)",
+        "INSERT INTO txq_batch_counts (batch_id, shard, ok, rejected, failed, updated_at_ms)
+         VALUES ($1, $2, $3, $4, $5, $6)
+         ON CONFLICT (batch_id, shard) DO UPDATE SET ok = txq_batch_counts.ok + EXCLUDED.ok,
+           rejected = txq_batch_counts.rejected + EXCLUDED.rejected,
+           failed = txq_batch_counts.failed + EXCLUDED.failed,
+           updated_at_ms = EXCLUDED.updated_at_ms",
+        "INSERT INTO txq_batch_counts (batch_id, shard, ok, rejected, failed, updated_at_ms)
+         VALUES (?, ?, ?, ?, ?, ?)
+         ON CONFLICT (batch_id, shard) DO UPDATE SET ok = ok + excluded.ok,
+           rejected = rejected + excluded.rejected, failed = failed + excluded.failed,
+           updated_at_ms = excluded.updated_at_ms",
+    );
+    let now = super::now_ms();
+    with_conn!(tx, c => {
+        sqlx::query(q).bind(id).bind(shard).bind(ok).bind(rejected).bind(failed).bind(now)
+            .execute(&mut *c).await?;
+    });
+    Ok(())
+}
+
+/// Step 3: after a member's COMMIT (and in every sweep), completes the batch if
+/// its live counts reach the size and differ from what its last completion
+/// said: raises the revision, records the counts and writes the completion to
+/// the outbox, in a transaction that holds the batch's row, so that of two
+/// settles that see the same counts one writes and the other finds it written.
+pub(crate) async fn settle(
+    db: &Db,
+    batch_id: &str,
+    to: &Destinations,
+) -> Result<Option<Completion>, sqlx::Error> {
+    let backend = db.backend();
+    // Most members are not the last: one read, and no lock.
+    let q = live_select(backend, &format!("WHERE b.batch_id = {}", ph(backend, 1)))
+        .replace("SELECT ", "SELECT b.ok, b.rejected, b.failed, ");
+    let quick: Option<Recorded> = crate::on_pool!(db, p => {
+        sqlx::query_as(sqlx::AssertSqlSafe(q)).bind(batch_id).fetch_optional(p).await?
+    });
+    let Some((
+        ok,
+        rejected,
+        failed,
+        id,
+        size,
+        live_ok,
+        live_rej,
+        live_failed,
+        revision,
+        opened,
+        completed,
+        reply_to,
+    )) = quick
+    else {
+        return Ok(None);
     };
-    row.map(from_row).ok_or_else(|| {
-        BatchError::Invalid(format!(
-            "batch `{id}` is not open, and the request carries no x-txq-batch-size to open it"
-        ))
-    })
+    let live = from_row((
+        id,
+        size,
+        live_ok,
+        live_rej,
+        live_failed,
+        revision,
+        opened,
+        completed,
+        reply_to,
+    ));
+    if !completes(&live, Some((ok, rejected, failed, revision))) {
+        return Ok(None);
+    }
+    let mut tx = db.begin(None).await?;
+    let lock = sql(
+        backend,
+        "SELECT ok, rejected, failed, revision FROM txq_batches WHERE batch_id = ? FOR UPDATE",
+        "SELECT ok, rejected, failed, revision FROM txq_batches WHERE batch_id = $1 FOR UPDATE",
+        // SQLite: txq's transactions hold the database's write lock from BEGIN.
+        "SELECT ok, rejected, failed, revision FROM txq_batches WHERE batch_id = ?",
+    );
+    let recorded: Option<(i64, i64, i64, i64)> = with_conn!(tx, c => {
+        sqlx::query_as(lock).bind(batch_id).fetch_optional(&mut *c).await?
+    });
+    let live = with_conn!(tx, c => read_live!(backend, &mut *c, batch_id));
+    let Some(live) = live.filter(|l| completes(l, recorded)) else {
+        return Ok(None);
+    };
+    let completion = complete(&mut tx, live, to).await?;
+    tx.commit().await?;
+    Ok(Some(completion))
+}
+
+/// Whether `live` makes a completion: every member answered, and counts other
+/// than the last completion's (or none yet).
+fn completes(live: &BatchStatus, recorded: Option<(i64, i64, i64, i64)>) -> bool {
+    let Some((ok, rejected, failed, revision)) = recorded else {
+        return false;
+    };
+    live.done() >= live.size
+        && (revision == 0 || (live.ok, live.rejected, live.failed) != (ok, rejected, failed))
+}
+
+/// Batches whose counters changed since `since` (Unix ms), or still open: what
+/// a sweep settles, in case the worker that counted their last change died
+/// before it could.
+pub(crate) async fn unsettled(db: &Db, since: i64, limit: i64) -> Result<Vec<String>, sqlx::Error> {
+    let q = sql(
+        db.backend(),
+        "SELECT CONVERT(batch_id USING utf8mb4) FROM txq_batch_counts WHERE updated_at_ms >= ?
+         UNION SELECT CONVERT(batch_id USING utf8mb4) FROM txq_batches WHERE revision = 0
+         LIMIT ?",
+        "SELECT batch_id FROM txq_batch_counts WHERE updated_at_ms >= $1
+         UNION SELECT batch_id FROM txq_batches WHERE revision = 0 LIMIT $2",
+        "SELECT batch_id FROM txq_batch_counts WHERE updated_at_ms >= ?
+         UNION SELECT batch_id FROM txq_batches WHERE revision = 0 LIMIT ?",
+    );
+    Ok(crate::on_pool!(db, p => {
+        sqlx::query_scalar(q).bind(since).bind(limit).fetch_all(p).await?
+    }))
 }
 
 /// Marks the batch complete with its next revision and writes the completion to
@@ -453,18 +609,21 @@ async fn complete(
     let body = batch.to_json().to_string().into_bytes();
     let (mark, outbox) = match tx.backend() {
         Backend::Postgres => (
-            "UPDATE txq_batches SET revision = $1, completed_at_ms = $2 WHERE batch_id = $3",
+            "UPDATE txq_batches SET revision = $1, completed_at_ms = $2, ok = $3, rejected = $4,
+               failed = $5 WHERE batch_id = $6",
             "INSERT INTO txq_batch_completions (batch_id, revision, destination, body, due_at_ms)
              VALUES ($1, $2, $3, $4, $5)",
         ),
         _ => (
-            "UPDATE txq_batches SET revision = ?, completed_at_ms = ? WHERE batch_id = ?",
+            "UPDATE txq_batches SET revision = ?, completed_at_ms = ?, ok = ?, rejected = ?,
+               failed = ? WHERE batch_id = ?",
             "INSERT INTO txq_batch_completions (batch_id, revision, destination, body, due_at_ms)
              VALUES (?, ?, ?, ?, ?)",
         ),
     };
     with_conn!(tx, c => {
-        sqlx::query(mark).bind(batch.revision).bind(batch.completed_at_ms).bind(&batch.batch_id)
+        sqlx::query(mark).bind(batch.revision).bind(batch.completed_at_ms).bind(batch.ok)
+            .bind(batch.rejected).bind(batch.failed).bind(&batch.batch_id)
             .execute(&mut *c).await?;
         sqlx::query(outbox).bind(&batch.batch_id).bind(batch.revision).bind(destination.as_deref())
             .bind(&body).bind(batch.completed_at_ms.map(|t| t + PUBLISH_GRACE_MS))
@@ -483,7 +642,7 @@ async fn complete(
 }
 
 /// Counts `member` in a transaction of its own (a rejection, a dead-lettered
-/// failure), committed before the answer is published.
+/// failure), committed before the answer is published, then settles the batch.
 pub(crate) async fn count_alone(
     db: &Db,
     member: Member<'_>,
@@ -491,9 +650,15 @@ pub(crate) async fn count_alone(
     to: &Destinations,
 ) -> Result<Count, BatchError> {
     let mut tx = db.begin(None).await?;
-    let counted = count(&mut tx, member, answer, to).await?;
+    let counted = count(&mut tx, member, answer).await?;
     tx.commit().await?;
-    Ok(counted)
+    if counted == Count::Unchanged {
+        return Ok(counted);
+    }
+    Ok(match settle(db, &member.tag.id, to).await? {
+        Some(c) => Count::Completed(c),
+        None => Count::Added,
+    })
 }
 
 /// Takes the batch callback's turn for one completion revision, in the
@@ -591,57 +756,28 @@ pub(crate) async fn due_completions(
     Ok(taken)
 }
 
-/// A batch as it stands; `None`: no member of it has been counted.
+/// A batch as it stands, with its live counts; `None`: no member of it has been
+/// counted.
 pub async fn status(db: &Db, batch_id: &str) -> Result<Option<BatchStatus>, sqlx::Error> {
-    let q = sql(
-        db.backend(),
-        "SELECT CONVERT(batch_id USING utf8mb4), size, ok, rejected, failed, revision,
-           opened_at_ms, completed_at_ms, reply_to FROM txq_batches WHERE batch_id = ?",
-        "SELECT batch_id, size, ok, rejected, failed, revision,
-           opened_at_ms, completed_at_ms, reply_to FROM txq_batches WHERE batch_id = $1",
-        "SELECT batch_id, size, ok, rejected, failed, revision,
-           opened_at_ms, completed_at_ms, reply_to FROM txq_batches WHERE batch_id = ?",
-    );
-    let row: Option<Row> = crate::on_pool!(db, p => {
-        sqlx::query_as(q).bind(batch_id).fetch_optional(p).await?
-    });
-    Ok(row.map(from_row))
+    let backend = db.backend();
+    Ok(crate::on_pool!(db, p => read_live!(backend, p, batch_id)))
 }
 
 /// Batches, newest first: the open ones only with `open_only`; at most `limit`.
 pub async fn list(db: &Db, open_only: bool, limit: i64) -> Result<Vec<BatchStatus>, sqlx::Error> {
-    let q = match (db.backend(), open_only) {
-        (Backend::MySql, true) => {
-            "SELECT CONVERT(batch_id USING utf8mb4), size, ok, rejected, failed, revision,
-               opened_at_ms, completed_at_ms, reply_to FROM txq_batches WHERE revision = 0
-             ORDER BY opened_at_ms DESC LIMIT ?"
-        }
-        (Backend::MySql, false) => {
-            "SELECT CONVERT(batch_id USING utf8mb4), size, ok, rejected, failed, revision,
-               opened_at_ms, completed_at_ms, reply_to FROM txq_batches
-             ORDER BY opened_at_ms DESC LIMIT ?"
-        }
-        (Backend::Postgres, true) => {
-            "SELECT batch_id, size, ok, rejected, failed, revision, opened_at_ms,
-               completed_at_ms, reply_to FROM txq_batches WHERE revision = 0
-             ORDER BY opened_at_ms DESC LIMIT $1"
-        }
-        (Backend::Postgres, false) => {
-            "SELECT batch_id, size, ok, rejected, failed, revision, opened_at_ms,
-               completed_at_ms, reply_to FROM txq_batches ORDER BY opened_at_ms DESC LIMIT $1"
-        }
-        (Backend::Sqlite, true) => {
-            "SELECT batch_id, size, ok, rejected, failed, revision, opened_at_ms,
-               completed_at_ms, reply_to FROM txq_batches WHERE revision = 0
-             ORDER BY opened_at_ms DESC LIMIT ?"
-        }
-        (Backend::Sqlite, false) => {
-            "SELECT batch_id, size, ok, rejected, failed, revision, opened_at_ms,
-               completed_at_ms, reply_to FROM txq_batches ORDER BY opened_at_ms DESC LIMIT ?"
-        }
+    let backend = db.backend();
+    let filter = if open_only {
+        "WHERE b.revision = 0"
+    } else {
+        ""
     };
+    let q = format!(
+        "{} ORDER BY b.opened_at_ms DESC LIMIT {}",
+        live_select(backend, filter),
+        ph(backend, 1)
+    );
     let rows: Vec<Row> = crate::on_pool!(db, p => {
-        sqlx::query_as(q).bind(limit).fetch_all(p).await?
+        sqlx::query_as(sqlx::AssertSqlSafe(q)).bind(limit).fetch_all(p).await?
     });
     Ok(rows.into_iter().map(from_row).collect())
 }
@@ -788,6 +924,33 @@ mod tests {
         let s = status(&t.db, "b3").await.expect("status").expect("a row");
         assert_eq!((s.ok, s.revision), (2, 1));
         assert!(status(&t.db, "nope").await.expect("status").is_none());
+    }
+
+    #[tokio::test]
+    async fn a_last_member_whose_worker_died_before_settling_is_settled_by_a_sweep() {
+        let t = temp_db().await;
+        let b = tag("b5", Some(1));
+        let member = Member {
+            tag: &b,
+            message_id: "m1",
+            reply_to: None,
+        };
+        let before = crate::db::now_ms();
+        let mut tx = t.db.begin(None).await.expect("begin");
+        assert_eq!(
+            count(&mut tx, member, Final::Ok).await.expect("count"),
+            Count::Added
+        );
+        tx.commit().await.expect("commit");
+        // The worker died here. A sweep finds the batch, and settles it once.
+        let found = unsettled(&t.db, before, 10).await.expect("unsettled");
+        assert_eq!(found, ["b5"]);
+        let to = Destinations::default();
+        let c = settle(&t.db, "b5", &to).await.expect("settle");
+        assert_eq!(c.map(|c| c.revision), Some(1));
+        assert!(settle(&t.db, "b5", &to).await.expect("again").is_none());
+        let s = status(&t.db, "b5").await.expect("status").expect("a row");
+        assert_eq!((s.ok, s.revision), (1, 1));
     }
 
     #[tokio::test]

@@ -53,9 +53,11 @@ const MIGRATIONS: &[Migration] = &[
     Migration {
         version: 2,
         name: "batches",
-        // One row a batch (its counts: the row every member's transaction updates),
+        // One row a batch (its size, and the counts its last completion recorded),
         // one a counted member (what makes a count idempotent, and lets a replayed
-        // failure move to ok), one a completion revision to publish (the outbox).
+        // failure move to ok), up to 32 counter rows a batch (members add to one at
+        // random, so they seldom wait for each other), one a completion revision
+        // to publish (the outbox).
         mysql: &[
             "CREATE TABLE IF NOT EXISTS txq_batches (
             batch_id VARBINARY(255) NOT NULL PRIMARY KEY,
@@ -67,13 +69,24 @@ const MIGRATIONS: &[Migration] = &[
             reply_to VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NULL,
             opened_at_ms BIGINT NOT NULL,
             completed_at_ms BIGINT NULL,
-            INDEX txq_batches_opened (opened_at_ms)
+            INDEX txq_batches_opened (opened_at_ms),
+            INDEX txq_batches_revision (revision)
         ) ENGINE=InnoDB",
             "CREATE TABLE IF NOT EXISTS txq_batch_members (
             batch_id VARBINARY(255) NOT NULL,
             message_id VARBINARY(255) NOT NULL,
             status VARCHAR(16) NOT NULL,
             PRIMARY KEY (batch_id, message_id)
+        ) ENGINE=InnoDB",
+            "CREATE TABLE IF NOT EXISTS txq_batch_counts (
+            batch_id VARBINARY(255) NOT NULL,
+            shard INT NOT NULL,
+            ok BIGINT NOT NULL,
+            rejected BIGINT NOT NULL,
+            failed BIGINT NOT NULL,
+            updated_at_ms BIGINT NOT NULL,
+            PRIMARY KEY (batch_id, shard),
+            INDEX txq_batch_counts_updated (updated_at_ms)
         ) ENGINE=InnoDB",
             "CREATE TABLE IF NOT EXISTS txq_batch_completions (
             batch_id VARBINARY(255) NOT NULL,
@@ -99,11 +112,21 @@ const MIGRATIONS: &[Migration] = &[
             opened_at_ms BIGINT NOT NULL,
             completed_at_ms BIGINT NULL)",
             "CREATE INDEX IF NOT EXISTS txq_batches_opened ON txq_batches (opened_at_ms)",
+            "CREATE INDEX IF NOT EXISTS txq_batches_revision ON txq_batches (revision)",
             "CREATE TABLE IF NOT EXISTS txq_batch_members (
             batch_id VARCHAR(255) NOT NULL,
             message_id VARCHAR(255) NOT NULL,
             status VARCHAR(16) NOT NULL,
             PRIMARY KEY (batch_id, message_id))",
+            "CREATE TABLE IF NOT EXISTS txq_batch_counts (
+            batch_id VARCHAR(255) NOT NULL,
+            shard INTEGER NOT NULL,
+            ok BIGINT NOT NULL,
+            rejected BIGINT NOT NULL,
+            failed BIGINT NOT NULL,
+            updated_at_ms BIGINT NOT NULL,
+            PRIMARY KEY (batch_id, shard))",
+            "CREATE INDEX IF NOT EXISTS txq_batch_counts_updated ON txq_batch_counts (updated_at_ms)",
             "CREATE TABLE IF NOT EXISTS txq_batch_completions (
             batch_id VARCHAR(255) NOT NULL,
             revision BIGINT NOT NULL,
@@ -128,11 +151,21 @@ const MIGRATIONS: &[Migration] = &[
             opened_at_ms INTEGER NOT NULL,
             completed_at_ms INTEGER NULL)",
             "CREATE INDEX IF NOT EXISTS txq_batches_opened ON txq_batches (opened_at_ms)",
+            "CREATE INDEX IF NOT EXISTS txq_batches_revision ON txq_batches (revision)",
             "CREATE TABLE IF NOT EXISTS txq_batch_members (
             batch_id TEXT NOT NULL,
             message_id TEXT NOT NULL,
             status TEXT NOT NULL,
             PRIMARY KEY (batch_id, message_id))",
+            "CREATE TABLE IF NOT EXISTS txq_batch_counts (
+            batch_id TEXT NOT NULL,
+            shard INTEGER NOT NULL,
+            ok INTEGER NOT NULL,
+            rejected INTEGER NOT NULL,
+            failed INTEGER NOT NULL,
+            updated_at_ms INTEGER NOT NULL,
+            PRIMARY KEY (batch_id, shard))",
+            "CREATE INDEX IF NOT EXISTS txq_batch_counts_updated ON txq_batch_counts (updated_at_ms)",
             "CREATE TABLE IF NOT EXISTS txq_batch_completions (
             batch_id TEXT NOT NULL,
             revision INTEGER NOT NULL,

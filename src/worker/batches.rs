@@ -17,6 +17,9 @@ use crate::{JobError, JobMeta};
 /// and reads how many batches are open.
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
 
+/// How far back a sweep looks for batch counters changed and maybe not settled.
+const SETTLE_WINDOW_MS: i64 = 3_600_000;
+
 /// How long a sweep holds a completion it took before another may take it.
 const LEASE_MS: i64 = 60_000;
 
@@ -159,6 +162,23 @@ pub(crate) async fn sweep(ctx: Arc<Context>) {
         match batch::open_count(&ctx.db).await {
             Ok(n) => events::batches_open(n),
             Err(e) => tracing::debug!(error = %e, "could not count the open batches"),
+        }
+        // Batches whose last change was counted by a worker that died before it
+        // could settle them.
+        let since = crate::db::now_ms() - SETTLE_WINDOW_MS;
+        match batch::unsettled(&ctx.db, since, 1000).await {
+            Ok(ids) => {
+                for id in ids {
+                    match batch::settle(&ctx.db, &id, &ctx.batches).await {
+                        Ok(Some(c)) => publish_completion(&ctx, &c, "sweep").await,
+                        Ok(None) => {}
+                        Err(e) => {
+                            tracing::warn!(batch_id = id, error = %e, "could not settle the batch; next sweep");
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not read the batch counters; next sweep"),
         }
         let due = batch::due_completions(&ctx.db, crate::db::now_ms(), LEASE_MS, 100).await;
         match due {

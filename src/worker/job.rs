@@ -331,7 +331,7 @@ async fn attempt_once(
         let entry = inbox.enter(&mut tx, meta.redelivered).await?;
         if entry == Entry::Taken {
             let _ = tx.rollback().await;
-            return Ok((None, Done::Taken));
+            return Ok((None, Done::Taken, false));
         }
         let result = AssertUnwindSafe(job.handler.call(&mut tx, payload, meta))
             .catch_unwind()
@@ -363,14 +363,13 @@ async fn attempt_once(
         {
             // Undo this run's effects; the row's answer is the answer.
             let _ = tx.rollback().await;
-            return Ok((None, Done::Taken));
+            return Ok((None, Done::Taken, false));
         }
-        // Last before COMMIT: the batch's row stays locked until then.
-        let completion = match member {
-            None => None,
-            Some(member) => match batch::count(&mut tx, member, Final::Ok, &ctx.batches).await {
-                Ok(Count::Completed(c)) => Some(c),
-                Ok(Count::Added | Count::Unchanged) => None,
+        // Last before COMMIT: its counter row stays locked until then.
+        let counted = match member {
+            None => false,
+            Some(member) => match batch::count(&mut tx, member, Final::Ok).await {
+                Ok(counted) => counted != Count::Unchanged,
                 Err(e) => {
                     let _ = tx.rollback().await;
                     return Err(match e {
@@ -380,17 +379,32 @@ async fn attempt_once(
                 }
             },
         };
-        Ok((Some(tx), Done::Committed(body, completion)))
+        Ok((Some(tx), Done::Committed(body, None), counted))
     };
     // Dropping the work on timeout drops its transaction, which rolls it back.
-    let (tx, done) = match tokio::time::timeout(limit, work).await {
+    let (tx, mut done, counted) = match tokio::time::timeout(limit, work).await {
         Ok(result) => result?,
         Err(_) => return Err(AttemptError::TimedOut(job.spec.timeout)),
     };
     if let Some(tx) = tx {
         commit(tx, limit).await?;
     }
+    if let (true, Some(member), Done::Committed(_, completion)) = (counted, member, &mut done) {
+        *completion = settle(ctx, &member.tag.id).await;
+    }
     Ok(done)
+}
+
+/// Settles a batch after a member's COMMIT: the completion it wrote, if this
+/// member made one. A failure here loses nothing: the sweep settles it.
+async fn settle(ctx: &Context, batch_id: &str) -> Option<Completion> {
+    match batch::settle(&ctx.db, batch_id, &ctx.batches).await {
+        Ok(completion) => completion,
+        Err(e) => {
+            tracing::warn!(batch_id, error = %e, "could not settle the batch; a sweep will");
+            None
+        }
+    }
 }
 
 /// The commit has a time limit of its own, so that one that never answers (a

@@ -155,23 +155,39 @@ async fn a_mixed_batch_then_a_replay(backend: Backend) {
         .output()
         .await;
     assert_eq!(replay.code, Some(0), "{replay:?}");
-    // 2 more replies, and a revision for each member that moved: each change of a
-    // complete batch's counts is a revision of its own, in the order of the
-    // commits (which the batch row's lock makes a sequence).
-    collector.wait_for(17).await;
+    // 2 more replies, and revisions until one has the final counts: a change of
+    // a complete batch's counts makes a revision, and changes that commit close
+    // together may share one, so a replay of 2 makes revision 2, or 2 and 3.
+    collector
+        .wait_until("a revision with both replays ok", |got| {
+            completions(got).iter().any(|c| {
+                let (_, ok, rejected, failed) = counts(c);
+                (ok, rejected, failed) == (10, 2, 0)
+            })
+        })
+        .await;
+    collector.wait_for(15).await;
     let got = collector.snapshot();
     let mut all = completions(&got);
     all.sort_by_key(|c| c["revision"].as_i64());
-    assert_eq!(all.len(), 3, "{all:?}");
-    assert_eq!(counts(&all[1]), (2, 9, 2, 1), "{}", all[1]);
-    assert_eq!(counts(&all[2]), (3, 10, 2, 0), "{}", all[2]);
+    let revisions: Vec<i64> = all.iter().map(|c| counts(c).0).collect();
+    assert!(
+        revisions == [1, 2] || revisions == [1, 2, 3],
+        "consecutive revisions, each once: {all:?}"
+    );
+    let last = all.last().expect("revisions");
+    let (final_revision, ok, rejected, failed) = counts(last);
+    assert_eq!((ok, rejected, failed), (10, 2, 0), "{last}");
+    if let [_, second, _] = all.as_slice() {
+        assert_eq!(counts(second), (2, 9, 2, 1), "{second}");
+    }
     let row = txq::db::batch::status(&test_db.db, &batch)
         .await
         .expect("status")
         .expect("the batch");
     assert_eq!(
         (row.revision, row.ok, row.rejected, row.failed),
-        (3, 10, 2, 0)
+        (final_revision, 10, 2, 0)
     );
     assert_eq!(
         member_rows(&test_db.db, &batch).await,
@@ -183,7 +199,11 @@ async fn a_mixed_batch_then_a_replay(backend: Backend) {
     );
     worker.stop().await.expect("clean stop");
     let replies_after: Vec<Reply> = collector.stop();
-    assert_eq!(replies_after.len(), 17, "nothing more was published");
+    assert_eq!(
+        replies_after.len(),
+        14 + all.len(),
+        "nothing more was published"
+    );
 }
 
 #[tokio::test]

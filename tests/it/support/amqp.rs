@@ -419,6 +419,11 @@ impl Collector {
             .await;
     }
 
+    /// Waits until `done(replies so far)`, named `what` in a failure.
+    pub async fn wait_until(&mut self, what: &str, done: impl Fn(&[Reply]) -> bool) {
+        self.until(what, done, &mut NoWorker).await;
+    }
+
     /// Waits until a reply for every one of `ids` (correlation ids) has arrived.
     pub async fn wait_for_ids(&mut self, ids: &HashSet<String>) {
         self.wait_for_ids_while(ids, &mut NoWorker).await;
