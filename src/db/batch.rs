@@ -32,6 +32,7 @@
 
 use serde::Serialize;
 
+use super::dialect::sql;
 use super::{Backend, Db, Tx};
 use crate::with_conn;
 
@@ -209,19 +210,6 @@ pub fn rfc3339(ms: i64) -> String {
     let t =
         std::time::UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0));
     humantime::format_rfc3339_millis(t).to_string()
-}
-
-fn sql(
-    backend: Backend,
-    mysql: &'static str,
-    pg: &'static str,
-    sqlite: &'static str,
-) -> &'static str {
-    match backend {
-        Backend::MySql => mysql,
-        Backend::Postgres => pg,
-        Backend::Sqlite => sqlite,
-    }
 }
 
 /// Counts `member` with its final answer, in `tx` (steps 2 and 3 of the protocol).

@@ -207,6 +207,20 @@ fn classify_database(backend: Backend, db: &dyn DatabaseError) -> Option<Transie
     }
 }
 
+/// The statement for `backend`, of one written three ways.
+pub(crate) fn sql(
+    backend: Backend,
+    mysql: &'static str,
+    pg: &'static str,
+    sqlite: &'static str,
+) -> &'static str {
+    match backend {
+        Backend::MySql => mysql,
+        Backend::Postgres => pg,
+        Backend::Sqlite => sqlite,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,6 +3,7 @@
 //! (ARCHITECTURE.md, "effects happen once"). `Inbox` is the only code that decides
 //! when a row is claimed, recorded or read.
 
+use super::dialect::sql;
 use super::{Backend, Db, Tx};
 use crate::with_conn;
 
@@ -138,19 +139,6 @@ impl<'a> Inbox<'a> {
         let recorded = insert(&mut tx, key, StoredStatus::Rejected, body, attempts).await?;
         tx.commit().await?;
         Ok(if recorded { Entry::Open } else { Entry::Taken })
-    }
-}
-
-fn sql(
-    backend: Backend,
-    mysql: &'static str,
-    pg: &'static str,
-    sqlite: &'static str,
-) -> &'static str {
-    match backend {
-        Backend::MySql => mysql,
-        Backend::Postgres => pg,
-        Backend::Sqlite => sqlite,
     }
 }
 
