@@ -561,22 +561,30 @@ fn completes(live: &BatchStatus, recorded: Option<(i64, i64, i64, i64)>) -> bool
         && (revision == 0 || (live.ok, live.rejected, live.failed) != (ok, rejected, failed))
 }
 
-/// Batches whose counters changed since `since` (Unix ms), or still open: what
-/// a sweep settles, in case the worker that counted their last change died
-/// before it could.
+/// Batches that a settle would complete or revise, among those still open or
+/// whose counters changed since `since` (Unix ms): what a sweep settles, in case
+/// the worker that counted their last change died before it could. Usually
+/// none, and found in one query, however many batches there are.
 pub(crate) async fn unsettled(db: &Db, since: i64, limit: i64) -> Result<Vec<String>, sqlx::Error> {
-    let q = sql(
-        db.backend(),
-        "SELECT CONVERT(batch_id USING utf8mb4) FROM txq_batch_counts WHERE updated_at_ms >= ?
-         UNION SELECT CONVERT(batch_id USING utf8mb4) FROM txq_batches WHERE revision = 0
-         LIMIT ?",
-        "SELECT batch_id FROM txq_batch_counts WHERE updated_at_ms >= $1
-         UNION SELECT batch_id FROM txq_batches WHERE revision = 0 LIMIT $2",
-        "SELECT batch_id FROM txq_batch_counts WHERE updated_at_ms >= ?
-         UNION SELECT batch_id FROM txq_batches WHERE revision = 0 LIMIT ?",
+    let body = "FROM txq_batches b JOIN txq_batch_counts c ON c.batch_id = b.batch_id
+         WHERE b.revision = 0 OR b.batch_id IN
+           (SELECT batch_id FROM txq_batch_counts WHERE updated_at_ms >= {since})
+         GROUP BY b.batch_id, b.size, b.ok, b.rejected, b.failed, b.revision
+         HAVING SUM(c.ok + c.rejected + c.failed) >= b.size AND (b.revision = 0
+           OR SUM(c.ok) <> b.ok OR SUM(c.rejected) <> b.rejected OR SUM(c.failed) <> b.failed)
+         LIMIT {limit}";
+    let backend = db.backend();
+    let id = match backend {
+        Backend::MySql => "CONVERT(b.batch_id USING utf8mb4)",
+        _ => "b.batch_id",
+    };
+    let q = format!(
+        "SELECT {id} {}",
+        body.replace("{since}", &ph(backend, 1))
+            .replace("{limit}", &ph(backend, 2))
     );
     Ok(crate::on_pool!(db, p => {
-        sqlx::query_scalar(q).bind(since).bind(limit).fetch_all(p).await?
+        sqlx::query_scalar(sqlx::AssertSqlSafe(q)).bind(since).bind(limit).fetch_all(p).await?
     }))
 }
 
@@ -939,6 +947,39 @@ mod tests {
         assert!(settle(&t.db, "b5", &to).await.expect("again").is_none());
         let s = status(&t.db, "b5").await.expect("status").expect("a row");
         assert_eq!((s.ok, s.revision), (1, 1));
+        assert!(
+            unsettled(&t.db, before, 10)
+                .await
+                .expect("unsettled")
+                .is_empty(),
+            "a settled batch is not found again"
+        );
+        // A batch complete with a failure, whose replayed member's worker died
+        // before settling: found, and revised.
+        let b = tag("b6", Some(1));
+        let failed = Member {
+            tag: &b,
+            message_id: "m1",
+            reply_to: None,
+        };
+        assert!(matches!(
+            count_alone(&t.db, failed, Final::Failed, &to)
+                .await
+                .expect("m1"),
+            Count::Completed(_)
+        ));
+        let mut tx = t.db.begin(None).await.expect("begin");
+        assert_eq!(
+            count(&mut tx, failed, Final::Ok).await.expect("replayed"),
+            Count::Added
+        );
+        tx.commit().await.expect("commit");
+        assert_eq!(
+            unsettled(&t.db, before, 10).await.expect("unsettled"),
+            ["b6"]
+        );
+        let c = settle(&t.db, "b6", &to).await.expect("settle");
+        assert_eq!(c.map(|c| c.revision), Some(2));
     }
 
     #[tokio::test]

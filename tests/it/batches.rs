@@ -814,3 +814,69 @@ async fn a_failing_callback_holds_the_completion_and_a_refusing_one_does_not() {
     );
     assert_eq!(scalar(&test_db.db, &outbox).await, 1, "and is final");
 }
+
+/// The worker that committed a batch's last member died before it settled the
+/// batch: the counters are complete, the batch row still open, no completion in
+/// the outbox. That state is made from a real completion (its row set back, its
+/// outbox row deleted); the running worker's sweep settles the batch and
+/// publishes the completion.
+async fn a_batch_left_unsettled_is_settled_by_a_sweep(backend: Backend) {
+    let (test_db, client, requests, replies) = bank_env(backend, ACCOUNTS).await;
+    let worker = RunningWorker::start(
+        Worker::builder(config(&test_db.url, &requests, &replies, 4))
+            .handler("noop", bank::Noop)
+            .database(test_db.db.clone()),
+    )
+    .await;
+    let mut collector = Collector::start(&client, &replies).await;
+    let batch = unique("unsettled");
+    let members: Vec<Request> = (0..2)
+        .map(|i| {
+            Request::json("noop", json!({}))
+                .id(&unique("m"))
+                .correlation(&format!("u-{i}"))
+                .reply_to(&replies)
+                .batch(&batch, 2)
+        })
+        .collect();
+    client.publish_all(&requests, &members).await;
+    collector.wait_for(3).await;
+    exec(
+        &test_db.db,
+        &format!(
+            "UPDATE txq_batches SET revision = 0, completed_at_ms = NULL, ok = 0 WHERE batch_id = '{batch}'"
+        ),
+    )
+    .await;
+    exec(
+        &test_db.db,
+        &format!("DELETE FROM txq_batch_completions WHERE batch_id = '{batch}'"),
+    )
+    .await;
+    collector.wait_for(4).await;
+    worker.stop().await.expect("clean stop");
+    let got = collector.stop();
+    let all = completions(&got);
+    assert_eq!(all.len(), 2, "{all:?}");
+    assert_eq!(counts(&all[1]), (1, 2, 0, 0), "{}", all[1]);
+    let row = txq::db::batch::status(&test_db.db, &batch)
+        .await
+        .expect("status")
+        .expect("the batch");
+    assert_eq!((row.revision, row.ok), (1, 2));
+}
+
+#[tokio::test]
+async fn a_batch_left_unsettled_is_settled_by_a_sweep_on_sqlite() {
+    a_batch_left_unsettled_is_settled_by_a_sweep(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn a_batch_left_unsettled_is_settled_by_a_sweep_on_mariadb() {
+    a_batch_left_unsettled_is_settled_by_a_sweep(Backend::MySql).await;
+}
+
+#[tokio::test]
+async fn a_batch_left_unsettled_is_settled_by_a_sweep_on_postgres() {
+    a_batch_left_unsettled_is_settled_by_a_sweep(Backend::Postgres).await;
+}
