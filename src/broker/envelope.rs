@@ -132,11 +132,13 @@ fn batch_tag(table: &FieldTable) -> Option<Result<crate::db::batch::BatchTag, St
     let check = || {
         let id =
             id.ok_or_else(|| format!("{} without {}", headers::BATCH_SIZE, headers::BATCH_ID))?;
+        // No NUL: PostgreSQL's text types refuse it, and every attempt to count
+        // the member would fail the same way.
         let id = header_text(id)
-            .filter(|id| !id.is_empty() && id.len() <= MAX_BATCH_ID_BYTES)
+            .filter(|id| !id.is_empty() && id.len() <= MAX_BATCH_ID_BYTES && !id.contains('\0'))
             .ok_or_else(|| {
                 format!(
-                    "{} must be a text of 1 to {MAX_BATCH_ID_BYTES} bytes",
+                    "{} must be a text of 1 to {MAX_BATCH_ID_BYTES} bytes, without NUL",
                     headers::BATCH_ID
                 )
             })?;

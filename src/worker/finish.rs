@@ -122,7 +122,13 @@ async fn count_final(
             events::batch_member_refused(&member.tag.id, &reason);
             Ok(None)
         }
-        Err(BatchError::Db(e)) => Err(e),
+        // Only what may pass is worth the request coming back for; another error
+        // would come back every time.
+        Err(BatchError::Db(e)) if ctx.db.transient_reason(&e).is_some() => Err(e),
+        Err(BatchError::Db(e)) => {
+            events::batch_member_refused(&member.tag.id, &format!("database: {e}"));
+            Ok(None)
+        }
     }
 }
 

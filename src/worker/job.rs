@@ -189,6 +189,12 @@ fn prepare<'a>(
                 "a batch member needs a message_id: it is what counts it once".into(),
             ));
         }
+        (Some(Ok(_)), Some(id)) if id.contains('\0') => {
+            return Err(failed(
+                FailureKind::InvalidBatch,
+                "a batch member's message_id must not contain NUL: it is stored as text".into(),
+            ));
+        }
         _ => {}
     }
     let Some(job_type) = env.job_type.as_deref() else {
