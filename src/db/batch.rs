@@ -366,7 +366,8 @@ fn live_select(backend: Backend, filter: &str) -> String {
         "SELECT {id}, b.size, {}, {}, {}, b.revision, b.opened_at_ms, b.completed_at_ms, b.reply_to
          FROM txq_batches b LEFT JOIN txq_batch_counts c ON c.batch_id = b.batch_id
          {filter}
-         GROUP BY b.batch_id, b.size, b.revision, b.opened_at_ms, b.completed_at_ms, b.reply_to",
+         GROUP BY b.batch_id, b.size, b.ok, b.rejected, b.failed, b.revision, b.opened_at_ms,
+           b.completed_at_ms, b.reply_to",
         sum("ok"),
         sum("rejected"),
         sum("failed"),
@@ -675,11 +676,27 @@ pub(crate) async fn claim_callback(
         "UPDATE txq_batch_completions SET callback_at_ms = ?
          WHERE batch_id = ? AND revision = ? AND callback_at_ms IS NULL",
     );
+    // Older revisions whose callback has not run are superseded: run after this
+    // one, they would leave the older counts behind.
+    let older = sql(
+        tx.backend(),
+        "UPDATE txq_batch_completions SET callback_at_ms = ?
+         WHERE batch_id = ? AND revision < ? AND callback_at_ms IS NULL",
+        "UPDATE txq_batch_completions SET callback_at_ms = $1
+         WHERE batch_id = $2 AND revision < $3 AND callback_at_ms IS NULL",
+        "UPDATE txq_batch_completions SET callback_at_ms = ?
+         WHERE batch_id = ? AND revision < ? AND callback_at_ms IS NULL",
+    );
     let now = super::now_ms();
     let claimed = with_conn!(tx, c => {
         sqlx::query(q).bind(now).bind(batch_id).bind(revision).execute(&mut *c).await?
             .rows_affected()
     });
+    if claimed == 1 {
+        with_conn!(tx, c => {
+            sqlx::query(older).bind(now).bind(batch_id).bind(revision).execute(&mut *c).await?;
+        });
+    }
     Ok(claimed == 1)
 }
 
@@ -980,6 +997,36 @@ mod tests {
         );
         let c = settle(&t.db, "b6", &to).await.expect("settle");
         assert_eq!(c.map(|c| c.revision), Some(2));
+    }
+
+    #[tokio::test]
+    async fn a_newer_revision_s_callback_supersedes_an_older_one_not_yet_run() {
+        let t = temp_db().await;
+        let b = tag("b7", Some(1));
+        let to = Destinations::default();
+        let member = Member {
+            tag: &b,
+            message_id: "m1",
+            reply_to: None,
+        };
+        for answer in [Final::Failed, Final::Ok] {
+            assert!(matches!(
+                count_alone(&t.db, member, answer, &to)
+                    .await
+                    .expect("count"),
+                Count::Completed(_)
+            ));
+        }
+        // Revision 1's callback failed and waits for the sweep; revision 2's runs.
+        let mut tx = t.db.begin(None).await.expect("begin");
+        assert!(claim_callback(&mut tx, "b7", 2).await.expect("claim 2"));
+        tx.commit().await.expect("commit");
+        let mut tx = t.db.begin(None).await.expect("begin");
+        assert!(
+            !claim_callback(&mut tx, "b7", 1).await.expect("claim 1"),
+            "superseded: it would leave the older counts behind"
+        );
+        assert!(!claim_callback(&mut tx, "b7", 2).await.expect("again"));
     }
 
     #[tokio::test]
