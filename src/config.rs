@@ -493,14 +493,13 @@ impl Config {
         if self.queue.starts_with("amq.") {
             return Err(invalid("queue", "must not start with `amq.` (reserved)"));
         }
-        if self.reply_queue.len() > 255 {
-            return Err(invalid("reply_queue", "must be at most 255 bytes long"));
-        }
-        if self.batch_completion_queue.len() > 255 {
-            return Err(invalid(
-                "batch_completion_queue",
-                "must be at most 255 bytes long",
-            ));
+        for (name, queue) in [
+            ("reply_queue", &self.reply_queue),
+            ("batch_completion_queue", &self.batch_completion_queue),
+        ] {
+            if queue.len() > 255 {
+                return Err(invalid(name, "must be at most 255 bytes long"));
+            }
         }
         if self.retry.max_attempts.get() > 1 && self.retry.delays.is_empty() {
             return Err(invalid(

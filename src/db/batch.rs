@@ -76,10 +76,10 @@ impl Final {
 /// Where completions go when the batch itself does not say: a configured
 /// `batch_completion_queue` wins over the members' `reply_to`, and the default
 /// reply queue comes last.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct Destinations {
-    pub(crate) completion_queue: Option<String>,
-    pub(crate) reply_queue: Option<String>,
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Destinations<'a> {
+    pub(crate) completion_queue: Option<&'a str>,
+    pub(crate) reply_queue: Option<&'a str>,
 }
 
 /// A member's batch headers and identity, for [`count`].
@@ -97,10 +97,11 @@ pub(crate) struct Member<'a> {
 pub(crate) enum Count {
     /// The member had been counted with this answer already.
     Unchanged,
-    /// Counted; the batch is not complete.
+    /// Counted: [`count`]'s caller settles the batch after COMMIT;
+    /// [`count_alone`] says this when the settle wrote no revision.
     Added,
-    /// Counted, and this member completed the batch (or, the batch being complete,
-    /// changed its counts): publish this after COMMIT.
+    /// From [`count_alone`]: counted, and the settle after it wrote this revision
+    /// (the batch completed, or its counts changed since): publish it.
     Completed(Completion),
 }
 
@@ -301,6 +302,8 @@ async fn move_member(
     Ok(Some(delta))
 }
 
+/// A batch row as `live_select` reads it: the live counts in place, then the
+/// counts its last completion recorded.
 type Row = (
     String,
     i64,
@@ -311,22 +314,9 @@ type Row = (
     i64,
     Option<i64>,
     Option<String>,
-);
-
-/// The counts a batch's last completion recorded, then its live row's columns.
-type Recorded = (
     i64,
     i64,
     i64,
-    String,
-    i64,
-    i64,
-    i64,
-    i64,
-    i64,
-    i64,
-    Option<i64>,
-    Option<String>,
 );
 
 /// An outbox row: batch, revision, destination, body, due time.
@@ -346,6 +336,13 @@ fn from_row(r: Row) -> BatchStatus {
     }
 }
 
+/// Whether a settle would write a revision for `r`: every member answered, and
+/// counts other than the last completion's (or none yet).
+fn completes(r: &Row) -> bool {
+    let (live, recorded) = ((r.2, r.3, r.4), (r.9, r.10, r.11));
+    live.0 + live.1 + live.2 >= r.1 && (r.5 == 0 || live != recorded)
+}
+
 /// How many counter rows a batch has: members add to one picked at random, so
 /// that concurrent members of one batch seldom wait for each other's COMMIT.
 const SHARDS: u32 = 32;
@@ -363,7 +360,8 @@ fn live_select(backend: Backend, filter: &str) -> String {
     };
     let sum = |col: &str| sum.replace("{0}", col);
     format!(
-        "SELECT {id}, b.size, {}, {}, {}, b.revision, b.opened_at_ms, b.completed_at_ms, b.reply_to
+        "SELECT {id}, b.size, {}, {}, {}, b.revision, b.opened_at_ms, b.completed_at_ms, b.reply_to,
+           b.ok, b.rejected, b.failed
          FROM txq_batches b LEFT JOIN txq_batch_counts c ON c.batch_id = b.batch_id
          {filter}
          GROUP BY b.batch_id, b.size, b.ok, b.rejected, b.failed, b.revision, b.opened_at_ms,
@@ -374,16 +372,29 @@ fn live_select(backend: Backend, filter: &str) -> String {
     )
 }
 
-/// The batch as it stands, live counts included, read on `$exec` (a connection
-/// or pool of any backend).
+/// `live_select` of one batch, per backend: built once, read after every
+/// member's COMMIT.
+fn live_by_id(backend: Backend) -> &'static str {
+    static QUERIES: std::sync::LazyLock<[String; 3]> = std::sync::LazyLock::new(|| {
+        [Backend::MySql, Backend::Postgres, Backend::Sqlite]
+            .map(|b| live_select(b, &format!("WHERE b.batch_id = {}", ph(b, 1))))
+    });
+    let i = match backend {
+        Backend::MySql => 0,
+        Backend::Postgres => 1,
+        Backend::Sqlite => 2,
+    };
+    &QUERIES[i]
+}
+
+/// The batch's [`Row`], read on `$exec` (a connection or pool of any backend).
 macro_rules! read_live {
     ($backend:expr, $exec:expr, $id:expr) => {{
-        let q = live_select($backend, &format!("WHERE b.batch_id = {}", ph($backend, 1)));
-        let row: Option<Row> = sqlx::query_as(sqlx::AssertSqlSafe(q))
+        let row: Option<Row> = sqlx::query_as(live_by_id($backend))
             .bind($id)
             .fetch_optional($exec)
             .await?;
-        row.map(from_row)
+        row
     }};
 }
 
@@ -492,74 +503,34 @@ async fn add(tx: &mut Tx, id: &str, [ok, rejected, failed]: [i64; 3]) -> Result<
 pub(crate) async fn settle(
     db: &Db,
     batch_id: &str,
-    to: &Destinations,
+    to: Destinations<'_>,
 ) -> Result<Option<Completion>, sqlx::Error> {
     let backend = db.backend();
     // Most members are not the last: one read, and no lock.
-    let q = live_select(backend, &format!("WHERE b.batch_id = {}", ph(backend, 1)))
-        .replace("SELECT ", "SELECT b.ok, b.rejected, b.failed, ");
-    let quick: Option<Recorded> = crate::on_pool!(db, p => {
-        sqlx::query_as(sqlx::AssertSqlSafe(q)).bind(batch_id).fetch_optional(p).await?
-    });
-    let Some((
-        ok,
-        rejected,
-        failed,
-        id,
-        size,
-        live_ok,
-        live_rej,
-        live_failed,
-        revision,
-        opened,
-        completed,
-        reply_to,
-    )) = quick
-    else {
-        return Ok(None);
-    };
-    let live = from_row((
-        id,
-        size,
-        live_ok,
-        live_rej,
-        live_failed,
-        revision,
-        opened,
-        completed,
-        reply_to,
-    ));
-    if !completes(&live, Some((ok, rejected, failed, revision))) {
+    let row = crate::on_pool!(db, p => read_live!(backend, p, batch_id));
+    if !row.as_ref().is_some_and(completes) {
         return Ok(None);
     }
     let mut tx = db.begin(None).await?;
     let lock = sql(
         backend,
-        "SELECT ok, rejected, failed, revision FROM txq_batches WHERE batch_id = ? FOR UPDATE",
-        "SELECT ok, rejected, failed, revision FROM txq_batches WHERE batch_id = $1 FOR UPDATE",
+        "SELECT revision FROM txq_batches WHERE batch_id = ? FOR UPDATE",
+        "SELECT revision FROM txq_batches WHERE batch_id = $1 FOR UPDATE",
         // SQLite: txq's transactions hold the database's write lock from BEGIN.
-        "SELECT ok, rejected, failed, revision FROM txq_batches WHERE batch_id = ?",
+        "SELECT revision FROM txq_batches WHERE batch_id = ?",
     );
-    let recorded: Option<(i64, i64, i64, i64)> = with_conn!(tx, c => {
-        sqlx::query_as(lock).bind(batch_id).fetch_optional(&mut *c).await?
+    with_conn!(tx, c => {
+        sqlx::query(lock).bind(batch_id).fetch_optional(&mut *c).await?;
     });
-    let live = with_conn!(tx, c => read_live!(backend, &mut *c, batch_id));
-    let Some(live) = live.filter(|l| completes(l, recorded)) else {
+    // Read again under the lock (on MySQL, this read's snapshot starts after
+    // it): a settle that got there first has recorded these counts.
+    let row = with_conn!(tx, c => read_live!(backend, &mut *c, batch_id));
+    let Some(row) = row.filter(completes) else {
         return Ok(None);
     };
-    let completion = complete(&mut tx, live, to).await?;
+    let completion = complete(&mut tx, from_row(row), to).await?;
     tx.commit().await?;
     Ok(Some(completion))
-}
-
-/// Whether `live` makes a completion: every member answered, and counts other
-/// than the last completion's (or none yet).
-fn completes(live: &BatchStatus, recorded: Option<(i64, i64, i64, i64)>) -> bool {
-    let Some((ok, rejected, failed, revision)) = recorded else {
-        return false;
-    };
-    live.done() >= live.size
-        && (revision == 0 || (live.ok, live.rejected, live.failed) != (ok, rejected, failed))
 }
 
 /// Batches that a settle would complete or revise, among those still open or
@@ -594,15 +565,15 @@ pub(crate) async fn unsettled(db: &Db, since: i64, limit: i64) -> Result<Vec<Str
 async fn complete(
     tx: &mut Tx,
     mut batch: BatchStatus,
-    to: &Destinations,
+    to: Destinations<'_>,
 ) -> Result<Completion, sqlx::Error> {
     batch.revision += 1;
     batch.completed_at_ms = Some(super::now_ms());
     let destination = to
         .completion_queue
-        .clone()
+        .map(str::to_owned)
         .or_else(|| batch.reply_to.clone())
-        .or_else(|| to.reply_queue.clone());
+        .or_else(|| to.reply_queue.map(str::to_owned));
     let body = batch.to_json().to_string().into_bytes();
     let (mark, outbox) = match tx.backend() {
         Backend::Postgres => (
@@ -644,7 +615,7 @@ pub(crate) async fn count_alone(
     db: &Db,
     member: Member<'_>,
     answer: Final,
-    to: &Destinations,
+    to: Destinations<'_>,
 ) -> Result<Count, BatchError> {
     let mut tx = db.begin(None).await?;
     let counted = count(&mut tx, member, answer).await?;
@@ -773,7 +744,8 @@ pub(crate) async fn due_completions(
 /// counted.
 pub async fn status(db: &Db, batch_id: &str) -> Result<Option<BatchStatus>, sqlx::Error> {
     let backend = db.backend();
-    Ok(crate::on_pool!(db, p => read_live!(backend, p, batch_id)))
+    let row = crate::on_pool!(db, p => read_live!(backend, p, batch_id));
+    Ok(row.map(from_row))
 }
 
 /// Batches, newest first: the open ones only with `open_only`; at most `limit`.
@@ -824,7 +796,7 @@ mod tests {
             message_id,
             reply_to: Some("replies"),
         };
-        count_alone(db, member, answer, &Destinations::default()).await
+        count_alone(db, member, answer, Destinations::default()).await
     }
 
     #[tokio::test]
@@ -959,9 +931,9 @@ mod tests {
         let found = unsettled(&t.db, before, 10).await.expect("unsettled");
         assert_eq!(found, ["b5"]);
         let to = Destinations::default();
-        let c = settle(&t.db, "b5", &to).await.expect("settle");
+        let c = settle(&t.db, "b5", to).await.expect("settle");
         assert_eq!(c.map(|c| c.revision), Some(1));
-        assert!(settle(&t.db, "b5", &to).await.expect("again").is_none());
+        assert!(settle(&t.db, "b5", to).await.expect("again").is_none());
         let s = status(&t.db, "b5").await.expect("status").expect("a row");
         assert_eq!((s.ok, s.revision), (1, 1));
         assert!(
@@ -980,7 +952,7 @@ mod tests {
             reply_to: None,
         };
         assert!(matches!(
-            count_alone(&t.db, failed, Final::Failed, &to)
+            count_alone(&t.db, failed, Final::Failed, to)
                 .await
                 .expect("m1"),
             Count::Completed(_)
@@ -995,7 +967,7 @@ mod tests {
             unsettled(&t.db, before, 10).await.expect("unsettled"),
             ["b6"]
         );
-        let c = settle(&t.db, "b6", &to).await.expect("settle");
+        let c = settle(&t.db, "b6", to).await.expect("settle");
         assert_eq!(c.map(|c| c.revision), Some(2));
     }
 
@@ -1011,9 +983,7 @@ mod tests {
         };
         for answer in [Final::Failed, Final::Ok] {
             assert!(matches!(
-                count_alone(&t.db, member, answer, &to)
-                    .await
-                    .expect("count"),
+                count_alone(&t.db, member, answer, to).await.expect("count"),
                 Count::Completed(_)
             ));
         }

@@ -169,7 +169,7 @@ pub(crate) async fn sweep(ctx: Arc<Context>) {
         match batch::unsettled(&ctx.db, since, 1000).await {
             Ok(ids) => {
                 for id in ids {
-                    match batch::settle(&ctx.db, &id, &ctx.batches).await {
+                    match batch::settle(&ctx.db, &id, ctx.batch_destinations()).await {
                         Ok(Some(c)) => publish_completion(&ctx, &c, "sweep").await,
                         Ok(None) => {}
                         Err(e) => {

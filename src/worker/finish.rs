@@ -115,7 +115,7 @@ async fn count_final(
     let Some(member) = super::job::batch_member(env) else {
         return Ok(None);
     };
-    match batch::count_alone(&ctx.db, member, answer, &ctx.batches).await {
+    match batch::count_alone(&ctx.db, member, answer, ctx.batch_destinations()).await {
         Ok(Count::Completed(c)) => Ok(Some(c)),
         Ok(Count::Added | Count::Unchanged) => Ok(None),
         Err(BatchError::Invalid(reason)) => {

@@ -404,7 +404,7 @@ async fn attempt_once(
 /// Settles a batch after a member's COMMIT: the completion it wrote, if this
 /// member made one. A failure here loses nothing: the sweep settles it.
 async fn settle(ctx: &Context, batch_id: &str) -> Option<Completion> {
-    match batch::settle(&ctx.db, batch_id, &ctx.batches).await {
+    match batch::settle(&ctx.db, batch_id, ctx.batch_destinations()).await {
         Ok(completion) => completion,
         Err(e) => {
             tracing::warn!(batch_id, error = %e, "could not settle the batch; a sweep will");

@@ -198,11 +198,6 @@ impl WorkerBuilder {
             max_reply_bytes: config.max_reply_bytes,
             requeue_pause: RequeuePause::default(),
             default_type: config.default_type.clone(),
-            batches: crate::db::batch::Destinations {
-                completion_queue: (!config.batch_completion_queue.is_empty())
-                    .then(|| config.batch_completion_queue.clone()),
-                reply_queue: (!config.reply_queue.is_empty()).then(|| config.reply_queue.clone()),
-            },
         };
         Ok(Worker {
             shared: Arc::new(shared),
@@ -411,10 +406,18 @@ pub(crate) struct Shared {
     pub(crate) max_reply_bytes: usize,
     pub(crate) requeue_pause: RequeuePause,
     pub(crate) default_type: Option<String>,
-    /// Where batch completions go.
-    pub(crate) batches: crate::db::batch::Destinations,
     /// The timeout of the batch callback's transaction.
     pub(crate) batch_callback_timeout: Duration,
+}
+
+impl Shared {
+    /// Where batch completions go, from the topology's queues.
+    pub(crate) fn batch_destinations(&self) -> crate::db::batch::Destinations<'_> {
+        crate::db::batch::Destinations {
+            completion_queue: self.topology.batch_completion_queue.as_deref(),
+            reply_queue: self.topology.reply_queue.as_deref(),
+        }
+    }
 }
 
 /// The `retry` settings a job reads, as plain numbers (the config's types have
