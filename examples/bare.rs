@@ -5,7 +5,10 @@
 //! confirm, ack.
 //!
 //! `--mode broker` drops the database: consume, confirmed reply, ack (the
-//! broker-only limit).
+//! broker-only limit). `--mode inbox` adds the one statement txq's inbox costs a
+//! first delivery (its row, written last before COMMIT): the hand-written loop
+//! that pays for deduplication as txq does, so the two can be compared like for
+//! like.
 
 #[path = "bank/handlers.rs"]
 mod handlers;
@@ -33,20 +36,25 @@ struct Args {
     queue: String,
     #[arg(long, default_value_t = 16)]
     concurrency: usize,
-    /// `full` (database + broker) or `broker` (no database)
-    #[arg(long, default_value = "full")]
+    /// `full` (database + broker), `inbox` (full plus an inbox row a job) or
+    /// `broker` (no database)
+    #[arg(long, default_value = "full", value_parser = ["full", "inbox", "broker"])]
     mode: String,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let db = if args.mode == "full" {
+    let db = if args.mode != "broker" {
         let options = txq::db::PoolOptions {
             max_connections: args.concurrency as u32,
             ..Default::default()
         };
-        Some(Db::connect(&args.database_url, &options).await?)
+        let db = Db::connect(&args.database_url, &options).await?;
+        if args.mode == "inbox" {
+            txq::db::migrate(&db).await?;
+        }
+        Some(db)
     } else {
         None
     };
@@ -80,9 +88,11 @@ async fn main() -> anyhow::Result<()> {
         };
         let db = db.clone();
         let publish = publish.clone();
+        let inbox = args.mode == "inbox";
         tokio::spawn(async move {
+            let id = delivery.properties.message_id().as_ref().map(|s| s.as_str());
             let reply = match &db {
-                Some(db) => transfer(db, &delivery.data).await,
+                Some(db) => transfer(db, &delivery.data, id.filter(|_| inbox)).await,
                 None => Ok(br#"{"status":"ok","result":null}"#.to_vec()),
             };
             let Ok(reply) = reply else {
@@ -131,7 +141,7 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn transfer(db: &Db, body: &[u8]) -> anyhow::Result<Vec<u8>> {
+async fn transfer(db: &Db, body: &[u8], inbox: Option<&str>) -> anyhow::Result<Vec<u8>> {
     let meta = JobMeta::default();
     let mut tx = db.begin(None).await?;
     let reply = match serde_json::from_slice::<handlers::TransferRequest>(body) {
@@ -152,6 +162,34 @@ async fn transfer(db: &Db, body: &[u8]) -> anyhow::Result<Vec<u8>> {
             br#"{"status":"ok","result":null}"#.to_vec()
         }
     };
+    if let Some(id) = inbox {
+        record(&mut tx, id, &reply).await?;
+    }
     tx.commit().await?;
     Ok(reply)
+}
+
+/// The inbox row, as txq writes it for a first delivery.
+async fn record(tx: &mut txq::Tx, message_id: &str, reply: &[u8]) -> anyhow::Result<()> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as i64;
+    let q = match tx.backend() {
+        txq::Backend::Postgres => {
+            "INSERT INTO txq_inbox (message_id, job_type, status, reply, attempts, created_at_ms)
+             VALUES ($1, 'transfer', 'ok', $2, 1, $3) ON CONFLICT (message_id) DO NOTHING"
+        }
+        txq::Backend::MySql => {
+            "INSERT IGNORE INTO txq_inbox (message_id, job_type, status, reply, attempts, created_at_ms)
+             VALUES (?, 'transfer', 'ok', ?, 1, ?)"
+        }
+        txq::Backend::Sqlite => {
+            "INSERT INTO txq_inbox (message_id, job_type, status, reply, attempts, created_at_ms)
+             VALUES (?, 'transfer', 'ok', ?, 1, ?) ON CONFLICT (message_id) DO NOTHING"
+        }
+    };
+    txq::with_conn!(tx, c => {
+        txq::sqlx::query(q).bind(message_id).bind(reply).bind(now).execute(c).await?;
+    });
+    Ok(())
 }

@@ -530,7 +530,7 @@ fn spawn_worker(
             c.args(["run", "--ops", "examples/bank/ops.toml"]);
             c
         }
-        "bare" | "broker" => {
+        "bare" | "bare-inbox" | "broker" => {
             let mut c = tokio::process::Command::new(sibling("bare")?);
             c.args([
                 "--amqp-url",
@@ -541,7 +541,14 @@ fn spawn_worker(
                 queue,
             ]);
             c.args(["--concurrency", &args.concurrency.to_string()]);
-            c.args(["--mode", if variant == "bare" { "full" } else { "broker" }]);
+            c.args([
+                "--mode",
+                match variant {
+                    "bare" => "full",
+                    "bare-inbox" => "inbox",
+                    _ => "broker",
+                },
+            ]);
             c
         }
         other => bail!("unknown variant {other}"),
