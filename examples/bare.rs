@@ -90,7 +90,11 @@ async fn main() -> anyhow::Result<()> {
         let publish = publish.clone();
         let inbox = args.mode == "inbox";
         tokio::spawn(async move {
-            let id = delivery.properties.message_id().as_ref().map(|s| s.as_str());
+            let id = delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|s| s.as_str());
             let reply = match &db {
                 Some(db) => transfer(db, &delivery.data, id.filter(|_| inbox)).await,
                 None => Ok(br#"{"status":"ok","result":null}"#.to_vec()),
