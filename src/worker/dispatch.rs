@@ -535,6 +535,8 @@ async fn process(
 ) {
     let started = std::time::Instant::now();
     crate::events::job_started();
+    // Uncounted when this task ends, however it ends.
+    let _in_flight = ctx.health.job_started();
     let mut env =
         Envelope::from_properties(&delivery.properties, ctx.shared.default_type.as_deref());
     #[cfg_attr(not(feature = "otlp"), allow(unused_mut))]
@@ -575,5 +577,6 @@ async fn process(
     .instrument(span.clone())
     .await;
     span.in_scope(|| crate::events::job_settled(label, settled, started.elapsed()));
+    ctx.health.count_outcome(settled);
     drop(permit);
 }
