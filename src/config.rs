@@ -101,6 +101,11 @@ pub struct Config {
     /// acked by then closes the channel. Only used to warn when jobs may take longer.
     #[serde(with = "humantime_serde")]
     pub consumer_timeout: Duration,
+    /// How often the worker writes its row in `txq_workers` (and its outcomes by
+    /// minute), which `txq workers` and the console read. Default 5s; at most 5s,
+    /// since a worker is judged gone after 15 s without one; at least 100ms.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: Duration,
     /// Retries: in-process for transient database errors, then delayed through
     /// TTL queues in the broker.
     pub retry: RetryConfig,
@@ -141,6 +146,7 @@ impl Default for Config {
             job_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(30),
             consumer_timeout: Duration::from_secs(30 * 60),
+            heartbeat: crate::db::fleet::HEARTBEAT,
             retry: RetryConfig::default(),
             inbox: InboxConfig::default(),
             jobs: BTreeMap::new(),
@@ -560,6 +566,14 @@ impl Config {
                 ));
             }
         }
+        if self.heartbeat < Duration::from_millis(100)
+            || self.heartbeat > crate::db::fleet::HEARTBEAT
+        {
+            return Err(invalid(
+                "heartbeat",
+                "must be between 100ms and 5s (a worker is judged gone after 15 s without one)",
+            ));
+        }
         if self.db_acquire_timeout < Duration::from_millis(10) {
             return Err(invalid(
                 "db_acquire_timeout",
@@ -920,6 +934,15 @@ mod tests {
             },
             "db_acquire_timeout",
         );
+        for heartbeat in [Duration::from_millis(99), Duration::from_millis(5001)] {
+            refused(
+                Config {
+                    heartbeat,
+                    ..Config::default()
+                },
+                "heartbeat",
+            );
+        }
         refused(
             Config {
                 job_timeout: Duration::from_secs(25 * 24 * 3600),
@@ -1109,6 +1132,7 @@ mod tests {
         assert_eq!(config.retry.in_process_attempts.get(), 3);
         assert_eq!(config.retry.max_attempts.get(), 5);
         assert_eq!(config.metrics_addr, "127.0.0.1:9464".parse().ok());
+        assert_eq!(config.heartbeat, Duration::from_secs(5));
         config.validate().expect("the defaults are valid");
     }
 

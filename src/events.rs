@@ -134,6 +134,10 @@ pub fn describe() {
         "txq_batch_completions_published_total",
         "Batch completion messages published, by route (live, sweep)"
     );
+    describe_counter!(
+        "txq_heartbeat_failures_total",
+        "Heartbeats (the worker's row in txq_workers) not written; consuming goes on"
+    );
 }
 
 /// Buckets of `txq_batch_duration_seconds`: a batch takes from a second to a day.
@@ -223,6 +227,7 @@ pub(crate) fn started<'a>(concurrency: usize, job_types: impl Iterator<Item = &'
         "txq_publishes_refused_total",
         "txq_unparsable_frames_total",
         "txq_broker_reconnects_total",
+        "txq_heartbeat_failures_total",
     ] {
         counter!(name).absolute(0);
     }
@@ -374,6 +379,13 @@ pub(crate) fn connecting(error: &dyn std::fmt::Display, attempt: u32, of: u32, d
 pub(crate) fn reconnecting(error: &dyn std::fmt::Display, delay: Duration) {
     warn!(error = %error, ?delay, "broker connection lost; reconnecting");
     counter!("txq_broker_reconnects_total").increment(1);
+}
+
+/// The worker's heartbeat (or its prune, or its deregistration at stop) failed:
+/// consuming goes on, and the next beat tries again.
+pub(crate) fn heartbeat_failed(error: &dyn std::fmt::Display) {
+    warn!(error = %error, "the heartbeat was not written (txq_workers); consuming goes on, the next beat tries again");
+    counter!("txq_heartbeat_failures_total").increment(1);
 }
 
 /// The pool's connections right now; called at each scrape.

@@ -179,6 +179,83 @@ const MIGRATIONS: &[Migration] = &[
             ON txq_batch_completions (published_at_ms, due_at_ms)",
         ],
     },
+    Migration {
+        version: 3,
+        name: "fleet",
+        // One row a running worker, upserted by its heartbeat and deleted at a
+        // clean stop; one a worker and minute with outcomes (`db::fleet`).
+        mysql: &[
+            "CREATE TABLE IF NOT EXISTS txq_workers (
+            id VARCHAR(64) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL PRIMARY KEY,
+            host VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
+            pid BIGINT NOT NULL,
+            version VARCHAR(64) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
+            queue VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
+            concurrency BIGINT NOT NULL,
+            started_at_ms BIGINT NOT NULL,
+            last_seen_ms BIGINT NOT NULL,
+            in_flight BIGINT NOT NULL,
+            settled BIGINT NOT NULL,
+            reconnects BIGINT NOT NULL,
+            INDEX txq_workers_last_seen (last_seen_ms)
+        ) ENGINE=InnoDB",
+            "CREATE TABLE IF NOT EXISTS txq_throughput (
+            minute_ms BIGINT NOT NULL,
+            worker_id VARCHAR(64) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
+            ok BIGINT NOT NULL,
+            rejected BIGINT NOT NULL,
+            dead_lettered BIGINT NOT NULL,
+            retried BIGINT NOT NULL,
+            PRIMARY KEY (minute_ms, worker_id)
+        ) ENGINE=InnoDB",
+        ],
+        postgres: &[
+            "CREATE TABLE IF NOT EXISTS txq_workers (
+            id VARCHAR(64) NOT NULL PRIMARY KEY,
+            host VARCHAR(255) NOT NULL,
+            pid BIGINT NOT NULL,
+            version VARCHAR(64) NOT NULL,
+            queue VARCHAR(255) NOT NULL,
+            concurrency BIGINT NOT NULL,
+            started_at_ms BIGINT NOT NULL,
+            last_seen_ms BIGINT NOT NULL,
+            in_flight BIGINT NOT NULL,
+            settled BIGINT NOT NULL,
+            reconnects BIGINT NOT NULL)",
+            "CREATE INDEX IF NOT EXISTS txq_workers_last_seen ON txq_workers (last_seen_ms)",
+            "CREATE TABLE IF NOT EXISTS txq_throughput (
+            minute_ms BIGINT NOT NULL,
+            worker_id VARCHAR(64) NOT NULL,
+            ok BIGINT NOT NULL,
+            rejected BIGINT NOT NULL,
+            dead_lettered BIGINT NOT NULL,
+            retried BIGINT NOT NULL,
+            PRIMARY KEY (minute_ms, worker_id))",
+        ],
+        sqlite: &[
+            "CREATE TABLE IF NOT EXISTS txq_workers (
+            id TEXT NOT NULL PRIMARY KEY,
+            host TEXT NOT NULL,
+            pid INTEGER NOT NULL,
+            version TEXT NOT NULL,
+            queue TEXT NOT NULL,
+            concurrency INTEGER NOT NULL,
+            started_at_ms INTEGER NOT NULL,
+            last_seen_ms INTEGER NOT NULL,
+            in_flight INTEGER NOT NULL,
+            settled INTEGER NOT NULL,
+            reconnects INTEGER NOT NULL)",
+            "CREATE INDEX IF NOT EXISTS txq_workers_last_seen ON txq_workers (last_seen_ms)",
+            "CREATE TABLE IF NOT EXISTS txq_throughput (
+            minute_ms INTEGER NOT NULL,
+            worker_id TEXT NOT NULL,
+            ok INTEGER NOT NULL,
+            rejected INTEGER NOT NULL,
+            dead_lettered INTEGER NOT NULL,
+            retried INTEGER NOT NULL,
+            PRIMARY KEY (minute_ms, worker_id))",
+        ],
+    },
 ];
 
 /// sqlx's ledger, under a name of txq's own: the application's own migrations may
@@ -296,13 +373,13 @@ mod tests {
     #[tokio::test]
     async fn each_migration_is_applied_once_and_recorded_in_txq_s_ledger() {
         let t = empty_temp_db().await;
-        assert_eq!(migrate(&t.db).await.expect("first"), vec![1, 2]);
+        assert_eq!(migrate(&t.db).await.expect("first"), vec![1, 2, 3]);
         assert_eq!(migrate(&t.db).await.expect("second"), Vec::<i64>::new());
         let recorded: Vec<i64> = crate::on_pool!(&t.db, p => {
             sqlx::query_scalar("SELECT version FROM txq_schema_migrations")
                 .fetch_all(p).await.expect("ledger")
         });
-        assert_eq!(recorded, vec![1, 2]);
+        assert_eq!(recorded, vec![1, 2, 3]);
     }
 
     #[tokio::test]
@@ -315,7 +392,7 @@ mod tests {
             sqlx::query("INSERT INTO txq_inbox VALUES ('m', 't', 'ok', NULL, 1, 0)")
                 .execute(p).await.expect("a row");
         });
-        assert_eq!(migrate(&t.db).await.expect("migrate"), vec![1, 2]);
+        assert_eq!(migrate(&t.db).await.expect("migrate"), vec![1, 2, 3]);
         let rows: i64 = crate::on_pool!(&t.db, p => {
             sqlx::query_scalar("SELECT COUNT(*) FROM txq_inbox").fetch_one(p).await.expect("count")
         });

@@ -20,6 +20,7 @@ macro_rules! on_pool {
 
 pub mod batch;
 mod dialect;
+pub mod fleet;
 pub mod inbox;
 mod migrate;
 mod tx;

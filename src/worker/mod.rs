@@ -7,6 +7,7 @@ mod batches;
 mod decide;
 mod dispatch;
 mod finish;
+mod heartbeat;
 mod job;
 mod outcome;
 
@@ -177,6 +178,7 @@ impl WorkerBuilder {
             prefetch: config.prefetch().get(),
             concurrency: usize::from(config.concurrency.get()),
             shutdown_grace: config.shutdown_grace,
+            heartbeat: config.heartbeat,
             connect_attempts: config.connect_attempts.get(),
             health: Health::default(),
             db,
@@ -332,7 +334,8 @@ impl Worker {
     /// [`signals::shutdown_signal`](crate::signals::shutdown_signal)), reconnecting
     /// whenever the broker connection is lost. Then it stops consuming, gives jobs in
     /// flight `shutdown_grace` to finish, rolls back and requeues the rest, and
-    /// closes the connection.
+    /// closes the connection. Meanwhile it keeps its row in `txq_workers` (every
+    /// `heartbeat`, `txq workers`), deleted once it has stopped.
     pub async fn run(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -352,7 +355,10 @@ impl Worker {
                 stop.clone(),
             ))
         });
+        // Registers at once, beats through the drain, deregisters after it.
+        let heartbeat = heartbeat::Heartbeat::spawn(&self.shared);
         let result = dispatch::run(self.shared, stop).await;
+        heartbeat.finish().await;
         if let Some(p) = pruner {
             p.abort();
         }
@@ -394,6 +400,8 @@ pub(crate) struct Shared {
     prefetch: u16,
     concurrency: usize,
     shutdown_grace: Duration,
+    /// How often the worker's row in `txq_workers` is written.
+    heartbeat: Duration,
     /// Connection attempts at start-up before giving up.
     connect_attempts: u32,
     pub(crate) health: Health,

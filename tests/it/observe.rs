@@ -163,6 +163,7 @@ async fn alerting_series_exist_at_zero_before_the_first_job() {
         "txq_publishes_refused_total",
         "txq_unparsable_frames_total",
         "txq_broker_reconnects_total",
+        "txq_heartbeat_failures_total",
         "txq_batch_completions_total{kind=\"first\"}",
         "txq_batch_completions_total{kind=\"revised\"}",
     ] {
