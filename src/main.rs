@@ -99,6 +99,9 @@ enum Command {
     /// Batches tracked on the server: status, list, wait.
     #[command(subcommand)]
     Batch(txq::tools::batch::BatchCommand),
+    /// The workers that keep a row in the database (their heartbeat), live or gone.
+    #[command(after_long_help = "EXAMPLES:\n  txq workers\n  txq workers --json")]
+    Workers(txq::tools::workers::WorkersArgs),
     /// Publish a file of JSON-lines requests; with --wait, collect the replies.
     #[command(
         after_long_help = "EXAMPLES:\n  txq submit examples/bank/transfers.jsonl --wait\n  \
@@ -145,6 +148,9 @@ impl Command {
             }
             Command::Batch(command) => {
                 all.db = command.db_args().clone();
+            }
+            Command::Workers(args) => {
+                all.db = args.db.clone();
             }
             Command::Ops(_) => {}
         }
@@ -309,13 +315,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     // Their stderr is for their own counts and errors (`--json`: one object).
     let quiet = matches!(
         cli.command,
-        Command::Dlq { .. } | Command::Submit { .. } | Command::Batch(_)
+        Command::Dlq { .. } | Command::Submit { .. } | Command::Batch(_) | Command::Workers(_)
     );
     // Held to the end of the command: dropping it flushes exported spans.
     let _telemetry = txq::telemetry::init_with(config.log_format, &log_filter(&cli, quiet));
     match cli.command {
         Command::Dlq { args, .. } => Ok(txq::tools::dlq::cli::run(&config, args).await),
         Command::Batch(command) => Ok(txq::tools::batch::run(&config, command).await),
+        Command::Workers(args) => Ok(txq::tools::workers::run(&config, args).await),
         Command::Config { json, .. } => {
             let text = if json {
                 serde_json::to_string_pretty(&config).context("encoding the config")?

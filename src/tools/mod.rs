@@ -4,3 +4,4 @@
 pub mod batch;
 pub mod dlq;
 pub mod submit;
+pub mod workers;
