@@ -14,6 +14,7 @@ mod commands;
 mod contract;
 mod dlq;
 mod faults;
+mod fleet;
 mod hardening;
 mod http_port;
 mod observe;
