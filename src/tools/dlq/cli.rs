@@ -130,6 +130,9 @@ pub struct Select {
     /// cannot read)
     #[arg(long)]
     pub unreadable: bool,
+    /// One group of `list --group`: the error's fingerprint, exactly
+    #[arg(long)]
+    pub fingerprint: Option<String>,
     /// At most this many messages
     #[arg(long)]
     pub limit: Option<u64>,
@@ -143,6 +146,7 @@ impl Select {
             grep: self.grep.clone(),
             ids: self.ids.clone(),
             unreadable: self.unreadable,
+            fingerprint: self.fingerprint.clone(),
         }
     }
 }
@@ -275,6 +279,7 @@ async fn run_command(config: &Config, args: DlqArgs) -> Result<u8, DlqError> {
                 to,
                 rate: rate.map(|r| r.per_second()),
                 dry_run,
+                max_scanned: None,
             };
             let report = replay(&target, &options, |event| print_event(json, &event)).await?;
             if json {

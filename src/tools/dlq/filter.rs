@@ -22,6 +22,8 @@ pub struct Filter {
     pub ids: Vec<String>,
     /// Only messages with properties that are not UTF-8.
     pub unreadable: bool,
+    /// The error's [`fingerprint`], exactly: one group of `list --group`.
+    pub fingerprint: Option<String>,
 }
 
 impl Filter {
@@ -38,6 +40,13 @@ impl Filter {
             return false;
         }
         if self.unreadable && !m.is_unreadable() {
+            return false;
+        }
+        if self
+            .fingerprint
+            .as_ref()
+            .is_some_and(|f| &fingerprint(&m.error) != f)
+        {
             return false;
         }
         if !self.ids.is_empty()
@@ -65,6 +74,7 @@ impl Filter {
             && self.grep.is_none()
             && self.ids.is_empty()
             && !self.unreadable
+            && self.fingerprint.is_none()
     }
 }
 
@@ -188,5 +198,31 @@ mod tests {
         );
         assert_eq!(fingerprint("a\n\n  b"), "a b");
         assert!(fingerprint(&"x".repeat(1000)).len() <= MAX_FINGERPRINT);
+    }
+
+    #[test]
+    fn a_fingerprint_filter_selects_one_group() {
+        use lapin::BasicProperties;
+        use lapin::types::{AMQPValue, FieldTable};
+        let dead = |error: &str| {
+            let mut h = FieldTable::default();
+            h.insert(
+                "x-txq-error".into(),
+                AMQPValue::LongString(error.as_bytes().to_vec().into()),
+            );
+            DeadLetter::new(BasicProperties::default().with_headers(h), Vec::new())
+        };
+        let (a1, a2, b) = (
+            dead("no such account 17"),
+            dead("no such account 4"),
+            dead("insufficient funds 4"),
+        );
+        let filter = Filter {
+            fingerprint: Some(fingerprint(&a1.error)),
+            ..Filter::default()
+        };
+        assert!(!filter.is_empty());
+        assert!(filter.matches(&a1) && filter.matches(&a2));
+        assert!(!filter.matches(&b));
     }
 }

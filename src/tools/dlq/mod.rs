@@ -138,12 +138,26 @@ pub async fn inspect(
     target: &Target,
     filter: &Filter,
     limit: Option<u64>,
+    each: impl FnMut(&DeadLetter) -> std::io::Result<()>,
+) -> Result<Counts, DlqError> {
+    inspect_within(target, filter, limit, None, each).await
+}
+
+/// [`inspect`], looking at no more than `max_scanned` messages from the head of
+/// the queue: a bounded sample of a long queue, for a page that must answer fast.
+pub async fn inspect_within(
+    target: &Target,
+    filter: &Filter,
+    limit: Option<u64>,
+    max_scanned: Option<u64>,
     mut each: impl FnMut(&DeadLetter) -> std::io::Result<()>,
 ) -> Result<Counts, DlqError> {
     let mut scan = Scan::open(&target.amqp_url, &target.dlq).await?;
     let mut counts = Counts::new(&scan);
     let result = async {
-        while limit.is_none_or(|l| counts.matched < l) {
+        while limit.is_none_or(|l| counts.matched < l)
+            && max_scanned.is_none_or(|m| counts.scanned < m)
+        {
             let Some(taken) = scan.next().await? else {
                 break;
             };
@@ -194,6 +208,8 @@ pub struct ReplayOptions {
     pub rate: Option<f64>,
     /// Report what would be replayed; change nothing.
     pub dry_run: bool,
+    /// Look at no more than this many messages from the head of the queue.
+    pub max_scanned: Option<u64>,
 }
 
 /// What became of one selected message.
@@ -278,7 +294,11 @@ pub async fn replay(
         i
     });
     let result = async {
-        while options.limit.is_none_or(|l| report.counts.matched < l) {
+        while options.limit.is_none_or(|l| report.counts.matched < l)
+            && options
+                .max_scanned
+                .is_none_or(|m| report.counts.scanned < m)
+        {
             let Some(taken) = scan.next().await? else {
                 break;
             };
