@@ -166,6 +166,38 @@ fn judge(role: Role, topology: &Topology, policy: &Value) -> (Vec<String>, Vec<S
 }
 
 /// `GET` of an API path, as JSON; `None` on 404.
+/// A queue's message rates over the broker's last sampling interval, per second.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct QueueRates {
+    /// Messages published into the queue.
+    pub publish: f64,
+    /// Messages delivered to consumers.
+    pub deliver: f64,
+    /// Messages acked by consumers.
+    pub ack: f64,
+}
+
+/// `queue`'s rates from the management API; `None` when the queue does not exist.
+pub async fn queue_rates(
+    management_url: &SecretUrl,
+    vhost: &str,
+    queue: &str,
+) -> Result<Option<QueueRates>, PolicyError> {
+    let Some(q) = get(management_url, &["api", "queues", vhost, queue]).await? else {
+        return Ok(None);
+    };
+    let rate = |key: &str| {
+        q.pointer(&format!("/message_stats/{key}_details/rate"))
+            .and_then(Value::as_f64)
+            .unwrap_or(0.0)
+    };
+    Ok(Some(QueueRates {
+        publish: rate("publish"),
+        deliver: rate("deliver_get"),
+        ack: rate("ack"),
+    }))
+}
+
 async fn get(management_url: &SecretUrl, segments: &[&str]) -> Result<Option<Value>, PolicyError> {
     let failed = |problem: String| PolicyError::Unreachable {
         url: management_url.to_string(),

@@ -17,7 +17,7 @@ pub use envelope::{
     long_string, reply_properties, with_headers,
 };
 #[cfg(feature = "cli")]
-pub use management::{PolicyError, PolicyReport, check_policies};
+pub use management::{PolicyError, PolicyReport, QueueRates, check_policies, queue_rates};
 pub use publisher::{PublishError, PublishOutcome, Publisher};
 pub use topology::{Topology, declare, queue_arguments, retry_queue_name};
 pub use trace::Trace;

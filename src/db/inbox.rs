@@ -242,6 +242,44 @@ async fn lookup(db: &Db, message_id: &str) -> Result<Option<StoredReply>, sqlx::
     }))
 }
 
+/// One inbox row, as an operator looks it up.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Record {
+    /// The job type it ran as.
+    pub job_type: String,
+    /// `pending` (claimed by a redelivery, not finished), `ok` or `rejected`.
+    pub status: String,
+    /// Deliveries it took.
+    pub attempts: i64,
+    /// When the row was written, Unix milliseconds.
+    pub created_at_ms: i64,
+    /// The stored reply body (absent while pending).
+    pub reply: Option<Vec<u8>>,
+}
+
+/// The inbox row of `message_id`, if any, whatever its status.
+pub async fn find(db: &Db, message_id: &str) -> Result<Option<Record>, sqlx::Error> {
+    let q = sql(
+        db.backend(),
+        "SELECT job_type, status, attempts, created_at_ms, reply FROM txq_inbox WHERE message_id = ?",
+        "SELECT job_type, status, attempts, created_at_ms, reply FROM txq_inbox WHERE message_id = $1",
+        "SELECT job_type, status, attempts, created_at_ms, reply FROM txq_inbox WHERE message_id = ?",
+    );
+    type Row = (String, String, i64, i64, Option<Vec<u8>>);
+    let row: Option<Row> = crate::on_pool!(db, p => {
+        sqlx::query_as(q).bind(message_id).fetch_optional(p).await?
+    });
+    Ok(row.map(
+        |(job_type, status, attempts, created_at_ms, reply)| Record {
+            job_type,
+            status,
+            attempts,
+            created_at_ms,
+            reply,
+        },
+    ))
+}
+
 /// Deletes rows created before `older_than_ms` (Unix milliseconds), in batches so no
 /// single statement locks much; returns how many went.
 pub async fn prune(db: &Db, older_than_ms: i64) -> Result<u64, sqlx::Error> {
