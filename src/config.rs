@@ -120,6 +120,8 @@ pub struct Config {
     /// off, written `""` in files, variables and flags.
     #[serde(with = "metrics_addr")]
     pub metrics_addr: Option<SocketAddr>,
+    /// `txq console`: its address, access tokens and read-only mode.
+    pub console: ConsoleConfig,
 }
 
 impl Default for Config {
@@ -151,6 +153,7 @@ impl Default for Config {
             inbox: InboxConfig::default(),
             jobs: BTreeMap::new(),
             log_format: LogFormat::Text,
+            console: ConsoleConfig::default(),
             metrics_addr: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
         }
     }
@@ -880,6 +883,61 @@ pub fn redact_url(raw: &str) -> String {
             url.to_string()
         }
         Err(_) => "***".to_owned(),
+    }
+}
+
+/// `txq console`'s settings (`[console]`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConsoleConfig {
+    /// Where it listens. Default `127.0.0.1:8080`; any address that is not
+    /// loopback needs at least one token.
+    pub listen: SocketAddr,
+    /// Access tokens by name (`[console.tokens] alice = "…"`, or
+    /// `TXQ_CONSOLE__TOKENS__ALICE`): the name is who each action is logged as.
+    /// With none, only loopback is served and actions are logged as `local`.
+    pub tokens: BTreeMap<String, Secret>,
+    /// Hide and refuse every action (replay, purge).
+    pub read_only: bool,
+}
+
+impl Default for ConsoleConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            tokens: BTreeMap::new(),
+            read_only: false,
+        }
+    }
+}
+
+/// A secret string (an access token): `Debug`, `Display` and `Serialize` print
+/// `***`.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret.
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+
+    /// The secret itself, to compare with what a client sent.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("***")
     }
 }
 

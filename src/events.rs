@@ -72,6 +72,14 @@ pub fn describe() {
         "From delivery to settlement: checks, transaction(s), publishes"
     );
     describe_gauge!("txq_jobs_in_flight", "Jobs running now");
+    describe_counter!(
+        "txq_console_actions_total",
+        "Actions taken in txq console, by action and by who took them"
+    );
+    describe_counter!(
+        "txq_console_messages_moved_total",
+        "Dead letters replayed or purged from txq console, by action"
+    );
     describe_gauge!("txq_concurrency_limit", "Jobs allowed in flight at most");
     describe_counter!(
         "txq_retries_total",
@@ -386,6 +394,29 @@ pub(crate) fn reconnecting(error: &dyn std::fmt::Display, delay: Duration) {
 pub(crate) fn heartbeat_failed(error: &dyn std::fmt::Display) {
     warn!(error = %error, "the heartbeat was not written (txq_workers); consuming goes on, the next beat tries again");
     counter!("txq_heartbeat_failures_total").increment(1);
+}
+
+/// An operator acted in the console (replay, purge): who (the token's name, or
+/// `local`), on what selection, and how many messages it moved.
+pub(crate) fn console_action(
+    actor: &str,
+    action: &'static str,
+    selection: &str,
+    moved: u64,
+    error: Option<&str>,
+) {
+    tracing::info!(
+        target: "txq::console",
+        actor = %actor,
+        action,
+        selection = %selection,
+        moved,
+        error,
+        "console action"
+    );
+    counter!("txq_console_actions_total", "action" => action, "actor" => actor.to_owned())
+        .increment(1);
+    counter!("txq_console_messages_moved_total", "action" => action).increment(moved);
 }
 
 /// The pool's connections right now; called at each scrape.

@@ -120,7 +120,11 @@ const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 /// `shutdown`; then drops the connections still open. Scrapers and probes retry,
 /// and a slow or idle client must never hold a stop open (axum's graceful shutdown
 /// waits for every connection).
-async fn accept_loop(listener: tokio::net::TcpListener, app: Router, shutdown: CancellationToken) {
+pub(crate) async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    shutdown: CancellationToken,
+) {
     use hyper_util::rt::{TokioIo, TokioTimer};
     let mut connections = tokio::task::JoinSet::new();
     loop {

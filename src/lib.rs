@@ -51,6 +51,9 @@
 #[doc(hidden)]
 pub mod broker;
 pub mod config;
+#[cfg(feature = "cli")]
+#[doc(hidden)]
+pub mod console;
 #[doc(hidden)]
 pub mod db;
 #[doc(hidden)]

@@ -102,6 +102,26 @@ enum Command {
     /// The workers that keep a row in the database (their heartbeat), live or gone.
     #[command(after_long_help = "EXAMPLES:\n  txq workers\n  txq workers --json")]
     Workers(txq::tools::workers::WorkersArgs),
+    /// The operator's web console: queues, workers, dead letters (replay and
+    /// purge), inbox lookups and batches.
+    #[command(after_long_help = "EXAMPLES:\n  txq console\n  \
+        txq console --listen 127.0.0.1:9000 --read-only\n  \
+        TXQ_CONSOLE__TOKENS__ALICE=s3cret txq console --listen 0.0.0.0:8080")]
+    Console {
+        /// Listen here; an address off loopback needs an access token [config:
+        /// console.listen, default 127.0.0.1:8080]
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+        /// Show no action, and refuse every one [config: console.read_only]
+        #[arg(long)]
+        read_only: bool,
+        #[command(flatten)]
+        broker: BrokerArgs,
+        #[command(flatten)]
+        db: DbArgs,
+        #[command(flatten)]
+        log: LogArgs,
+    },
     /// Publish a file of JSON-lines requests; with --wait, collect the replies.
     #[command(
         after_long_help = "EXAMPLES:\n  txq submit examples/bank/transfers.jsonl --wait\n  \
@@ -134,6 +154,9 @@ impl Command {
                 all.worker = args.worker.clone();
             }
             Command::Config {
+                broker, db, log, ..
+            }
+            | Command::Console {
                 broker, db, log, ..
             } => {
                 all.broker = broker.clone();
@@ -381,6 +404,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Submit { args, .. } => Ok(submit(&config, args).await),
         Command::Run { args, .. } => run_worker(config, args).await,
+        Command::Console {
+            listen, read_only, ..
+        } => {
+            let mut config = config;
+            if let Some(listen) = listen {
+                config.console.listen = listen;
+            }
+            config.console.read_only |= read_only;
+            console(config).await
+        }
     }
 }
 
@@ -590,6 +623,28 @@ async fn submit(config: &Config, args: SubmitArgs) -> ExitCode {
             ExitCode::from(e.exit_code())
         }
     }
+}
+
+/// `txq console`: serves until SIGINT or SIGTERM. Its one stdout line says where.
+async fn console(config: Config) -> anyhow::Result<ExitCode> {
+    let options = txq::db::PoolOptions {
+        max_connections: 4,
+        ..config.pool_options()
+    };
+    let db = txq::Db::connect(config.database_url.expose(), &options)
+        .await
+        .with_context(|| format!("connecting to {}", config.database_url))?;
+    // The pages read the workers' and the batches' tables: a console started
+    // before any worker still finds them.
+    txq::db::migrate(&db).await.context("migrating")?;
+    let recorder = txq::http::install_recorder()?;
+    let shutdown = CancellationToken::new();
+    cancel_on_signals(shutdown.clone());
+    let (bound, task) = txq::console::serve(config, db, Some(recorder), shutdown).await?;
+    info!(addr = %bound, "serving the console");
+    out(format_args!("txq console on http://{bound}/"))?;
+    let _ = task.await;
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn connect_db(config: &Config) -> anyhow::Result<txq::Db> {
