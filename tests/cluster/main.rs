@@ -20,5 +20,6 @@ mod support;
 mod bank;
 
 mod alarm;
+mod console;
 mod failover;
 mod policy;

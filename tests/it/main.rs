@@ -11,6 +11,7 @@ mod batches;
 mod bench;
 mod cli;
 mod commands;
+mod console;
 mod contract;
 mod dlq;
 mod faults;
