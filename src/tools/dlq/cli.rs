@@ -147,6 +147,7 @@ impl Select {
             ids: self.ids.clone(),
             unreadable: self.unreadable,
             fingerprint: self.fingerprint.clone(),
+            untyped: false,
         }
     }
 }
@@ -280,6 +281,7 @@ async fn run_command(config: &Config, args: DlqArgs) -> Result<u8, DlqError> {
                 rate: rate.map(|r| r.per_second()),
                 dry_run,
                 max_scanned: None,
+                max_replayed: None,
             };
             let report = replay(&target, &options, |event| print_event(json, &event)).await?;
             if json {

@@ -24,6 +24,9 @@ pub struct Filter {
     pub unreadable: bool,
     /// The error's [`fingerprint`], exactly: one group of `list --group`.
     pub fingerprint: Option<String>,
+    /// Only messages without a job type (`type` property), as a group of those
+    /// is shown.
+    pub untyped: bool,
 }
 
 impl Filter {
@@ -40,6 +43,9 @@ impl Filter {
             return false;
         }
         if self.unreadable && !m.is_unreadable() {
+            return false;
+        }
+        if self.untyped && m.job_type.is_some() {
             return false;
         }
         if self
@@ -75,6 +81,7 @@ impl Filter {
             && self.ids.is_empty()
             && !self.unreadable
             && self.fingerprint.is_none()
+            && !self.untyped
     }
 }
 

@@ -210,6 +210,9 @@ pub struct ReplayOptions {
     pub dry_run: bool,
     /// Look at no more than this many messages from the head of the queue.
     pub max_scanned: Option<u64>,
+    /// Stop once this many were replayed (or, with `dry_run`, would be):
+    /// unlike `limit`, skipped messages do not count.
+    pub max_replayed: Option<u64>,
 }
 
 /// What became of one selected message.
@@ -298,6 +301,9 @@ pub async fn replay(
             && options
                 .max_scanned
                 .is_none_or(|m| report.counts.scanned < m)
+            && options
+                .max_replayed
+                .is_none_or(|m| report.replayed + report.would_replay < m)
         {
             let Some(taken) = scan.next().await? else {
                 break;
@@ -424,6 +430,19 @@ pub async fn purge<F: std::future::Future<Output = Result<bool, DlqError>>>(
     target: &Target,
     filter: &Filter,
     limit: Option<u64>,
+    each: impl FnMut(&DeadLetter) -> std::io::Result<()>,
+    confirm: impl FnOnce(u64) -> F,
+) -> Result<PurgeReport, DlqError> {
+    purge_within(target, filter, limit, None, each, confirm).await
+}
+
+/// [`purge`], looking at no more than `max_scanned` messages from the head of
+/// the queue.
+pub async fn purge_within<F: std::future::Future<Output = Result<bool, DlqError>>>(
+    target: &Target,
+    filter: &Filter,
+    limit: Option<u64>,
+    max_scanned: Option<u64>,
     mut each: impl FnMut(&DeadLetter) -> std::io::Result<()>,
     confirm: impl FnOnce(u64) -> F,
 ) -> Result<PurgeReport, DlqError> {
@@ -437,7 +456,9 @@ pub async fn purge<F: std::future::Future<Output = Result<bool, DlqError>>>(
         // to copy them back if the purge is declined.
         let mut held = Vec::new();
         let mut failed = None;
-        while limit.is_none_or(|l| report.counts.matched < l) {
+        while limit.is_none_or(|l| report.counts.matched < l)
+            && max_scanned.is_none_or(|m| report.counts.scanned < m)
+        {
             let Some(taken) = scan.next().await? else {
                 break;
             };
