@@ -208,8 +208,11 @@ impl BatchStatus {
 
 /// Unix milliseconds as RFC 3339.
 pub fn rfc3339(ms: i64) -> String {
-    let t =
-        std::time::UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+    // RFC 3339 ends at year 9999 (humantime's formatting fails past it); a value
+    // read back from a table can be anything.
+    const LAST: u64 = 253_402_300_799_999;
+    let ms = u64::try_from(ms).unwrap_or(0).min(LAST);
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
     humantime::format_rfc3339_millis(t).to_string()
 }
 
@@ -777,6 +780,13 @@ pub(crate) async fn open_count(db: &Db) -> Result<i64, sqlx::Error> {
 mod tests {
     use super::*;
     use crate::db::tests::temp_db;
+
+    #[test]
+    fn any_stored_time_formats_without_a_panic() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(-5), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(i64::MAX), "9999-12-31T23:59:59.999Z");
+    }
 
     fn tag(id: &str, size: Option<i64>) -> BatchTag {
         BatchTag {
