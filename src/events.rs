@@ -409,7 +409,8 @@ pub(crate) fn console_action(
         target: "txq::console",
         actor = %actor,
         action,
-        selection = %selection,
+        // Debug: an operator's filter text cannot start a log line of its own.
+        selection = ?selection,
         moved,
         error,
         "console action"

@@ -106,7 +106,7 @@ pub async fn serve(
             probe: db.probe(),
             db,
         });
-    let task = tokio::spawn(accept_loop(listener, app, shutdown));
+    let task = tokio::spawn(accept_loop(listener, app, shutdown, CONNECTION_LIFETIME));
     Ok((bound, task))
 }
 
@@ -124,6 +124,7 @@ pub(crate) async fn accept_loop(
     listener: tokio::net::TcpListener,
     app: Router,
     shutdown: CancellationToken,
+    lifetime: Duration,
 ) {
     use hyper_util::rt::{TokioIo, TokioTimer};
     let mut connections = tokio::task::JoinSet::new();
@@ -149,7 +150,7 @@ pub(crate) async fn accept_loop(
             .header_read_timeout(HEADER_READ_TIMEOUT)
             .serve_connection(TokioIo::new(stream), service);
         connections.spawn(async move {
-            let _ = tokio::time::timeout(CONNECTION_LIFETIME, connection).await;
+            let _ = tokio::time::timeout(lifetime, connection).await;
         });
     }
     connections.shutdown().await;

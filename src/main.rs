@@ -635,8 +635,11 @@ async fn console(config: Config) -> anyhow::Result<ExitCode> {
         .await
         .with_context(|| format!("connecting to {}", config.database_url))?;
     // The pages read the workers' and the batches' tables: a console started
-    // before any worker still finds them.
-    txq::db::migrate(&db).await.context("migrating")?;
+    // before any worker still finds them. A read-only console writes nothing,
+    // schema included (a page shows a missing table as a problem).
+    if !config.console.read_only {
+        txq::db::migrate(&db).await.context("migrating")?;
+    }
     let recorder = txq::http::install_recorder()?;
     let shutdown = CancellationToken::new();
     cancel_on_signals(shutdown.clone());

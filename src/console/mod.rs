@@ -34,6 +34,12 @@ pub enum ConsoleError {
         "the console listens on {0}, which is not a loopback address, and no access token is configured: set one ([console.tokens] NAME = \"…\", or TXQ_CONSOLE__TOKENS__NAME), or listen on 127.0.0.1"
     )]
     TokenRequired(SocketAddr),
+    /// A token too short to withstand guessing.
+    #[error(
+        "the console token `{0}` is shorter than {min} bytes: use a long random one (openssl rand -hex 24)",
+        min = auth::MIN_TOKEN
+    )]
+    WeakToken(String),
     /// The address is taken or not ours.
     #[error("binding the console to {addr}: {source}")]
     Bind {
@@ -50,13 +56,20 @@ pub(crate) struct Console {
     db: Db,
     tokens: BTreeMap<String, Secret>,
     read_only: bool,
-    /// Every form of this process carries it; a POST without it is refused.
-    csrf: String,
+    /// Sessions, CSRF tokens and confirmations (`auth.rs`).
+    auth: auth::Sessions,
     broker: read::Broker,
+    /// One reader of the dead-letter queue at a time: a page's sample holds its
+    /// messages unacked, and an action running beside it would not see them.
+    dlq: tokio::sync::Mutex<()>,
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
 }
 
 type State = Arc<Console>;
+
+/// How long one connection may stay open. Actions do not depend on it: each runs
+/// in a task of its own, to the end, whatever becomes of the request.
+const CONNECTION_LIFETIME: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Checks the security rules, binds `config.console.listen` and serves until
 /// `shutdown`. Returns the bound address (port 0 picks one) and the server task.
@@ -70,6 +83,14 @@ pub async fn serve(
     if !addr.ip().is_loopback() && config.console.tokens.is_empty() {
         return Err(ConsoleError::TokenRequired(addr));
     }
+    if let Some((name, _)) = config
+        .console
+        .tokens
+        .iter()
+        .find(|(_, t)| t.expose().len() < auth::MIN_TOKEN)
+    {
+        return Err(ConsoleError::WeakToken(name.clone()));
+    }
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| ConsoleError::Bind { addr, source })?;
@@ -77,16 +98,22 @@ pub async fn serve(
         .local_addr()
         .map_err(|source| ConsoleError::Bind { addr, source })?;
     let state = Arc::new(Console {
+        auth: auth::Sessions::new(config.console.tokens.keys()),
         tokens: config.console.tokens.clone(),
         read_only: config.console.read_only,
-        csrf: auth::random_token(),
         broker: read::Broker::new(&config),
+        dlq: tokio::sync::Mutex::new(()),
         config,
         db,
         metrics,
     });
     let app = router(state);
-    let task = tokio::spawn(crate::http::accept_loop(listener, app, shutdown));
+    let task = tokio::spawn(crate::http::accept_loop(
+        listener,
+        app,
+        shutdown,
+        CONNECTION_LIFETIME,
+    ));
     Ok((bound, task))
 }
 

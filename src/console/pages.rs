@@ -50,7 +50,7 @@ impl Base {
             title,
             actor: actor.name.clone(),
             read_only: state.read_only,
-            csrf: state.csrf().to_owned(),
+            csrf: state.csrf(actor).to_owned(),
             logout: !state.tokens.is_empty(),
             refresh: false,
         }
@@ -317,6 +317,9 @@ pub(crate) struct Selection {
     fingerprint: String,
     #[serde(default)]
     id: String,
+    /// `1`: only messages without a type (a group of those).
+    #[serde(default)]
+    untyped: String,
 }
 
 impl Selection {
@@ -350,6 +353,7 @@ impl Selection {
             ids: some(&self.id).into_iter().collect(),
             unreadable: false,
             fingerprint: some(&self.fingerprint),
+            untyped: self.untyped == "1",
         }
     }
 
@@ -362,6 +366,7 @@ impl Selection {
             ("grep", &self.grep),
             ("fingerprint", &self.fingerprint),
             ("id", &self.id),
+            ("untyped", &self.untyped),
         ] {
             if !v.is_empty() {
                 q.append_pair(k, v);
@@ -386,6 +391,9 @@ impl Selection {
             if !v.is_empty() {
                 parts.push(format!("{k} = {v}"));
             }
+        }
+        if self.untyped == "1" {
+            parts.push("no type".into());
         }
         parts.join(", ")
     }
@@ -442,6 +450,7 @@ pub(crate) async fn dead_letters(
     let filter = q.selection.filter();
     let mut grouper = Grouper::default();
     let mut matched = 0;
+    let _one_reader = state.dlq.lock().await;
     // The whole sample is read with no filter, which bounds the scan; the filter
     // is applied here.
     let read = dlq::inspect_within(
@@ -466,7 +475,14 @@ pub(crate) async fn dead_letters(
         .into_groups()
         .into_iter()
         .map(|g| {
+            // Exactly the group: a group without a type must not widen to
+            // every type's messages with the same error.
             let selection = Selection {
+                untyped: if g.job_type.is_none() {
+                    "1".into()
+                } else {
+                    String::new()
+                },
                 job_type: g.job_type.clone().unwrap_or_default(),
                 kind: g.error_kind.clone(),
                 fingerprint: g.fingerprint.clone(),
@@ -484,10 +500,9 @@ pub(crate) async fn dead_letters(
             }
         })
         .collect();
-    let mut base = Base::new(&state, &actor, "Dead letters");
-    base.refresh = true;
+    // No auto-refresh: each read takes the sample out of the queue for a moment.
     render(&DeadLettersPage {
-        base,
+        base: Base::new(&state, &actor, "Dead letters"),
         selection: q.selection,
         sample,
         depth,
@@ -567,6 +582,7 @@ pub(crate) async fn messages(
     let skip = page * PAGE;
     let mut rows = Vec::new();
     let mut seen = 0u64;
+    let _one_reader = state.dlq.lock().await;
     // One more than the page, to know whether there is a next one.
     let read = dlq::inspect_within(
         &target(&state),
@@ -631,7 +647,9 @@ fn show_body(body: &[u8]) -> (String, String) {
     } else {
         String::new()
     };
-    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) {
+    if body.len() <= MAX_BODY_SHOWN
+        && let Ok(v) = serde_json::from_slice::<serde_json::Value>(body)
+    {
         let pretty = serde_json::to_string_pretty(&v).unwrap_or_default();
         return (pretty, format!("JSON, {} bytes", body.len()));
     }
@@ -673,6 +691,7 @@ pub(crate) async fn message(
         problem: String::new(),
     };
     let mut found = None;
+    let _one_reader = state.dlq.lock().await;
     let read = dlq::inspect_within(
         &target(&state),
         &selection.filter(),
@@ -684,6 +703,7 @@ pub(crate) async fn message(
         },
     )
     .await;
+    let read_failed = read.is_err();
     if let Err(e) = read {
         page.problem = e.to_string();
     }
@@ -704,6 +724,7 @@ pub(crate) async fn message(
             page.found = Some(MessageRow::new(m));
             StatusCode::OK
         }
+        None if read_failed => StatusCode::BAD_GATEWAY,
         None => StatusCode::NOT_FOUND,
     };
     (status, render(&page)).into_response()
@@ -731,6 +752,7 @@ struct ConfirmPage {
     reply_to_gone: u64,
     depth: u32,
     scanned: u64,
+    confirmation: String,
     problem: String,
 }
 
@@ -765,8 +787,10 @@ pub(crate) async fn confirm(
         reply_to_gone: 0,
         depth: 0,
         scanned: 0,
+        confirmation: state.auth.confirmation(),
         problem: String::new(),
     };
+    let _reading = state.dlq.lock().await;
     if action == "replay" {
         let options = ReplayOptions {
             filter,
@@ -802,6 +826,9 @@ pub(crate) async fn confirm(
 pub(crate) struct ActionForm {
     #[serde(default)]
     csrf: String,
+    /// The single-use confirmation the confirmation page issued.
+    #[serde(default)]
+    confirmation: String,
     /// What the confirmation page counted: the action moves no more.
     expected: u64,
     #[serde(flatten)]
@@ -825,36 +852,60 @@ pub(crate) async fn replay(
     Extension(actor): Extension<Actor>,
     Form(form): Form<ActionForm>,
 ) -> Response {
-    if let Err(r) = state.may_act(&actor, &form.csrf) {
-        return r.into_response();
-    }
+    act(&state, &actor, form, "replay").await
+}
+
+pub(crate) async fn purge(
+    State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
+    Form(form): Form<ActionForm>,
+) -> Response {
+    act(&state, &actor, form, "purge").await
+}
+
+/// Replays or purges what the confirmation page counted, at most
+/// `form.expected` messages, through `tools::dlq`; an event says who did it.
+async fn act(state: &AppState, actor: &Actor, form: ActionForm, action: &'static str) -> Response {
     if let Err(r) = form.selection.check() {
         return r.into_response();
     }
+    if let Err(r) = state.may_act(actor, &form.csrf, &form.confirmation) {
+        return r.into_response();
+    }
     let describe = form.selection.describe();
-    let options = ReplayOptions {
-        filter: form.selection.filter(),
-        limit: Some(form.expected),
-        ..ReplayOptions::default()
+    // In a task of its own: a dropped request (a closed tab, a cut connection)
+    // must not stop an action half-way, between a copy's confirm and its ack, or
+    // before its event is recorded.
+    let task = {
+        let (state, actor, describe) = (state.clone(), actor.name.clone(), describe.clone());
+        let (filter, expected) = (form.selection.filter(), form.expected);
+        tokio::spawn(async move {
+            let _one_reader = state.dlq.lock().await;
+            let (moved, skipped, error) = run_action(&state, action, filter, expected).await;
+            crate::events::console_action(&actor, action, &describe, moved, error.as_deref());
+            (moved, skipped, error.unwrap_or_default())
+        })
     };
-    let (moved, skipped, problem) = if form.expected == 0 {
-        (0, 0, String::new())
-    } else {
-        match dlq::replay(&target(&state), &options, |_| Ok(())).await {
-            Ok(r) => (r.replayed, r.skipped, String::new()),
-            Err(e) => (0, 0, e.to_string()),
-        }
+    let (moved, skipped, problem) = match task.await {
+        Ok(done) => done,
+        Err(e) => (0, 0, format!("the action failed: {e}")),
     };
-    let error = (!problem.is_empty()).then_some(problem.as_str());
-    crate::events::console_action(&actor.name, "replay", &describe, moved, error);
     let status = if problem.is_empty() {
         StatusCode::OK
     } else {
         StatusCode::BAD_GATEWAY
     };
     let page = DonePage {
-        base: Base::new(&state, &actor, "Replayed"),
-        action: "replay",
+        base: Base::new(
+            state,
+            actor,
+            if action == "replay" {
+                "Replayed"
+            } else {
+                "Purged"
+            },
+        ),
+        action,
         describe,
         moved,
         skipped,
@@ -864,54 +915,53 @@ pub(crate) async fn replay(
     (status, render(&page)).into_response()
 }
 
-pub(crate) async fn purge(
-    State(state): State<AppState>,
-    Extension(actor): Extension<Actor>,
-    Form(form): Form<ActionForm>,
-) -> Response {
-    if let Err(r) = state.may_act(&actor, &form.csrf) {
-        return r.into_response();
+/// Moves at most `expected` messages, from no further than the confirmation page
+/// looked; returns how many moved, how many were skipped, and the error that
+/// stopped it, if one did (what moved before it is still counted).
+async fn run_action(
+    state: &AppState,
+    action: &'static str,
+    filter: Filter,
+    expected: u64,
+) -> (u64, u64, Option<String>) {
+    if expected == 0 {
+        return (0, 0, None);
     }
-    if let Err(r) = form.selection.check() {
-        return r.into_response();
-    }
-    let describe = form.selection.describe();
-    let filter = form.selection.filter();
-    let (moved, problem) = if form.expected == 0 {
-        (0, String::new())
+    let mut moved = 0;
+    let result = if action == "replay" {
+        let options = ReplayOptions {
+            filter,
+            max_replayed: Some(expected),
+            max_scanned: Some(MAX_SCAN),
+            ..ReplayOptions::default()
+        };
+        dlq::replay(&target(state), &options, |event| {
+            if matches!(event, dlq::ReplayEvent::Replayed { .. }) {
+                moved += 1;
+            }
+            Ok(())
+        })
+        .await
+        .map(|r| r.skipped)
     } else {
-        // The confirmation was the page's; the limit keeps the purge to what it
-        // counted.
-        let purged = dlq::purge(
-            &target(&state),
+        dlq::purge_within(
+            &target(state),
             &filter,
-            Some(form.expected),
+            Some(expected),
+            Some(MAX_SCAN),
             |_| Ok(()),
             |_| async { Ok(true) },
         )
-        .await;
-        match purged {
-            Ok(r) => (r.purged, String::new()),
-            Err(e) => (0, e.to_string()),
-        }
+        .await
+        .map(|r| {
+            moved = r.purged;
+            0
+        })
     };
-    let error = (!problem.is_empty()).then_some(problem.as_str());
-    crate::events::console_action(&actor.name, "purge", &describe, moved, error);
-    let status = if problem.is_empty() {
-        StatusCode::OK
-    } else {
-        StatusCode::BAD_GATEWAY
-    };
-    let page = DonePage {
-        base: Base::new(&state, &actor, "Purged"),
-        action: "purge",
-        describe,
-        moved,
-        skipped: 0,
-        expected: form.expected,
-        problem,
-    };
-    (status, render(&page)).into_response()
+    match result {
+        Ok(skipped) => (moved, skipped, None),
+        Err(e) => (moved, 0, Some(e.to_string())),
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -1074,7 +1124,7 @@ struct LoginPage {
 
 pub(crate) async fn login_form(State(state): State<AppState>) -> Response {
     render(&LoginPage {
-        csrf: state.csrf().to_owned(),
+        csrf: state.login_csrf().to_owned(),
         failed: false,
     })
 }
@@ -1088,29 +1138,33 @@ pub(crate) struct LoginForm {
 }
 
 pub(crate) async fn login(State(state): State<AppState>, Form(form): Form<LoginForm>) -> Response {
-    if !super::auth::same(&form.csrf, state.csrf()) {
+    if !super::auth::same(&form.csrf, state.login_csrf()) {
         return (StatusCode::FORBIDDEN, "the form's CSRF token is wrong\n").into_response();
     }
-    let Some(name) = state.token_name(&form.token).map(str::to_owned) else {
+    let Some((session, name)) = state.log_in(&form.token) else {
         let page = LoginPage {
-            csrf: state.csrf().to_owned(),
+            csrf: state.login_csrf().to_owned(),
             failed: true,
         };
         return (StatusCode::UNAUTHORIZED, render(&page)).into_response();
     };
     tracing::info!(target: "txq::console", actor = %name, "console login");
-    let cookie = format!("{COOKIE}={}; HttpOnly; SameSite=Strict; Path=/", form.token);
+    let cookie = format!("{COOKIE}={session}; HttpOnly; SameSite=Strict; Path=/");
     ([(header::SET_COOKIE, cookie)], Redirect::to("/")).into_response()
 }
 
 pub(crate) async fn logout(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,
+    headers: axum::http::HeaderMap,
     Form(form): Form<BTreeMap<String, String>>,
 ) -> Response {
     let csrf = form.get("csrf").map_or("", String::as_str);
-    if !actor.bearer && !super::auth::same(csrf, state.csrf()) {
+    if !actor.bearer && !super::auth::same(csrf, state.csrf(&actor)) {
         return (StatusCode::FORBIDDEN, "the form's CSRF token is wrong\n").into_response();
+    }
+    if let Some(session) = super::auth::session_cookie(&headers) {
+        state.log_out(session);
     }
     let cookie = format!("{COOKIE}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0");
     ([(header::SET_COOKIE, cookie)], Redirect::to("/login")).into_response()

@@ -82,10 +82,16 @@ impl Broker {
             *held = Some(opened);
         }
         let connection = held.as_ref().ok_or("not connected")?;
-        connection
-            .create_channel()
-            .await
-            .map_err(|e| format!("opening a channel: {e}"))
+        match tokio::time::timeout(READ_TIMEOUT, connection.create_channel()).await {
+            Ok(Ok(channel)) => Ok(channel),
+            Ok(Err(e)) => Err(format!("opening a channel: {e}")),
+            Err(_) => {
+                // A connection that does not answer is dropped, so the next
+                // read opens a fresh one.
+                *held = None;
+                Err("RabbitMQ did not open a channel in time".into())
+            }
+        }
     }
 
     /// Depth and consumers of each queue (a missing queue or a broker that is down
@@ -94,6 +100,7 @@ impl Broker {
     pub(crate) async fn queues(&self) -> Vec<QueueInfo> {
         let mut out = Vec::new();
         let mut channel = None;
+        let mut unreachable: Option<String> = None;
         for (role, name) in self.queue_names() {
             let mut info = QueueInfo {
                 role,
@@ -103,10 +110,16 @@ impl Broker {
                 rates: None,
                 problem: None,
             };
-            if channel.is_none() {
+            if let Some(why) = &unreachable {
+                info.problem = Some(why.clone());
+            } else if channel.is_none() {
                 match self.channel().await {
                     Ok(c) => channel = Some(c),
-                    Err(e) => info.problem = Some(e),
+                    Err(e) => {
+                        // One wait per page, not one per queue.
+                        unreachable = Some(e.clone());
+                        info.problem = Some(e);
+                    }
                 }
             }
             if let Some(c) = &channel {

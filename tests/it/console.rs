@@ -122,13 +122,19 @@ async fn get(url: &str) -> (u16, String) {
     (status, r.text().await.expect("body"))
 }
 
+/// The value of a page's hidden field `name`.
+fn field(page: &str, name: &str) -> String {
+    let marker = format!("name=\"{name}\" value=\"");
+    let at = page
+        .find(&marker)
+        .unwrap_or_else(|| panic!("no `{name}` field in {page}"));
+    let rest = &page[at + marker.len()..];
+    rest[..rest.find('"').expect("closing quote")].to_owned()
+}
+
 /// The CSRF token a page's forms carry.
 fn csrf_of(page: &str) -> String {
-    let at = page
-        .find("name=\"csrf\" value=\"")
-        .unwrap_or_else(|| panic!("no CSRF field in {page}"));
-    let rest = &page[at + "name=\"csrf\" value=\"".len()..];
-    rest[..rest.find('"').expect("closing quote")].to_owned()
+    field(page, "csrf")
 }
 
 /// Dead letters as a worker writes them, with `error` and a body of our choosing.
@@ -140,18 +146,44 @@ async fn publish_dead(
     error: &str,
     body: &[u8],
 ) {
+    publish_dead_from(
+        client,
+        dlq,
+        id,
+        Some(job_type),
+        Some("nowhere"),
+        error,
+        body,
+    )
+    .await;
+}
+
+/// As [`publish_dead`], with or without a type and an original queue.
+async fn publish_dead_from(
+    client: &Client,
+    dlq: &str,
+    id: &str,
+    job_type: Option<&str>,
+    original_queue: Option<&str>,
+    error: &str,
+    body: &[u8],
+) {
     let mut h = FieldTable::default();
     let text = |s: &str| AMQPValue::LongString(s.into());
     h.insert("x-txq-error-kind".into(), text("database_error"));
     h.insert("x-txq-error".into(), text(error));
     h.insert("x-txq-attempts".into(), AMQPValue::LongLongInt(3));
     h.insert("x-txq-failed-at".into(), text("2026-01-02T03:04:05.000Z"));
-    h.insert("x-txq-original-queue".into(), text("nowhere"));
-    let props = BasicProperties::default()
+    if let Some(q) = original_queue {
+        h.insert("x-txq-original-queue".into(), text(q));
+    }
+    let mut props = BasicProperties::default()
         .with_message_id(id.into())
-        .with_type(job_type.into())
         .with_delivery_mode(2)
         .with_headers(h);
+    if let Some(t) = job_type {
+        props = props.with_type(t.into());
+    }
     let confirm = client
         .channel
         .basic_publish(
@@ -165,6 +197,9 @@ async fn publish_dead(
         .expect("publish");
     assert!(confirm.await.expect("confirm").is_ack());
 }
+
+/// A token of the console's, as long as one must be.
+const ALICE: &str = "s3cret-alice-0123456789";
 
 const EVIL: &str = "<script>alert('x')</script>";
 
@@ -281,17 +316,16 @@ async fn every_route_answers_escapes_what_it_shows_and_refuses_bad_input() {
         get(&console.url("/dead-letters/confirm?action=purge&type=transfer")).await;
     assert_eq!(status, 200, "{page}");
     assert!(page.contains("delete <strong>1</strong>"), "{page}");
-    let csrf = csrf_of(&page);
-    let r = http()
-        .post(console.url("/dead-letters/purge"))
-        .form(&[
+    let (csrf, confirmation) = (csrf_of(&page), field(&page, "confirmation"));
+    let purge = || {
+        http().post(console.url("/dead-letters/purge")).form(&[
             ("csrf", csrf.as_str()),
+            ("confirmation", confirmation.as_str()),
             ("expected", "1"),
             ("type", "transfer"),
         ])
-        .send()
-        .await
-        .expect("POST");
+    };
+    let r = purge().send().await.expect("POST");
     assert_eq!(r.status().as_u16(), 200);
     assert!(
         r.text()
@@ -304,6 +338,34 @@ async fn every_route_answers_escapes_what_it_shows_and_refuses_bad_input() {
         1,
         "only the confirmed message went"
     );
+    // The same confirmation again (a reload of the result, a double click): refused.
+    let r = purge().send().await.expect("POST");
+    assert_eq!(r.status().as_u16(), 409);
+    assert_eq!(client.depth(&dlq).await, 1);
+    // A form posted from another site, with every field right, is refused.
+    let (_, page) = get(&console.url("/dead-letters/confirm?action=purge")).await;
+    let r = http()
+        .post(console.url("/dead-letters/purge"))
+        .header("origin", "http://evil.example")
+        .form(&[
+            ("csrf", csrf_of(&page).as_str()),
+            ("confirmation", field(&page, "confirmation").as_str()),
+            ("expected", "1"),
+        ])
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(r.status().as_u16(), 403);
+    assert_eq!(client.depth(&dlq).await, 1);
+    // A page of another site whose name now points at 127.0.0.1 (DNS rebinding)
+    // gets nothing from a console without tokens.
+    let r = http()
+        .get(console.url("/dead-letters"))
+        .header("host", "evil.example")
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(r.status().as_u16(), 421);
     let log = console.stop().await;
     assert!(
         log.contains("console action") && log.contains("actor=local") && log.contains("moved=1"),
@@ -340,7 +402,17 @@ async fn off_loopback_needs_a_token_posts_need_csrf_and_read_only_hides_actions(
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no access token is configured"), "{err}");
 
-    let tokens = [("TXQ_CONSOLE__TOKENS__ALICE", "s3cret-alice")];
+    // A token too short to withstand guessing: it refuses to start.
+    let weak = [("TXQ_CONSOLE__TOKENS__BOB", "short")];
+    let out = console_command(&requests, &test_db.url, &weak, &[])
+        .output()
+        .await
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("`bob` is shorter than 16 bytes"), "{err}");
+
+    let tokens = [("TXQ_CONSOLE__TOKENS__ALICE", ALICE)];
     let console = Console::start(&requests, &test_db.url, &tokens, &[]).await;
     // No token, or a wrong one: to the login page; a POST is refused.
     let r = http().get(console.url("/")).send().await.expect("GET");
@@ -352,7 +424,7 @@ async fn off_loopback_needs_a_token_posts_need_csrf_and_read_only_hides_actions(
         .send()
         .await
         .expect("GET");
-    assert_eq!(r.status().as_u16(), 303);
+    assert_eq!(r.status().as_u16(), 401);
     let r = http()
         .post(console.url("/dead-letters/purge"))
         .form(&[("expected", "3")])
@@ -363,7 +435,7 @@ async fn off_loopback_needs_a_token_posts_need_csrf_and_read_only_hides_actions(
     // The bearer header.
     let r = http()
         .get(console.url("/dead-letters"))
-        .bearer_auth("s3cret-alice")
+        .bearer_auth(ALICE)
         .send()
         .await
         .expect("GET");
@@ -376,10 +448,7 @@ async fn off_loopback_needs_a_token_posts_need_csrf_and_read_only_hides_actions(
     let (_, login) = get(&console.url("/login")).await;
     let r = http()
         .post(console.url("/login"))
-        .form(&[
-            ("csrf", csrf_of(&login).as_str()),
-            ("token", "s3cret-alice"),
-        ])
+        .form(&[("csrf", csrf_of(&login).as_str()), ("token", ALICE)])
         .send()
         .await
         .expect("POST");
@@ -390,6 +459,10 @@ async fn off_loopback_needs_a_token_posts_need_csrf_and_read_only_hides_actions(
         "{cookie}"
     );
     let cookie = cookie.split(';').next().expect("pair").to_owned();
+    assert!(
+        !cookie.contains(ALICE),
+        "the cookie is a session, not the token"
+    );
     let with_cookie = |req: reqwest::RequestBuilder| req.header("cookie", cookie.clone());
     let r = with_cookie(http().get(console.url("/")))
         .send()
@@ -410,9 +483,22 @@ async fn off_loopback_needs_a_token_posts_need_csrf_and_read_only_hides_actions(
         assert_eq!(r.status().as_u16(), 403, "{form:?}");
     }
     assert_eq!(client.depth(&dlq).await, 3);
-    // With the CSRF token it acts, as alice.
+    // With the CSRF token and a confirmation it acts, as alice.
+    let page = with_cookie(http().get(console.url("/dead-letters/confirm?action=purge&id=m-0")))
+        .send()
+        .await
+        .expect("GET")
+        .text()
+        .await
+        .expect("body");
+    assert_eq!(csrf_of(&page), csrf, "one CSRF token a session's name");
     let r = with_cookie(http().post(console.url("/dead-letters/purge")))
-        .form(&[("expected", "1"), ("csrf", csrf.as_str()), ("id", "m-0")])
+        .form(&[
+            ("expected", "1"),
+            ("csrf", csrf.as_str()),
+            ("id", "m-0"),
+            ("confirmation", field(&page, "confirmation").as_str()),
+        ])
         .send()
         .await
         .expect("POST");
@@ -420,7 +506,7 @@ async fn off_loopback_needs_a_token_posts_need_csrf_and_read_only_hides_actions(
     assert_eq!(client.depth(&dlq).await, 2);
     let metrics = http()
         .get(console.url("/metrics"))
-        .bearer_auth("s3cret-alice")
+        .bearer_auth(ALICE)
         .send()
         .await
         .expect("GET")
@@ -448,6 +534,12 @@ async fn off_loopback_needs_a_token_posts_need_csrf_and_read_only_hides_actions(
             .expect("text")
             .contains("Max-Age=0")
     );
+    // The session is closed on the server too: the old cookie no longer works.
+    let r = with_cookie(http().get(console.url("/")))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(r.status().as_u16(), 303);
     let log = console.stop().await;
     assert!(log.contains("actor=alice"), "{log}");
 
@@ -472,6 +564,94 @@ async fn off_loopback_needs_a_token_posts_need_csrf_and_read_only_hides_actions(
     assert_eq!(r.status().as_u16(), 403);
     assert!(r.text().await.expect("body").contains("read-only"));
     assert_eq!(client.depth(&dlq).await, 2);
+    console.stop().await;
+}
+
+/// A group's actions move exactly that group: a group without a type does not
+/// widen to typed messages with the same error, and a replay moves as many as
+/// its confirmation counted even when skipped messages (no original queue) come
+/// first.
+#[tokio::test]
+async fn a_group_is_acted_on_exactly_as_confirmed() {
+    let test_db = TestDb::new(Backend::Sqlite).await;
+    let mut client = Client::new().await;
+    let requests = client.queue(&unique("requests")).await;
+    let target = client.queue(&unique("target")).await;
+    let dlq = format!("{requests}.dlq");
+    client.declare(&dlq, FieldTable::default()).await;
+    let dead = |id: &'static str, t: Option<&'static str>, q: Option<&'static str>| (id, t, q);
+    for (id, job_type, original) in [
+        dead("skip-1", Some("transfer"), None),
+        dead("skip-2", Some("transfer"), None),
+        dead("go-1", Some("transfer"), Some("T")),
+        dead("go-2", Some("transfer"), Some("T")),
+        dead("untyped-1", None, Some("T")),
+        dead("untyped-2", None, Some("T")),
+    ] {
+        let original = original.map(|_| target.as_str());
+        publish_dead_from(
+            &client,
+            &dlq,
+            id,
+            job_type,
+            original,
+            "no such table",
+            b"{}",
+        )
+        .await;
+    }
+    let console = Console::start(&requests, &test_db.url, &[], &[]).await;
+    let (_, page) = get(&console.url("/dead-letters")).await;
+    assert!(page.contains("6 matching"), "{page}");
+    // The untyped group's purge counts its two, not the four typed ones too.
+    let link = "/dead-letters/confirm?action=purge&amp;";
+    let untyped = page
+        .split(link)
+        .map(|rest| {
+            rest.split('"')
+                .next()
+                .unwrap_or_default()
+                .replace("&#38;", "&")
+        })
+        .find(|q| q.contains("untyped=1"))
+        .unwrap_or_else(|| panic!("no group without a type: {page}"));
+    let (_, confirm) =
+        get(&console.url(&format!("/dead-letters/confirm?action=purge&{untyped}"))).await;
+    assert!(confirm.contains("delete <strong>2</strong>"), "{confirm}");
+    // The typed group's replay: two would be replayed, two skipped; both move.
+    let (_, confirm) = get(&console.url("/dead-letters/confirm?action=replay&type=transfer")).await;
+    assert!(
+        confirm.contains("republish <strong>2</strong>"),
+        "{confirm}"
+    );
+    assert!(
+        confirm.contains("2 more match but would be skipped"),
+        "{confirm}"
+    );
+    let r = http()
+        .post(console.url("/dead-letters/replay"))
+        .form(&[
+            ("csrf", csrf_of(&confirm).as_str()),
+            ("confirmation", field(&confirm, "confirmation").as_str()),
+            ("expected", "2"),
+            ("type", "transfer"),
+        ])
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(r.status().as_u16(), 200);
+    assert!(
+        r.text()
+            .await
+            .expect("body")
+            .contains("<strong id=\"moved\">2</strong>")
+    );
+    assert_eq!(
+        client.depth(&target).await,
+        2,
+        "the two replayable ones moved"
+    );
+    assert_eq!(client.depth(&dlq).await, 4);
     console.stop().await;
 }
 
