@@ -12,6 +12,7 @@
 //! that carry the page's CSRF token; `read_only` refuses them all.
 
 mod auth;
+mod dead_letters;
 mod pages;
 mod read;
 
@@ -121,12 +122,12 @@ fn router(state: State) -> Router {
     Router::new()
         .route("/", get(pages::overview))
         .route("/workers", get(pages::workers))
-        .route("/dead-letters", get(pages::dead_letters))
-        .route("/dead-letters/messages", get(pages::messages))
-        .route("/dead-letters/message", get(pages::message))
-        .route("/dead-letters/confirm", get(pages::confirm))
-        .route("/dead-letters/replay", post(pages::replay))
-        .route("/dead-letters/purge", post(pages::purge))
+        .route("/dead-letters", get(dead_letters::dead_letters))
+        .route("/dead-letters/messages", get(dead_letters::messages))
+        .route("/dead-letters/message", get(dead_letters::message))
+        .route("/dead-letters/confirm", get(dead_letters::confirm))
+        .route("/dead-letters/replay", post(dead_letters::replay))
+        .route("/dead-letters/purge", post(dead_letters::purge))
         .route("/inbox", get(pages::inbox))
         .route("/batches", get(pages::batches))
         .route("/metrics", get(pages::metrics))
