@@ -23,6 +23,13 @@ const METRICS = {
   txq_broker_reconnects_total: {},
   txq_db_pool_connections: { state: ["idle", "in_use", "max"] },
   txq_db_transaction_retries_total: { reason: null },
+  txq_batches_open: {},
+  txq_batch_completions_total: { kind: null },
+  txq_batch_completions_published_total: { route: null },
+  txq_batch_callbacks_total: { result: null },
+  txq_batch_duration_seconds_bucket: { le: null },
+  txq_batch_duration_seconds_sum: {},
+  txq_batch_duration_seconds_count: {},
   // RabbitMQ's rabbitmq_prometheus plugin, /metrics/detailed?family=queue_coarse_metrics
   rabbitmq_detailed_queue_messages_ready: { queue: null, vhost: null },
   rabbitmq_detailed_queue_messages_unacked: { queue: null, vhost: null },
