@@ -398,6 +398,7 @@ pub(crate) fn heartbeat_failed(error: &dyn std::fmt::Display) {
 
 /// An operator acted in the console (replay, purge): who (the token's name, or
 /// `local`), on what selection, and how many messages it moved.
+#[cfg(feature = "cli")]
 pub(crate) fn console_action(
     actor: &str,
     action: &'static str,

@@ -3,16 +3,16 @@
 //!
 //! The protocol, for one worker (`worker::heartbeat` runs it):
 //!
-//! 1. At start it [`register`]s: its row, with a fresh uuid as its id. A worker
+//! 1. At start it `register`s: its row, with a fresh uuid as its id. A worker
 //!    that cannot reach the database still consumes; its next beat writes the row.
-//! 2. Every [`HEARTBEAT`] (config `heartbeat`) it [`heartbeat`]s: it adds the
+//! 2. Every [`HEARTBEAT`] (config `heartbeat`) it `heartbeat`s: it adds the
 //!    outcomes settled since its last beat to the current minute's row of
 //!    `txq_throughput`, then upserts its own row (`last_seen_ms`, jobs in flight,
 //!    settled, reconnects). A beat that failed leaves its outcomes to the next one,
 //!    which counts them in its own minute; an upsert also brings back a row that
 //!    was pruned while the database was out of reach. About once a minute a beat
-//!    also [`prune`]s.
-//! 3. A clean stop [`deregister`]s: the last outcomes are added, and the row is
+//!    also `prune`s.
+//! 3. A clean stop `deregister`s: the last outcomes are added, and the row is
 //!    deleted. A worker that died (kill -9, a lost host) leaves its row: it reads as
 //!    gone ([`WorkerRow::is_gone`]) after [`GONE_AFTER`] heartbeats without one, and
 //!    the next prune by any worker deletes it after [`PRUNE_AFTER`].
@@ -75,7 +75,7 @@ impl WorkerRow {
 }
 
 /// Outcomes of one minute (summed over the workers by [`throughput`]; one
-/// worker's since its last beat in [`heartbeat`]). Duplicates answered from the
+/// worker's since its last beat in `heartbeat`). Duplicates answered from the
 /// inbox and requeues are not outcomes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct Minute {
