@@ -32,6 +32,10 @@ pub(crate) const MIN_TOKEN: usize = 16;
 const MAX_SESSIONS: usize = 10_000;
 const MAX_CONFIRMATIONS: usize = 1_000;
 
+/// Failed logins a minute, for the whole console, before it answers 429: a
+/// token cannot be guessed at speed.
+const MAX_FAILED_LOGINS: usize = 10;
+
 /// The name actions are logged as when no tokens are configured.
 const LOCAL: &str = "local";
 
@@ -71,6 +75,8 @@ pub(crate) struct Sessions {
     login_csrf: String,
     open: Mutex<(HashMap<String, String>, VecDeque<String>)>,
     confirmations: Mutex<VecDeque<String>>,
+    /// When the latest failed logins were, at most [`MAX_FAILED_LOGINS`].
+    failures: Mutex<VecDeque<std::time::Instant>>,
 }
 
 impl Sessions {
@@ -83,7 +89,25 @@ impl Sessions {
             login_csrf: random_token(),
             open: Mutex::default(),
             confirmations: Mutex::default(),
+            failures: Mutex::default(),
         }
+    }
+
+    /// Counts a failed login.
+    fn failed(&self) {
+        let mut f = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        f.push_back(std::time::Instant::now());
+        if f.len() > MAX_FAILED_LOGINS {
+            f.pop_front();
+        }
+    }
+
+    /// [`MAX_FAILED_LOGINS`] failures within the last minute.
+    fn throttled(&self) -> bool {
+        let f = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        f.len() >= MAX_FAILED_LOGINS
+            && f.front()
+                .is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(60))
     }
 
     fn open(&self, name: &str) -> String {
@@ -157,12 +181,31 @@ impl Console {
 
     /// Opens a session for `token` (the login form); its id for the cookie.
     pub(crate) fn log_in(&self, token: &str) -> Option<(String, String)> {
-        let name = self.token_name(token)?.to_owned();
+        let Some(name) = self.token_name(token).map(str::to_owned) else {
+            self.auth.failed();
+            return None;
+        };
         Some((self.auth.open(&name), name))
     }
 
     pub(crate) fn log_out(&self, session: &str) {
         self.auth.close(session);
+    }
+
+    /// Refuses every action when read-only.
+    pub(crate) fn writable(&self) -> Result<(), Refusal> {
+        if self.read_only {
+            return Err((
+                StatusCode::FORBIDDEN,
+                "the console is read-only (--read-only): no action is allowed\n".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether too many logins failed lately to try another now.
+    pub(crate) fn login_throttled(&self) -> bool {
+        self.auth.throttled()
     }
 
     /// Refuses every action when read-only; a POST without `actor`'s CSRF token
@@ -174,12 +217,7 @@ impl Console {
         csrf: &str,
         confirmation: &str,
     ) -> Result<(), Refusal> {
-        if self.read_only {
-            return Err((
-                StatusCode::FORBIDDEN,
-                "the console is read-only (--read-only): no action is allowed\n".into(),
-            ));
-        }
+        self.writable()?;
         if !actor.bearer && !same(csrf, self.csrf(actor)) {
             return Err((
                 StatusCode::FORBIDDEN,
@@ -396,6 +434,17 @@ mod tests {
         );
         h.insert("sec-fetch-site", HeaderValue::from_static("same-site"));
         assert!(cross_origin(&h).is_some());
+    }
+
+    #[test]
+    fn failed_logins_are_throttled() {
+        let s = Sessions::new([].iter());
+        for _ in 0..MAX_FAILED_LOGINS - 1 {
+            s.failed();
+        }
+        assert!(!s.throttled());
+        s.failed();
+        assert!(s.throttled());
     }
 
     #[test]

@@ -6,6 +6,7 @@
 
 use askama::Template;
 use axum::Extension;
+use axum::extract::rejection::FormRejection;
 use axum::extract::{Form, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -13,7 +14,7 @@ use serde::Deserialize;
 
 use super::State as AppState;
 use super::auth::{Actor, Refusal};
-use super::pages::{Base, IdQuery, MAX_FIELD, bad_request, render, show_body};
+use super::pages::{Base, IdQuery, MAX_FIELD, bad_request, render, render_as, show_body};
 use crate::tools::dlq::{self, DeadLetter, Filter, Grouper, ReplayOptions, Target};
 
 /// Dead letters the groups page samples by default, and at most.
@@ -415,7 +416,7 @@ pub(crate) async fn message(
         None if read_failed => StatusCode::BAD_GATEWAY,
         None => StatusCode::NOT_FOUND,
     };
-    (status, render(&page)).into_response()
+    render_as(status, &page)
 }
 
 // ---------------------------------------------------------------------------
@@ -538,7 +539,7 @@ struct DonePage {
 pub(crate) async fn replay(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,
-    Form(form): Form<ActionForm>,
+    form: Result<Form<ActionForm>, FormRejection>,
 ) -> Response {
     act(&state, &actor, form, "replay").await
 }
@@ -546,14 +547,27 @@ pub(crate) async fn replay(
 pub(crate) async fn purge(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,
-    Form(form): Form<ActionForm>,
+    form: Result<Form<ActionForm>, FormRejection>,
 ) -> Response {
     act(&state, &actor, form, "purge").await
 }
 
 /// Replays or purges what the confirmation page counted, at most
 /// `form.expected` messages, through `tools::dlq`; an event says who did it.
-async fn act(state: &AppState, actor: &Actor, form: ActionForm, action: &'static str) -> Response {
+async fn act(
+    state: &AppState,
+    actor: &Actor,
+    form: Result<Form<ActionForm>, FormRejection>,
+    action: &'static str,
+) -> Response {
+    // Read-only answers 403 to any action, well-formed or not.
+    if let Err(r) = state.writable() {
+        return r.into_response();
+    }
+    let form = match form {
+        Ok(Form(form)) => form,
+        Err(rejection) => return rejection.into_response(),
+    };
     if let Err(r) = form.selection.check() {
         return r.into_response();
     }
@@ -600,7 +614,7 @@ async fn act(state: &AppState, actor: &Actor, form: ActionForm, action: &'static
         expected: form.expected,
         problem,
     };
-    (status, render(&page)).into_response()
+    render_as(status, &page)
 }
 
 /// Moves at most `expected` messages, from no further than the confirmation page

@@ -49,8 +49,14 @@ impl Base {
 }
 
 pub(super) fn render(t: &impl Template) -> Response {
+    render_as(StatusCode::OK, t)
+}
+
+/// The page with `status`; a page that cannot be rendered is a 500 whatever the
+/// status was to be.
+pub(super) fn render_as(status: StatusCode, t: &impl Template) -> Response {
     match t.render() {
-        Ok(html) => Html(html).into_response(),
+        Ok(html) => (status, Html(html)).into_response(),
         Err(e) => (
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("rendering the page: {e}\n"),
@@ -383,7 +389,7 @@ pub(crate) async fn inbox(
     } else {
         StatusCode::OK
     };
-    (status, render(&page)).into_response()
+    render_as(status, &page)
 }
 
 struct BatchRow {
@@ -471,7 +477,7 @@ pub(crate) async fn batches(
         rows,
         problem,
     };
-    (status, render(&page)).into_response()
+    render_as(status, &page)
 }
 
 // ---------------------------------------------------------------------------
@@ -503,12 +509,19 @@ pub(crate) async fn login(State(state): State<AppState>, Form(form): Form<LoginF
     if !super::auth::same(&form.csrf, state.login_csrf()) {
         return (StatusCode::FORBIDDEN, "the form's CSRF token is wrong\n").into_response();
     }
+    if state.login_throttled() {
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many failed logins in the last minute: wait, then try again\n",
+        )
+            .into_response();
+    }
     let Some((session, name)) = state.log_in(&form.token) else {
         let page = LoginPage {
             csrf: state.login_csrf().to_owned(),
             failed: true,
         };
-        return (StatusCode::UNAUTHORIZED, render(&page)).into_response();
+        return render_as(StatusCode::UNAUTHORIZED, &page);
     };
     tracing::info!(target: "txq::console", actor = %name, "console login");
     let cookie = format!("{COOKIE}={session}; HttpOnly; SameSite=Strict; Path=/");

@@ -540,6 +540,20 @@ async fn off_loopback_needs_a_token_posts_need_csrf_and_read_only_hides_actions(
         .await
         .expect("GET");
     assert_eq!(r.status().as_u16(), 303);
+    // Guessing: after 10 wrong tokens in a minute, logins are refused for a while,
+    // the right token included.
+    let (_, login) = get(&console.url("/login")).await;
+    let login_with = |token: &'static str| {
+        http()
+            .post(console.url("/login"))
+            .form(&[("csrf", csrf_of(&login)), ("token", token.to_owned())])
+    };
+    for _ in 0..10 {
+        let r = login_with("not-a-token-at-all").send().await.expect("POST");
+        assert_eq!(r.status().as_u16(), 401);
+    }
+    let r = login_with(ALICE).send().await.expect("POST");
+    assert_eq!(r.status().as_u16(), 429);
     let log = console.stop().await;
     assert!(log.contains("actor=alice"), "{log}");
 
@@ -563,6 +577,13 @@ async fn off_loopback_needs_a_token_posts_need_csrf_and_read_only_hides_actions(
         .expect("POST");
     assert_eq!(r.status().as_u16(), 403);
     assert!(r.text().await.expect("body").contains("read-only"));
+    let r = http()
+        .post(console.url("/dead-letters/replay"))
+        .body("not a form")
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(r.status().as_u16(), 403, "read-only whatever the body");
     assert_eq!(client.depth(&dlq).await, 2);
     console.stop().await;
 }
