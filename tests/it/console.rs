@@ -84,13 +84,7 @@ fn console_command(
     env: &[(&str, &str)],
     args: &[&str],
 ) -> tokio::process::Command {
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_txq"));
-    for (name, _) in std::env::vars_os() {
-        let name = name.to_string_lossy().into_owned();
-        if name.starts_with("TXQ_") && !name.starts_with("TXQ_TEST_") {
-            cmd.env_remove(name);
-        }
-    }
+    let mut cmd = crate::support::txq_command();
     cmd.arg("console")
         .args(args)
         .env("TXQ_CONSOLE__LISTEN", "127.0.0.1:0")

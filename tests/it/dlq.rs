@@ -65,14 +65,7 @@ fn txq_at(amqp: &str, queue: &str, args: &[&str]) -> Txq {
 
 /// The same as a process to watch (its stdout and stderr piped).
 fn txq_command(amqp: &str, queue: &str, args: &[&str]) -> tokio::process::Command {
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_txq"));
-    // As Txq::new: none of the test environment's TXQ_* settings.
-    for (name, _) in std::env::vars_os() {
-        let name = name.to_string_lossy().into_owned();
-        if name.starts_with("TXQ_") && !name.starts_with("TXQ_TEST_") {
-            cmd.env_remove(name);
-        }
-    }
+    let mut cmd = crate::support::txq_command();
     cmd.args(args)
         .env("TXQ_AMQP_URL", amqp)
         .env("TXQ_QUEUE", queue)

@@ -18,7 +18,9 @@ pub use amqp::{
     Client, Collector, RabbitUser, Reply, Request, by_status, correlation_ids, publish_raw,
     rabbitmqctl, transfers,
 };
-pub use process::{Alive, RunningWorker, Txq, TxqOutput, TxqProcess, config, http_get, spawn_bank};
+pub use process::{
+    Alive, RunningWorker, Txq, TxqOutput, TxqProcess, config, http_get, spawn_bank, txq_command,
+};
 pub use proxy::{Blackhole, Proxy};
 pub use services::{TestDb, amqp_url, exec};
 // The servers' admin URLs, for tests that connect beside their own database.

@@ -132,6 +132,19 @@ pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     Some((status, body))
 }
 
+/// The `txq` binary without the test environment's `TXQ_*` settings (but
+/// `TXQ_TEST_*`): each test sets what it means.
+pub fn txq_command() -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_txq"));
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy().into_owned();
+        if name.starts_with("TXQ_") && !name.starts_with("TXQ_TEST_") {
+            command.env_remove(name);
+        }
+    }
+    command
+}
+
 /// A worker that can die under a test: waits on it fail at once when it did,
 /// instead of timing out minutes later.
 pub trait Alive {
@@ -204,13 +217,7 @@ impl Txq {
         I: IntoIterator<Item = S>,
         S: AsRef<std::ffi::OsStr>,
     {
-        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_txq"));
-        for (name, _) in std::env::vars_os() {
-            let name = name.to_string_lossy().into_owned();
-            if name.starts_with("TXQ_") && !name.starts_with("TXQ_TEST_") {
-                command.env_remove(name);
-            }
-        }
+        let mut command = txq_command();
         let log = rust_log();
         command
             .args(args)
