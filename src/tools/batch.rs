@@ -101,18 +101,7 @@ pub async fn run(config: &Config, command: BatchCommand) -> ExitCode {
 }
 
 async fn run_command(config: &Config, command: BatchCommand) -> Result<u8, String> {
-    let options = crate::db::PoolOptions {
-        max_connections: 1,
-        ..config.pool_options()
-    };
-    let db = crate::Db::connect(config.database_url.expose(), &options)
-        .await
-        .map_err(|e| format!("connecting to {}: {e}", config.database_url))?;
-    // A database no worker has used yet has no batch table: make it, so the
-    // answer is "no such batch" rather than an SQL error.
-    crate::db::migrate(&db)
-        .await
-        .map_err(|e| format!("migrating: {e}"))?;
+    let db = super::connect_migrated(config).await?;
     let read = |e: sqlx::Error| format!("reading txq_batches: {e}");
     match command {
         BatchCommand::Status { id, json, .. } => {

@@ -54,18 +54,7 @@ pub async fn run(config: &Config, args: WorkersArgs) -> ExitCode {
 }
 
 async fn read(config: &Config) -> Result<Vec<WorkerRow>, String> {
-    let options = crate::db::PoolOptions {
-        max_connections: 1,
-        ..config.pool_options()
-    };
-    let db = crate::Db::connect(config.database_url.expose(), &options)
-        .await
-        .map_err(|e| format!("connecting to {}: {e}", config.database_url))?;
-    // A database no worker has used yet has no fleet table: make it, so the
-    // answer is "no workers" rather than an SQL error.
-    crate::db::migrate(&db)
-        .await
-        .map_err(|e| format!("migrating: {e}"))?;
+    let db = super::connect_migrated(config).await?;
     let rows = fleet::workers(&db)
         .await
         .map_err(|e| format!("reading txq_workers: {e}"))?;
