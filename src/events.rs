@@ -396,6 +396,12 @@ pub(crate) fn heartbeat_failed(error: &dyn std::fmt::Display) {
     counter!("txq_heartbeat_failures_total").increment(1);
 }
 
+/// Someone logged in to the console with the token named `actor`.
+#[cfg(feature = "cli")]
+pub(crate) fn console_login(actor: &str) {
+    tracing::info!(target: "txq::console", actor = %actor, "console login");
+}
+
 /// An operator acted in the console (replay, purge): who (the token's name, or
 /// `local`), on what selection, and how many messages it moved.
 #[cfg(feature = "cli")]

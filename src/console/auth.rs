@@ -164,7 +164,9 @@ impl Sessions {
 impl Console {
     /// The name of the token `sent`, if it is one. Every token is compared.
     pub(crate) fn token_name(&self, sent: &str) -> Option<&str> {
-        self.tokens
+        self.config
+            .console
+            .tokens
             .iter()
             .filter(|(_, secret)| same(secret.expose(), sent))
             .fold(None, |found, (name, _)| found.or(Some(name.as_str())))
@@ -194,7 +196,7 @@ impl Console {
 
     /// Refuses every action when read-only.
     pub(crate) fn writable(&self) -> Result<(), Refusal> {
-        if self.read_only {
+        if self.config.console.read_only {
             return Err((
                 StatusCode::FORBIDDEN,
                 "the console is read-only (--read-only): no action is allowed\n".into(),
@@ -330,7 +332,7 @@ pub(crate) async fn guard(
 #[allow(clippy::result_large_err)] // the refusal is the response itself
 fn check(state: &Console, request: &mut Request) -> Result<(), Response> {
     let headers = request.headers();
-    if state.tokens.is_empty() {
+    if state.config.console.tokens.is_empty() {
         let host = headers
             .get(header::HOST)
             .and_then(|v| v.to_str().ok())
@@ -345,7 +347,7 @@ fn check(state: &Console, request: &mut Request) -> Result<(), Response> {
     let path = request.uri().path();
     let public = path == "/login" || path.starts_with("/static/");
     let sent_bearer = bearer(headers);
-    let actor = if state.tokens.is_empty() {
+    let actor = if state.config.console.tokens.is_empty() {
         Some(Actor {
             name: LOCAL.into(),
             bearer: false,

@@ -45,14 +45,20 @@ pub(crate) struct Selection {
 }
 
 impl Selection {
-    fn check(&self) -> Result<(), Refusal> {
-        for (name, v) in [
+    /// The fields by their query names.
+    fn fields(&self) -> [(&'static str, &String); 6] {
+        [
             ("type", &self.job_type),
             ("kind", &self.kind),
             ("grep", &self.grep),
             ("fingerprint", &self.fingerprint),
             ("id", &self.id),
-        ] {
+            ("untyped", &self.untyped),
+        ]
+    }
+
+    fn check(&self) -> Result<(), Refusal> {
+        for (name, v) in self.fields() {
             if v.len() > MAX_FIELD {
                 return Err((
                     StatusCode::BAD_REQUEST,
@@ -82,14 +88,7 @@ impl Selection {
     /// The selection as a query string, for links.
     fn query(&self) -> String {
         let mut q = url::form_urlencoded::Serializer::new(String::new());
-        for (k, v) in [
-            ("type", &self.job_type),
-            ("kind", &self.kind),
-            ("grep", &self.grep),
-            ("fingerprint", &self.fingerprint),
-            ("id", &self.id),
-            ("untyped", &self.untyped),
-        ] {
+        for (k, v) in self.fields() {
             if !v.is_empty() {
                 q.append_pair(k, v);
             }
@@ -453,12 +452,8 @@ pub(crate) async fn confirm(
     if let Err(r) = q.selection.check() {
         return r.into_response();
     }
-    if state.read_only {
-        return (
-            StatusCode::FORBIDDEN,
-            "the console is read-only (--read-only): no action is allowed\n",
-        )
-            .into_response();
+    if let Err(r) = state.writable() {
+        return r.into_response();
     }
     let action = match q.action.as_str() {
         "replay" => "replay",

@@ -16,7 +16,6 @@ mod dead_letters;
 mod pages;
 mod read;
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -24,7 +23,7 @@ use axum::Router;
 use axum::routing::{get, post};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, Secret};
+use crate::config::Config;
 use crate::db::Db;
 
 /// Why the console could not start.
@@ -55,8 +54,6 @@ pub enum ConsoleError {
 pub(crate) struct Console {
     config: Config,
     db: Db,
-    tokens: BTreeMap<String, Secret>,
-    read_only: bool,
     /// Sessions, CSRF tokens and confirmations (`auth.rs`).
     auth: auth::Sessions,
     broker: read::Broker,
@@ -100,8 +97,6 @@ pub async fn serve(
         .map_err(|source| ConsoleError::Bind { addr, source })?;
     let state = Arc::new(Console {
         auth: auth::Sessions::new(config.console.tokens.keys()),
-        tokens: config.console.tokens.clone(),
-        read_only: config.console.read_only,
         broker: read::Broker::new(&config),
         dlq: tokio::sync::Mutex::new(()),
         config,

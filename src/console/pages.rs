@@ -40,9 +40,9 @@ impl Base {
         Self {
             title,
             actor: actor.name.clone(),
-            read_only: state.read_only,
+            read_only: state.config.console.read_only,
             csrf: state.csrf(actor).to_owned(),
-            logout: !state.tokens.is_empty(),
+            logout: !state.config.console.tokens.is_empty(),
             refresh: false,
         }
     }
@@ -523,7 +523,7 @@ pub(crate) async fn login(State(state): State<AppState>, Form(form): Form<LoginF
         };
         return render_as(StatusCode::UNAUTHORIZED, &page);
     };
-    tracing::info!(target: "txq::console", actor = %name, "console login");
+    crate::events::console_login(&name);
     let cookie = format!("{COOKIE}={session}; HttpOnly; SameSite=Strict; Path=/");
     ([(header::SET_COOKIE, cookie)], Redirect::to("/")).into_response()
 }
