@@ -247,11 +247,19 @@ async fn old_rows_read_gone_and_are_pruned(backend: Backend) {
     )
     .await;
     let own = row_where(&mut worker, db, &requests, "the worker's row", |_| true).await;
+    // A prune is two statements (workers, then minutes): wait for both, or the
+    // check below could land between them.
     let left = worker
-        .eventually("the dead worker's row pruned", || async {
-            let rows = fleet::workers(db).await.expect("workers");
-            (!rows.iter().any(|w| w.id == "dead")).then_some(rows)
-        })
+        .eventually(
+            "the dead worker's row and the old minute pruned",
+            || async {
+                let rows = fleet::workers(db).await.expect("workers");
+                let minutes = fleet::throughput(db, 0).await.expect("throughput");
+                let pruned = !rows.iter().any(|w| w.id == "dead")
+                    && !minutes.iter().any(|m| m.minute_ms == old);
+                pruned.then_some(rows)
+            },
+        )
         .await;
     let now = now_ms();
     let states: Vec<(&str, bool)> = left
