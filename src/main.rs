@@ -453,25 +453,29 @@ async fn run_worker(config: Config, args: RunArgs) -> anyhow::Result<ExitCode> {
         Some(_) => Some(txq::http::install_recorder()?),
         None => None,
     };
-    let db = txq::Db::connect(config.database_url.expose(), &config.pool_options())
-        .await
-        .with_context(|| format!("connecting to {}", config.database_url))?;
+    let backend = txq::Backend::from_url(config.database_url.expose())?;
     if let Some(path) = &args.init_sql {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let db = txq::Db::connect(config.database_url.expose(), &config.pool_options())
+            .await
+            .with_context(|| format!("connecting to {}", config.database_url))?;
         db.execute_sql_file(&text)
             .await
             .with_context(|| format!("running {}", path.display()))?;
+        db.close().await;
         info!(file = %path.display(), "ran the init SQL");
     }
-    let mut builder = Worker::builder(config).database(db.clone());
+    // The worker connects itself, so that it can give jobs a pool of their own
+    // where that spares a round trip (`Worker::database`).
+    let mut builder = Worker::builder(config);
     match &args.ops {
         Some(path) => {
             let ops = txq::sqlops::load(path)?;
             for w in &ops.warnings {
                 tracing::warn!("{w}");
             }
-            builder = ops.register(builder, db.backend())?;
+            builder = ops.register(builder, backend)?;
             info!(operations = ops.operations.len(), file = %path.display(), "loaded operations");
         }
         None => builder = builder.handler("echo", Echo),

@@ -59,9 +59,15 @@ async fn main() -> anyhow::Result<()> {
     // The same metrics as `txq run` are recorded (and so costed in benchmarks);
     // tests run several of these at once, so none serves a port.
     let _metrics = txq::http::install_recorder().context("metrics recorder")?;
-    let db = txq::Db::connect(config.database_url.expose(), &config.pool_options())
-        .await
-        .with_context(|| format!("connecting to {}", config.database_url))?;
+    // The worker connects itself (jobs on MySQL/MariaDB get a pool of their own,
+    // `Worker::database`); setup and the totals use its pool.
+    let load_config = config.clone();
+    let worker = Worker::builder(config)
+        .handler("transfer", handlers::Transfer)
+        .handler("noop", handlers::Noop)
+        .build()
+        .await?;
+    let db = worker.db().clone();
     if args.setup {
         handlers::setup(&db, args.accounts)
             .await
@@ -73,18 +79,12 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     if args.load > 0 {
-        load(&config, args.load, args.accounts).await?;
-        println!("published {} transfers to {}", args.load, config.queue);
+        load(&load_config, args.load, args.accounts).await?;
+        println!("published {} transfers to {}", args.load, load_config.queue);
     }
     if args.no_run {
         return Ok(());
     }
-    let worker = Worker::builder(config)
-        .handler("transfer", handlers::Transfer)
-        .handler("noop", handlers::Noop)
-        .database(db.clone())
-        .build()
-        .await?;
     let shutdown = CancellationToken::new();
     let stop = shutdown.clone();
     tokio::spawn(async move {

@@ -116,6 +116,58 @@ impl JobBegins {
     }
 }
 
+/// Where a worker's job transactions come from.
+#[derive(Debug, Clone)]
+pub(crate) enum JobPool {
+    /// The worker's pool: each transaction opens with its job type's statement
+    /// ([`JobBegins::statement`]).
+    Shared(Db),
+    /// MySQL/MariaDB sessions with autocommit off, used for job transactions
+    /// only: a transaction opens with its first statement, which spares the
+    /// `BEGIN` round trip (BENCHMARKS.md, round 5). Every transaction ends in
+    /// COMMIT or ROLLBACK before its connection goes back to the pool; one that
+    /// did not end closes its connection, which rolls it back ([`Tx`]). Anything
+    /// else run here would open a transaction nobody ends, hence a pool of its own.
+    Implicit(MySqlPool),
+}
+
+impl JobPool {
+    /// The pool for a worker that connected to `url` itself: on MySQL/MariaDB a
+    /// second pool with autocommit off, made like `db`'s; elsewhere `db`.
+    pub(crate) async fn for_worker(
+        db: &Db,
+        url: &str,
+        options: &PoolOptions,
+    ) -> Result<Self, DbError> {
+        Ok(match db {
+            Db::MySql(_) => Self::Implicit(mysql_pool(url, options, true).await?),
+            _ => Self::Shared(db.clone()),
+        })
+    }
+
+    /// Begins a job's transaction: `statement` ([`JobBegins::statement`]) on the
+    /// shared pool; on the implicit pool nothing when it is a bare `BEGIN`, or
+    /// else the statement (session limits of its own, an isolation level), whose
+    /// `BEGIN` an autocommit-off session takes as well.
+    pub(crate) async fn begin(&self, statement: &Arc<str>) -> Result<Tx, sqlx::Error> {
+        match self {
+            Self::Shared(db) => db.begin_job(statement).await,
+            Self::Implicit(pool) => {
+                let mut conn = pool.acquire().await?;
+                if &**statement != "BEGIN" {
+                    use sqlx::Executor as _;
+                    if let Err(e) = conn.execute(AssertSqlSafe(statement.clone())).await {
+                        // How far it got is unknown: the connection goes, not back.
+                        conn.close_on_drop();
+                        return Err(e);
+                    }
+                }
+                Ok(Tx::implicit(conn))
+            }
+        }
+    }
+}
+
 /// Errors from setting up the database.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -148,6 +200,47 @@ where
         Ok(Err(e)) => Err(DbError::Sqlx(e)),
         Err(_) => Err(DbError::ConnectTimeout(limit)),
     }
+}
+
+/// A MySQL/MariaDB pool. Every session gets `options.session_timeout`; with
+/// `autocommit_off`, every session also runs with autocommit off, for
+/// [`JobPool::Implicit`].
+async fn mysql_pool(
+    url: &str,
+    options: &PoolOptions,
+    autocommit_off: bool,
+) -> Result<MySqlPool, DbError> {
+    // sqlx only knows the `mysql` scheme.
+    let url = url
+        .strip_prefix("mariadb")
+        .map_or_else(|| url.to_owned(), |rest| format!("mysql{rest}"));
+    let connect = MySqlConnectOptions::from_str(&url)?;
+    let session_timeout = options.session_timeout;
+    let pool = MySqlPoolOptions::new()
+        .max_connections(options.max_connections)
+        .acquire_timeout(options.acquire_timeout)
+        // A ping per acquire is a round trip per job; a dead connection fails
+        // the job's first statement instead, which is retried.
+        .test_before_acquire(false)
+        .after_connect(move |conn, _| {
+            Box::pin(async move {
+                use sqlx::Executor as _;
+                if let Some(timeout) = session_timeout {
+                    // Each server knows one of the two statement limits.
+                    let mariadb = dialect::mysql_session_timeouts(true, timeout);
+                    if conn.execute(AssertSqlSafe(mariadb)).await.is_err() {
+                        let mysql = dialect::mysql_session_timeouts(false, timeout);
+                        conn.execute(AssertSqlSafe(mysql)).await?;
+                    }
+                }
+                if autocommit_off {
+                    conn.execute("SET SESSION autocommit = 0").await?;
+                }
+                Ok(())
+            })
+        });
+    probe(&connect, options.acquire_timeout).await?;
+    Ok(pool.connect_with(connect).await?)
 }
 
 /// Pool settings.
@@ -194,36 +287,7 @@ impl Db {
     pub async fn connect(url: &str, options: &PoolOptions) -> Result<Self, DbError> {
         let backend = Backend::from_url(url)?;
         let db = match backend {
-            Backend::MySql => {
-                // sqlx only knows the `mysql` scheme.
-                let url = url
-                    .strip_prefix("mariadb")
-                    .map_or_else(|| url.to_owned(), |rest| format!("mysql{rest}"));
-                let connect = MySqlConnectOptions::from_str(&url)?;
-                let mut pool = MySqlPoolOptions::new()
-                    .max_connections(options.max_connections)
-                    .acquire_timeout(options.acquire_timeout)
-                    // A ping per acquire is a round trip per job; a dead
-                    // connection fails the job's BEGIN instead, which is retried.
-                    .test_before_acquire(false);
-                if let Some(timeout) = options.session_timeout {
-                    pool = pool.after_connect(move |conn, _| {
-                        Box::pin(async move {
-                            use sqlx::Executor as _;
-                            // Each server knows one of the two statement limits.
-                            let mariadb = dialect::mysql_session_timeouts(true, timeout);
-                            if conn.execute(AssertSqlSafe(mariadb)).await.is_err() {
-                                let mysql = dialect::mysql_session_timeouts(false, timeout);
-                                conn.execute(AssertSqlSafe(mysql)).await?;
-                            }
-                            Ok(())
-                        })
-                    });
-                }
-                probe(&connect, options.acquire_timeout).await?;
-                let pool = pool.connect_with(connect).await?;
-                Self::MySql(pool)
-            }
+            Backend::MySql => Self::MySql(mysql_pool(url, options, false).await?),
             Backend::Postgres => {
                 let mut connect = PgConnectOptions::from_str(url)?;
                 if let Some(timeout) = options.session_timeout {

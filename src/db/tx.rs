@@ -1,6 +1,10 @@
 //! The transaction a job's handler works in.
 
-use sqlx::{MySql, MySqlConnection, PgConnection, Postgres, Sqlite, SqliteConnection, Transaction};
+use sqlx::pool::PoolConnection;
+use sqlx::{
+    Executor as _, MySql, MySqlConnection, PgConnection, Postgres, Sqlite, SqliteConnection,
+    Transaction,
+};
 
 use super::Backend;
 
@@ -18,6 +22,8 @@ pub struct Tx {
 #[derive(Debug)]
 enum Inner {
     MySql(Transaction<'static, MySql>),
+    /// On a session with autocommit off ([`JobPool::Implicit`](super::JobPool)).
+    MySqlImplicit(Implicit),
     Postgres(Transaction<'static, Postgres>),
     Sqlite(Transaction<'static, Sqlite>),
 }
@@ -37,7 +43,7 @@ impl Tx {
     /// Which backend the transaction runs on.
     pub fn backend(&self) -> Backend {
         match self.inner {
-            Inner::MySql(_) => Backend::MySql,
+            Inner::MySql(_) | Inner::MySqlImplicit(_) => Backend::MySql,
             Inner::Postgres(_) => Backend::Postgres,
             Inner::Sqlite(_) => Backend::Sqlite,
         }
@@ -47,6 +53,7 @@ impl Tx {
     pub fn conn(&mut self) -> Conn<'_> {
         match &mut self.inner {
             Inner::MySql(tx) => Conn::MySql(tx),
+            Inner::MySqlImplicit(tx) => Conn::MySql(&mut tx.conn),
             Inner::Postgres(tx) => Conn::Postgres(tx),
             Inner::Sqlite(tx) => Conn::Sqlite(tx),
         }
@@ -58,6 +65,7 @@ impl Tx {
     pub async fn commit(self) -> Result<(), sqlx::Error> {
         match self.inner {
             Inner::MySql(tx) => tx.commit().await,
+            Inner::MySqlImplicit(tx) => tx.end("COMMIT").await,
             Inner::Postgres(tx) => tx.commit().await,
             Inner::Sqlite(tx) => tx.commit().await,
         }
@@ -67,8 +75,45 @@ impl Tx {
     pub async fn rollback(self) -> Result<(), sqlx::Error> {
         match self.inner {
             Inner::MySql(tx) => tx.rollback().await,
+            Inner::MySqlImplicit(tx) => tx.end("ROLLBACK").await,
             Inner::Postgres(tx) => tx.rollback().await,
             Inner::Sqlite(tx) => tx.rollback().await,
+        }
+    }
+}
+
+impl Tx {
+    /// The transaction an autocommit-off session opens with its next statement.
+    pub(super) fn implicit(conn: PoolConnection<MySql>) -> Self {
+        Self {
+            inner: Inner::MySqlImplicit(Implicit { conn, ended: false }),
+        }
+    }
+}
+
+/// A transaction on a MySQL/MariaDB session with autocommit off: it began
+/// with its first statement and ends with COMMIT or ROLLBACK. Until it has
+/// ended, its connection must not go back to the pool, where the next user
+/// would run inside it; so one dropped before (a timeout, a panic, a failed
+/// COMMIT) closes its connection instead, and the server rolls it back.
+#[derive(Debug)]
+struct Implicit {
+    conn: PoolConnection<MySql>,
+    ended: bool,
+}
+
+impl Implicit {
+    async fn end(mut self, statement: &'static str) -> Result<(), sqlx::Error> {
+        self.conn.execute(statement).await?;
+        self.ended = true;
+        Ok(())
+    }
+}
+
+impl Drop for Implicit {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.conn.close_on_drop();
         }
     }
 }

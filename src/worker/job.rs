@@ -333,7 +333,7 @@ async fn attempt_once(
 ) -> Result<Done, AttemptError> {
     let limit = job.spec.timeout + TIMEOUT_MARGIN;
     let work = async {
-        let mut tx = ctx.db.begin_job(&job.spec.begin).await?;
+        let mut tx = ctx.jobs.begin(&job.spec.begin).await?;
         let entry = inbox.enter(&mut tx, meta.redelivered).await?;
         if entry == Entry::Taken {
             let _ = tx.rollback().await;

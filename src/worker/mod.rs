@@ -21,7 +21,7 @@ use tracing::{debug, info, warn};
 
 use crate::broker::{BrokerError, Publisher, Topology};
 use crate::config::{Config, ConfigError, SecretUrl};
-use crate::db::{Backend, Db, DbError};
+use crate::db::{Backend, Db, DbError, JobPool};
 use crate::handler::{Handler, Registry};
 use crate::health::Health;
 
@@ -149,7 +149,12 @@ impl WorkerBuilder {
         self
     }
 
-    /// Uses an existing pool instead of connecting to `config.database_url`.
+    /// Uses an existing pool instead of connecting to `config.database_url`, for
+    /// everything, jobs included: each job's transaction opens with a `BEGIN`.
+    /// Left to connect itself, a worker on MySQL/MariaDB gives jobs a second pool
+    /// whose sessions run with autocommit off, so a transaction opens with its
+    /// first statement and saves that round trip; it cannot do that beside a pool
+    /// whose sessions it did not set up.
     pub fn database(mut self, db: Db) -> Self {
         self.db = Some(db);
         self
@@ -164,7 +169,7 @@ impl WorkerBuilder {
             return Err(WorkerError::NoHandlers);
         }
         check_job_sections(&config, &self.registry)?;
-        let db = connect_db(&config, self.db).await?;
+        let (db, jobs) = connect_db(&config, self.db).await?;
         let specs = job_specs(&config, &self.registry, &db).await?;
         let shared = Shared {
             amqp_url: config.amqp_url.clone(),
@@ -182,6 +187,7 @@ impl WorkerBuilder {
             connect_attempts: config.connect_attempts.get(),
             health: Health::default(),
             db,
+            jobs,
             batch_callback_timeout: self
                 .registry
                 .batch_callback()
@@ -214,10 +220,19 @@ impl WorkerBuilder {
 }
 
 /// The database, connected unless given, and migrated.
-async fn connect_db(config: &Config, given: Option<Db>) -> Result<Db, WorkerError> {
-    let db = match given {
-        Some(db) => db,
-        None => Db::connect(config.database_url.expose(), &config.pool_options()).await?,
+/// The worker's pool and where its jobs' transactions come from. A pool handed
+/// in is used for both, as it is: txq cannot know how its sessions were set up,
+/// so it makes no second pool beside it.
+async fn connect_db(config: &Config, given: Option<Db>) -> Result<(Db, JobPool), WorkerError> {
+    let (db, jobs) = match given {
+        Some(db) => (db.clone(), JobPool::Shared(db)),
+        None => {
+            let url = config.database_url.expose();
+            let options = config.pool_options();
+            let db = Db::connect(url, &options).await?;
+            let jobs = JobPool::for_worker(&db, url, &options).await?;
+            (db, jobs)
+        }
     };
     let pool = db.max_connections();
     if pool < u32::from(config.concurrency.get()) {
@@ -229,7 +244,7 @@ async fn connect_db(config: &Config, given: Option<Db>) -> Result<Db, WorkerErro
     }
     // The inbox's and the batches' tables.
     crate::db::migrate(&db).await?;
-    Ok(db)
+    Ok((db, jobs))
 }
 
 /// Each job type's BEGIN statement and timeout, with warnings for settings that
@@ -406,6 +421,9 @@ pub(crate) struct Shared {
     connect_attempts: u32,
     pub(crate) health: Health,
     pub(crate) db: Db,
+    /// Where job transactions come from: `db`, or on MySQL/MariaDB, when the
+    /// worker connected itself, a pool of its own with autocommit off.
+    pub(crate) jobs: JobPool,
     pub(crate) registry: Registry,
     pub(crate) specs: HashMap<String, JobSpec>,
     pub(crate) inbox: bool,

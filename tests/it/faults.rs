@@ -215,18 +215,19 @@ async fn cut_broker_connections_are_rebuilt_and_nothing_is_lost() {
     assert_exactly_once(&test_db, &client, &requests, &batch, &got).await;
 }
 
-async fn killed_database_connections_are_retried(backend: Backend) {
+/// `given`: the test's pool handed in, else the pools the worker makes itself.
+async fn killed_database_connections_are_retried(backend: Backend, given: bool) {
     const N: usize = 3000;
-    let (test_db, client, requests, replies) = fault_env(backend).await;
+    let (mut test_db, client, requests, replies) = fault_env(backend).await;
     let batch = transfers(N, ACCOUNTS, &replies);
     client.publish_all(&requests, &batch).await;
     let mut collector = Collector::start(&client, &replies).await;
-    let mut worker = RunningWorker::start(
-        Worker::builder(config(&test_db.url, &requests, &replies, 16))
-            .handler("transfer", bank::Transfer)
-            .database(test_db.db.clone()),
-    )
-    .await;
+    let mut builder = Worker::builder(config(&test_db.url, &requests, &replies, 16))
+        .handler("transfer", bank::Transfer);
+    if given {
+        builder = builder.database(test_db.db.clone());
+    }
+    let mut worker = RunningWorker::start(builder).await;
     let mut killed = 0;
     for seen in [300, 1200] {
         collector.wait_while(seen, &mut worker).await;
@@ -242,17 +243,27 @@ async fn killed_database_connections_are_retried(backend: Backend) {
     );
     worker.stop().await.expect("clean stop");
     let got = collector.stop();
+    if !given {
+        // The kills ended the idle connections of the test's own pool too, and
+        // no job ran on it to find that out.
+        test_db.reconnect().await;
+    }
     assert_exactly_once(&test_db, &client, &requests, &batch, &got).await;
 }
 
 #[tokio::test]
 async fn killed_mariadb_connections_are_retried_and_nothing_is_lost() {
-    killed_database_connections_are_retried(Backend::MySql).await;
+    killed_database_connections_are_retried(Backend::MySql, true).await;
+}
+
+#[tokio::test]
+async fn killed_mariadb_connections_of_jobs_own_pool_are_retried_and_nothing_is_lost() {
+    killed_database_connections_are_retried(Backend::MySql, false).await;
 }
 
 #[tokio::test]
 async fn terminated_postgres_backends_are_retried_and_nothing_is_lost() {
-    killed_database_connections_are_retried(Backend::Postgres).await;
+    killed_database_connections_are_retried(Backend::Postgres, true).await;
 }
 
 /// Panics on every request.
@@ -397,11 +408,13 @@ impl Handler for Hog {
 
 /// Where the job's database-side timeout is set: in each BEGIN (job types with
 /// different timeouts), or once per session when the pool was connected with the
-/// one timeout every type uses.
+/// one timeout every type uses; `OwnPools`: the same, on the pools a worker
+/// makes when it connects itself (on MariaDB, jobs' own with autocommit off).
 #[derive(Clone, Copy, PartialEq)]
 enum TimeoutVia {
     Begin,
     Session,
+    OwnPools,
 }
 
 async fn a_timed_out_job_releases_its_locks(backend: Backend, via: TimeoutVia) {
@@ -416,7 +429,11 @@ async fn a_timed_out_job_releases_its_locks(backend: Backend, via: TimeoutVia) {
                     ..JobConfig::default()
                 },
             );
-            test_db.db.clone()
+            Some(test_db.db.clone())
+        }
+        TimeoutVia::OwnPools => {
+            cfg.job_timeout = Duration::from_secs(1);
+            None
         }
         TimeoutVia::Session => {
             cfg.job_timeout = Duration::from_secs(1);
@@ -430,18 +447,18 @@ async fn a_timed_out_job_releases_its_locks(backend: Backend, via: TimeoutVia) {
                     .expect("read back"),
                 "the sessions carry the timeout, so BEGIN sets none"
             );
-            db
+            Some(db)
         }
     };
     cfg.retry.in_process_attempts = NonZeroU32::MIN;
     cfg.retry.max_attempts = NonZeroU32::new(2).expect("nonzero");
-    let worker = RunningWorker::start(
-        Worker::builder(cfg)
-            .handler("hog", Hog)
-            .handler("transfer", bank::Transfer)
-            .database(db.clone()),
-    )
-    .await;
+    let mut builder = Worker::builder(cfg)
+        .handler("hog", Hog)
+        .handler("transfer", bank::Transfer);
+    if let Some(db) = db {
+        builder = builder.database(db);
+    }
+    let worker = RunningWorker::start(builder).await;
     client
         .publish(
             &requests,
@@ -477,7 +494,7 @@ async fn a_timed_out_job_releases_its_locks(backend: Backend, via: TimeoutVia) {
         // statement limit, whichever ends first), and the hog holds its lock for
         // as long: a transfer queued right behind it may give up first.
         // Had the database not ended the hog, none could have proceeded.
-        TimeoutVia::Session => {
+        TimeoutVia::Session | TimeoutVia::OwnPools => {
             assert!(ok >= 1, "jobs on the same rows proceeded");
             for r in got.iter().filter(|r| r.correlation_id() != Some("hog")) {
                 let kind = &r.body["error"]["kind"];
@@ -521,6 +538,11 @@ async fn a_timed_out_job_on_mariadb_is_rolled_back_and_releases_its_locks() {
 #[tokio::test]
 async fn a_session_timeout_on_mariadb_rolls_back_and_releases_locks() {
     a_timed_out_job_releases_its_locks(Backend::MySql, TimeoutVia::Session).await;
+}
+
+#[tokio::test]
+async fn a_session_timeout_on_mariadb_jobs_own_pool_rolls_back_and_releases_locks() {
+    a_timed_out_job_releases_its_locks(Backend::MySql, TimeoutVia::OwnPools).await;
 }
 
 #[tokio::test]

@@ -18,6 +18,7 @@ mod faults;
 mod fleet;
 mod hardening;
 mod http_port;
+mod jobs_pool;
 mod observe;
 mod ops;
 mod ops_types;

@@ -97,6 +97,19 @@ impl TestDb {
         (admin_url, name)
     }
 
+    /// A fresh pool for the test's own reads, after `kill_connections` also ended
+    /// the idle connections of the one it had (pools do not test a connection
+    /// before handing it out).
+    pub async fn reconnect(&mut self) {
+        let options = PoolOptions {
+            max_connections: 4,
+            ..small_pool()
+        };
+        self.db = Db::connect(&self.url, &options)
+            .await
+            .expect("reconnect to the test database");
+    }
+
     /// Kills every server connection to this test's database (MariaDB `KILL`,
     /// PostgreSQL `pg_terminate_backend`); returns how many.
     pub async fn kill_connections(&self) -> usize {
