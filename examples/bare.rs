@@ -8,7 +8,9 @@
 //! broker-only limit). `--mode inbox` adds the one statement txq's inbox costs a
 //! first delivery (its row, written last before COMMIT): the hand-written loop
 //! that pays for deduplication as txq does, so the two can be compared like for
-//! like.
+//! like. `--reply txq` sends txq's reply instead of the bare one: its properties
+//! (`x-txq-*` headers, a fresh message_id, the content type and job type) and the
+//! mandatory flag, to measure what the reply contract costs.
 
 #[path = "bank/handlers.rs"]
 mod handlers;
@@ -40,6 +42,9 @@ struct Args {
     /// `broker` (no database)
     #[arg(long, default_value = "full", value_parser = ["full", "inbox", "broker"])]
     mode: String,
+    /// `bare` (correlation_id only) or `txq` (txq's reply properties, mandatory)
+    #[arg(long, default_value = "bare", value_parser = ["bare", "txq"])]
+    reply: String,
 }
 
 #[tokio::main]
@@ -89,6 +94,7 @@ async fn main() -> anyhow::Result<()> {
         let db = db.clone();
         let publish = publish.clone();
         let inbox = args.mode == "inbox";
+        let txq_reply = args.reply == "txq";
         tokio::spawn(async move {
             let id = delivery
                 .properties
@@ -109,19 +115,28 @@ async fn main() -> anyhow::Result<()> {
                 return;
             };
             if let Some(to) = delivery.properties.reply_to() {
-                let mut props = BasicProperties::default().with_delivery_mode(2);
-                if let Some(id) = delivery.properties.message_id() {
-                    props = props.with_correlation_id(id.clone());
-                }
+                let (props, options) = if txq_reply {
+                    let env = txq::broker::Envelope::from_properties(&delivery.properties, None);
+                    let headers = txq::broker::ReplyHeaders {
+                        status: "ok",
+                        attempts: 1,
+                        duplicate: false,
+                    };
+                    let mandatory = BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    };
+                    (txq::broker::reply_properties(&env, headers), mandatory)
+                } else {
+                    let mut props = BasicProperties::default().with_delivery_mode(2);
+                    if let Some(id) = delivery.properties.message_id() {
+                        props = props.with_correlation_id(id.clone());
+                    }
+                    (props, BasicPublishOptions::default())
+                };
                 let confirmed = async {
                     publish
-                        .basic_publish(
-                            "".into(),
-                            to.clone(),
-                            BasicPublishOptions::default(),
-                            &reply,
-                            props,
-                        )
+                        .basic_publish("".into(), to.clone(), options, &reply, props)
                         .await?
                         .await
                 }

@@ -4,6 +4,8 @@
 //! - `txq`: the bank example (Rust handlers) as a separate worker process;
 //! - `ops`: `txq run --ops examples/bank/ops.toml` (the SQL-file path);
 //! - `bare`: a straight-line lapin + sqlx loop (examples/bare.rs);
+//! - `bare-inbox`: the same plus the inbox row txq writes (bare --mode inbox);
+//! - `bare-contract`: bare-inbox replying as txq does (bare --reply txq);
 //! - `broker`: the same messaging without a database (bare --mode broker);
 //! - `db`: the same transaction on C connections without a broker (in process).
 //!
@@ -54,7 +56,9 @@ struct Args {
     #[arg(long, default_value_t = 3)]
     runs: usize,
     /// Comma-separated: txq, txq-batch (every request a member of one batch), ops,
-    /// bare, broker, db [default: txq,ops,bare,broker,db;
+    /// bare, bare-inbox (bare plus the inbox row), bare-contract (bare-inbox plus
+    /// txq's reply properties and mandatory flag), broker, db
+    /// [default: txq,ops,bare,broker,db;
     /// with --latency: bare,txq,ops]
     #[arg(long)]
     variants: Option<String>,
@@ -530,7 +534,7 @@ fn spawn_worker(
             c.args(["run", "--ops", "examples/bank/ops.toml"]);
             c
         }
-        "bare" | "bare-inbox" | "broker" => {
+        "bare" | "bare-inbox" | "bare-contract" | "broker" => {
             let mut c = tokio::process::Command::new(sibling("bare")?);
             c.args([
                 "--amqp-url",
@@ -545,10 +549,13 @@ fn spawn_worker(
                 "--mode",
                 match variant {
                     "bare" => "full",
-                    "bare-inbox" => "inbox",
+                    "bare-inbox" | "bare-contract" => "inbox",
                     _ => "broker",
                 },
             ]);
+            if variant == "bare-contract" {
+                c.args(["--reply", "txq"]);
+            }
             c
         }
         other => bail!("unknown variant {other}"),
