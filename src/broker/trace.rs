@@ -1,8 +1,6 @@
 //! W3C Trace Context: a job continues its request's trace, and what it publishes
 //! (reply, retry and dead-letter copies) carries the job as the parent.
 
-use std::fmt::Write as _;
-
 /// The job's place in a trace.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Trace {
@@ -68,12 +66,14 @@ fn parse(header: &str) -> Option<(&str, &str, &str)> {
 }
 
 fn random_hex(bytes: usize) -> String {
-    let mut out = String::with_capacity(bytes * 2);
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     loop {
-        out.clear();
-        for _ in 0..bytes {
-            let _ = write!(out, "{:02x}", rand::random::<u8>());
-        }
+        let out: String = (0..bytes)
+            .flat_map(|_| {
+                let b = rand::random::<u8>();
+                [HEX[usize::from(b >> 4)], HEX[usize::from(b & 15)]].map(char::from)
+            })
+            .collect();
         // All zeros is invalid in both fields.
         if out.bytes().any(|b| b != b'0') {
             return out;
