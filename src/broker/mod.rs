@@ -18,7 +18,7 @@ pub use envelope::{
 };
 #[cfg(feature = "cli")]
 pub use management::{PolicyError, PolicyReport, QueueRates, check_policies, queue_rates};
-pub use publisher::{PublishError, PublishOutcome, Publisher};
+pub use publisher::{Pipelined, PublishError, PublishOutcome, Publisher};
 pub use topology::{Topology, declare, queue_arguments, retry_queue_name};
 pub use trace::Trace;
 

@@ -1,9 +1,22 @@
-//! Publishing with publisher confirms.
+//! Publishing with publisher confirms, in two lanes.
 //!
-//! A small pool (deadpool) of confirm-mode channels: a publish borrows a channel only
-//! long enough to hand the frame over and waits for its confirm after returning it,
-//! so confirms of concurrent jobs are pipelined instead of serialised. A channel the
-//! broker closed is not recycled; the pool opens a fresh one.
+//! - **Exact** ([`Publisher::publish`]): one publish in flight at a time, on a
+//!   channel of its own, so its outcome is its own. lapin hands a returned
+//!   (unroutable, mandatory) message to whichever of the channel's confirms
+//!   completes next (and a multiple ack completes several, in no set order), so
+//!   with several publishes in flight on one channel a return can be reported to
+//!   a neighbour, and the returned one reported confirmed. Where a return drives a
+//!   decision (a retry or dead-letter copy whose queue is gone must requeue the
+//!   request, never ack it), that would lose a message.
+//! - **Pipelined** ([`Publisher::publish_pipelined`]): many in flight on one
+//!   shared channel, for replies. A publish holds the channel only while lapin
+//!   numbers it and queues its frames (one poll); the frames of concurrent jobs
+//!   are then written together and their confirms pipelined (BENCHMARKS.md,
+//!   round 5). A return is reported with the returned message's own routing key,
+//!   to whichever publish lapin gives it to: for logs, not decisions.
+//!
+//! Each lane is a deadpool of confirm-mode channels; a channel the broker closed
+//! is not recycled, the pool opens a fresh one.
 //!
 //! The broker closes a channel over *one* message it refuses (a `user_id` that is
 //! not the publisher's, a message over `max_message_size`), and every publish still
@@ -29,6 +42,22 @@ pub enum PublishOutcome {
     /// The broker confirmed it but could not route it (mandatory flag): the
     /// destination queue does not exist. Carries the broker's reply text.
     Returned(String),
+}
+
+/// How a pipelined publish ended ([`Publisher::publish_pipelined`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Pipelined {
+    /// The broker confirmed this publish and gave it no returned message.
+    Confirmed,
+    /// The broker returned *a* message published on the channel about then: this
+    /// one, or another in flight with it, which may then have got `Confirmed`.
+    Returned {
+        /// The returned message's own routing key (its destination queue).
+        routing_key: String,
+        /// The broker's reason.
+        reason: String,
+    },
 }
 
 /// Why a publish was not confirmed.
@@ -87,9 +116,19 @@ impl managed::Manager for ChannelManager {
 /// Publishes messages and waits for the broker's confirm. Cheap to clone.
 #[derive(Clone)]
 pub struct Publisher {
+    /// Pipelined publishes share these channels.
     pool: Pool<ChannelManager>,
+    /// One channel; an exact publish holds it until its confirm.
+    exact: Pool<ChannelManager>,
     connection: Arc<Connection>,
     lost: CancellationToken,
+}
+
+/// Which lane a publish takes.
+#[derive(Clone, Copy)]
+enum Lane {
+    Exact,
+    Pipelined,
 }
 
 impl std::fmt::Debug for Publisher {
@@ -105,15 +144,18 @@ impl Publisher {
     /// Cancelling `lost` (the connection is gone) fails every pending publish at
     /// once, instead of leaving it waiting for a confirm that cannot come.
     pub fn new(connection: Arc<Connection>, channels: usize, lost: CancellationToken) -> Self {
-        let pool = Pool::builder(ChannelManager {
-            connection: connection.clone(),
-        })
-        .max_size(channels.max(1))
-        .build()
-        // Only fails without a runtime for timeouts, and none are set.
-        .expect("a pool without timeouts always builds");
+        let pool = |size: usize| {
+            Pool::builder(ChannelManager {
+                connection: connection.clone(),
+            })
+            .max_size(size)
+            .build()
+            // Only fails without a runtime for timeouts, and none are set.
+            .expect("a pool without timeouts always builds")
+        };
         Self {
-            pool,
+            pool: pool(channels.max(1)),
+            exact: pool(1),
             connection,
             lost,
         }
@@ -121,7 +163,8 @@ impl Publisher {
 
     /// Publishes `body` through the default exchange to the queue `routing_key`
     /// (a queue name or a direct reply-to address), with the mandatory flag, and
-    /// waits for the broker's confirm.
+    /// waits for the broker's confirm. The outcome is this message's own (the
+    /// exact lane: one such publish at a time per publisher).
     pub async fn publish(
         &self,
         routing_key: &str,
@@ -139,20 +182,56 @@ impl Publisher {
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<PublishOutcome, PublishError> {
-        let exchange = ShortString::try_new(exchange).map_err(|_| PublishError::RoutingKey)?;
-        let routing_key =
-            ShortString::try_new(routing_key).map_err(|_| PublishError::RoutingKey)?;
-        let message = Message {
-            exchange,
-            routing_key,
-            body,
-            properties,
-        };
+        let message = Message::new(exchange, routing_key, body, properties)?;
+        let confirmation = self.confirm(&message, Lane::Exact).await?;
+        if confirmation.is_nack() {
+            return Err(PublishError::Nacked);
+        }
+        Ok(match confirmation.take_message() {
+            Some(returned) => PublishOutcome::Returned(returned.reply_text.to_string()),
+            None => PublishOutcome::Confirmed,
+        })
+    }
+
+    /// As [`publish`](Self::publish), alongside other publishes in flight on a
+    /// shared channel: for many at once, when a return only needs reporting
+    /// ([`Pipelined::Returned`] may be another's).
+    pub async fn publish_pipelined(
+        &self,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<Pipelined, PublishError> {
+        let message = Message::new("", routing_key, body, properties)?;
+        let confirmation = self.confirm(&message, Lane::Pipelined).await?;
+        if confirmation.is_nack() {
+            return Err(PublishError::Nacked);
+        }
+        Ok(match confirmation.take_message() {
+            Some(returned) => Pipelined::Returned {
+                routing_key: returned.delivery.routing_key.to_string(),
+                reason: returned.reply_text.to_string(),
+            },
+            None => Pipelined::Confirmed,
+        })
+    }
+
+    /// Publishes `m` in `lane`, or alone after its channel failed, and waits for
+    /// the broker's answer; fails at once when the connection is lost.
+    async fn confirm(
+        &self,
+        m: &Message<'_>,
+        lane: Lane,
+    ) -> Result<lapin::Confirmation, PublishError> {
         let work = async {
-            match self.publish_pooled(&message).await {
+            let sent = match lane {
+                Lane::Exact => self.publish_exact(m).await,
+                Lane::Pipelined => self.publish_pooled(m).await,
+            };
+            match sent {
                 Err(PublishError::Amqp(e)) if self.connection.status().connected() => {
                     tracing::debug!(error = %e, "publish failed with its channel; sending it again alone");
-                    self.publish_alone(&message).await
+                    self.publish_alone(m).await
                 }
                 other => other,
             }
@@ -163,34 +242,55 @@ impl Publisher {
         }
     }
 
-    async fn publish_pooled(&self, m: &Message<'_>) -> Result<PublishOutcome, PublishError> {
-        let confirm = {
-            let channel = self
-                .pool
-                .get()
-                .await
-                .map_err(|e| PublishError::Pool(e.to_string()))?;
-            m.send(&channel).await?
-            // The channel goes back to the pool here, before the confirm arrives.
+    /// The exact lane: the channel stays this publish's until its confirm.
+    async fn publish_exact(&self, m: &Message<'_>) -> Result<lapin::Confirmation, PublishError> {
+        let channel = self
+            .exact
+            .get()
+            .await
+            .map_err(|e| PublishError::Pool(e.to_string()))?;
+        Ok(m.send(Channel::clone(&channel)).await?.await?)
+    }
+
+    /// The pipelined lane.
+    async fn publish_pooled(&self, m: &Message<'_>) -> Result<lapin::Confirmation, PublishError> {
+        let pooled = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| PublishError::Pool(e.to_string()))?;
+        // A publish's confirm is matched to it by its number on the channel, which
+        // lapin gives it in the same step as it queues its frames, under two
+        // locks, not one: two publishes taking those steps at once on one channel
+        // could swap numbers. Both steps happen in the send's first poll, with no
+        // await between them, so that poll is made while the channel is this
+        // publish's alone; the rest (the I/O thread writing the frames, then the
+        // confirm) is waited for after the channel went back.
+        let mut send = std::pin::pin!(m.send(Channel::clone(&pooled)));
+        let first = std::future::poll_fn(|cx| std::task::Poll::Ready(send.as_mut().poll(cx))).await;
+        drop(pooled);
+        let confirm = match first {
+            std::task::Poll::Ready(sent) => sent?,
+            std::task::Poll::Pending => send.await?,
         };
-        confirmed(confirm.await?)
+        Ok(confirm.await?)
     }
 
     /// Sends `m` on a channel that carries nothing else, so a channel error is
     /// about `m`.
-    async fn publish_alone(&self, m: &Message<'_>) -> Result<PublishOutcome, PublishError> {
+    async fn publish_alone(&self, m: &Message<'_>) -> Result<lapin::Confirmation, PublishError> {
         let channel = self.connection.create_channel().await?;
         let sent = async {
             channel
                 .confirm_select(ConfirmSelectOptions::default())
                 .await?;
-            m.send(&channel).await?.await
+            m.send(channel.clone()).await?.await
         }
         .await;
         match sent {
             Ok(confirmation) => {
                 let _ = channel.close(200, "done".into()).await;
-                confirmed(confirmation)
+                Ok(confirmation)
             }
             Err(e) if self.connection.status().connected() && !channel.status().connected() => {
                 Err(PublishError::Refused(e.to_string()))
@@ -204,9 +304,10 @@ impl Publisher {
         self.connection.status().connected() && !self.lost.is_cancelled()
     }
 
-    /// Closes the pool's channels.
+    /// Closes the pools' channels.
     pub async fn close(&self) {
         self.pool.close();
+        self.exact.close();
     }
 }
 
@@ -218,8 +319,22 @@ struct Message<'a> {
     properties: BasicProperties,
 }
 
-impl Message<'_> {
-    async fn send(&self, channel: &Channel) -> lapin::Result<lapin::PublisherConfirm> {
+impl<'a> Message<'a> {
+    fn new(
+        exchange: &str,
+        routing_key: &str,
+        body: &'a [u8],
+        properties: BasicProperties,
+    ) -> Result<Self, PublishError> {
+        Ok(Self {
+            exchange: ShortString::try_new(exchange).map_err(|_| PublishError::RoutingKey)?,
+            routing_key: ShortString::try_new(routing_key).map_err(|_| PublishError::RoutingKey)?,
+            body,
+            properties,
+        })
+    }
+
+    async fn send(&self, channel: Channel) -> lapin::Result<lapin::PublisherConfirm> {
         let options = BasicPublishOptions {
             mandatory: true,
             ..BasicPublishOptions::default()
@@ -233,15 +348,5 @@ impl Message<'_> {
                 self.properties.clone(),
             )
             .await
-    }
-}
-
-fn confirmed(confirmation: lapin::Confirmation) -> Result<PublishOutcome, PublishError> {
-    if confirmation.is_nack() {
-        return Err(PublishError::Nacked);
-    }
-    match confirmation.take_message() {
-        Some(returned) => Ok(PublishOutcome::Returned(returned.reply_text.to_string())),
-        None => Ok(PublishOutcome::Confirmed),
     }
 }

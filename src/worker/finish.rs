@@ -14,7 +14,7 @@ use super::Context;
 use super::decide::{Disposition, Policy, decide};
 use super::outcome::{FailureKind, Outcome, Status, failed_body};
 use crate::broker::{
-    Envelope, PublishError, PublishOutcome, ReplyHeaders, bounded, headers, long_string,
+    Envelope, Pipelined, PublishError, PublishOutcome, ReplyHeaders, bounded, headers, long_string,
     reply_properties, with_headers,
 };
 use crate::db::batch::{self, BatchError, Completion, Count, Final};
@@ -392,7 +392,8 @@ fn without_identity(p: &lapin::BasicProperties) -> lapin::BasicProperties {
 }
 
 /// Publishes a copy txq is responsible for (retry, dead-letter): unroutable (its
-/// queue was deleted) is a failure, so the request is requeued, not acked.
+/// queue was deleted) is a failure, so the request is requeued, not acked. In
+/// the exact lane, so that the return is known to be this copy's.
 async fn publish_routed(
     ctx: &Context,
     queue: &str,
@@ -405,21 +406,27 @@ async fn publish_routed(
     }
 }
 
+/// Publishes a reply, pipelined with the other jobs' replies.
 async fn publish(
     ctx: &Context,
     queue: &str,
     body: &[u8],
     props: lapin::BasicProperties,
 ) -> Result<(), PublishError> {
-    match ctx.publisher.publish(queue, body, props).await? {
-        PublishOutcome::Confirmed => Ok(()),
-        PublishOutcome::Returned(text) => {
-            // The destination queue is gone (a requester that stopped waiting):
+    match ctx.publisher.publish_pipelined(queue, body, props).await? {
+        Pipelined::Returned {
+            routing_key,
+            reason,
+        } => {
+            // A destination queue is gone (a requester that stopped waiting):
             // nobody can be told. The job's effects stand and its reply stays in
-            // the inbox, so the request is still settled.
-            events::reply_returned(queue, &text);
+            // the inbox, so the request is still settled. Which reply it was is
+            // the returned message's routing key: lapin may hand a return to any
+            // publish in flight with it, all of them replies, all settled alike.
+            events::reply_returned(&routing_key, &reason);
             Ok(())
         }
+        Pipelined::Confirmed => Ok(()),
     }
 }
 

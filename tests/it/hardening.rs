@@ -12,7 +12,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
-use txq::broker::{PublishError, PublishOutcome, Publisher};
+use txq::broker::{Pipelined, PublishError, PublishOutcome, Publisher};
 use txq::config::{QueueType, SecretUrl};
 use txq::{Backend, Handler, JobError, JobMeta, Tx, Worker, with_conn};
 
@@ -164,7 +164,7 @@ async fn a_refused_publish_is_named_and_its_neighbours_go_through() {
         let queue = queue.clone();
         async move {
             let props = BasicProperties::default().with_message_id(format!("good-{i}").into());
-            publisher.publish(&queue, b"{}", props).await
+            publisher.publish_pipelined(&queue, b"{}", props).await
         }
     };
     let bad = {
@@ -173,7 +173,7 @@ async fn a_refused_publish_is_named_and_its_neighbours_go_through() {
         async move {
             // guest may not claim to be someone else.
             let props = BasicProperties::default().with_user_id("someone-else".into());
-            publisher.publish(&queue, b"{}", props).await
+            publisher.publish_pipelined(&queue, b"{}", props).await
         }
     };
     let (bad, goods) = tokio::join!(bad, futures_util::future::join_all((0..30).map(good)));
@@ -184,11 +184,7 @@ async fn a_refused_publish_is_named_and_its_neighbours_go_through() {
         other => panic!("expected a refusal, got {other:?}"),
     }
     for (i, g) in goods.into_iter().enumerate() {
-        assert_eq!(
-            g.expect("good publish"),
-            PublishOutcome::Confirmed,
-            "good-{i}"
-        );
+        assert_eq!(g.expect("good publish"), Pipelined::Confirmed, "good-{i}");
     }
     let kept = drain(&client, &queue).await;
     let ids: std::collections::HashSet<String> = kept
@@ -206,6 +202,73 @@ async fn a_refused_publish_is_named_and_its_neighbours_go_through() {
         kept.iter()
             .all(|m| m.delivery.properties.user_id().is_none())
     );
+}
+
+/// Publishes from tasks on several threads at once, a third of them to a queue
+/// that does not exist (mandatory: they come back). In the exact lane each
+/// outcome is the publish's own. In the pipelined lane lapin may hand a return to
+/// a neighbour, but every return is reported once, with its own routing key, and
+/// every publish is answered; had two publishes swapped their numbers on the
+/// channel, confirms would go astray or the broker would close it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_publishes_are_each_answered_and_exact_ones_exactly() {
+    let mut client = Client::new().await;
+    let queue = client.queue(&unique("sink")).await;
+    let missing = unique("no-such-queue");
+    let conn = std::sync::Arc::new(
+        Connection::connect(&amqp_url(), ConnectionProperties::default())
+            .await
+            .expect("connect"),
+    );
+    let publisher = Publisher::new(conn, 1, CancellationToken::new());
+    let to = |i: usize| if i % 3 == 0 { &missing } else { &queue };
+
+    const EXACT: usize = 300;
+    let tasks: Vec<_> = (0..EXACT)
+        .map(|i| {
+            let (publisher, to) = (publisher.clone(), to(i).clone());
+            tokio::spawn(async move {
+                // Persistent: their confirms wait for the disk, and so come in
+                // multiple acks that may cover a return.
+                let props = BasicProperties::default()
+                    .with_message_id(format!("e-{i}").into())
+                    .with_delivery_mode(2);
+                publisher.publish(&to, b"{}", props).await
+            })
+        })
+        .collect();
+    for (i, task) in tasks.into_iter().enumerate() {
+        match task.await.expect("publish task").expect("publish") {
+            PublishOutcome::Confirmed => assert_ne!(i % 3, 0, "e-{i} had no queue to go to"),
+            PublishOutcome::Returned(_) => assert_eq!(i % 3, 0, "e-{i} had a queue"),
+            other => panic!("e-{i}: {other:?}"),
+        }
+    }
+
+    const PIPELINED: usize = 600;
+    let tasks: Vec<_> = (0..PIPELINED)
+        .map(|i| {
+            let (publisher, to) = (publisher.clone(), to(i).clone());
+            tokio::spawn(async move {
+                let props = BasicProperties::default().with_message_id(format!("p-{i}").into());
+                publisher.publish_pipelined(&to, b"{}", props).await
+            })
+        })
+        .collect();
+    let mut returned = 0;
+    for task in tasks {
+        match task.await.expect("publish task").expect("publish") {
+            Pipelined::Confirmed => {}
+            Pipelined::Returned { routing_key, .. } => {
+                assert_eq!(routing_key, missing);
+                returned += 1;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(returned, PIPELINED.div_ceil(3), "each return reported once");
+    let kept = (EXACT - EXACT.div_ceil(3)) + (PIPELINED - PIPELINED.div_ceil(3));
+    assert_eq!(drain(&client, &queue).await.len(), kept);
 }
 
 /// A reply over `max_reply_bytes` is never committed into the inbox (where every
