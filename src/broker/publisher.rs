@@ -244,21 +244,13 @@ impl Publisher {
 
     /// The exact lane: the channel stays this publish's until its confirm.
     async fn publish_exact(&self, m: &Message<'_>) -> Result<lapin::Confirmation, PublishError> {
-        let channel = self
-            .exact
-            .get()
-            .await
-            .map_err(|e| PublishError::Pool(e.to_string()))?;
+        let channel = take(&self.exact).await?;
         Ok(m.send(Channel::clone(&channel)).await?.await?)
     }
 
     /// The pipelined lane.
     async fn publish_pooled(&self, m: &Message<'_>) -> Result<lapin::Confirmation, PublishError> {
-        let pooled = self
-            .pool
-            .get()
-            .await
-            .map_err(|e| PublishError::Pool(e.to_string()))?;
+        let pooled = take(&self.pool).await?;
         // A publish's confirm is matched to it by its number on the channel, which
         // lapin gives it in the same step as it queues its frames, under two
         // locks, not one: two publishes taking those steps at once on one channel
@@ -309,6 +301,15 @@ impl Publisher {
         self.pool.close();
         self.exact.close();
     }
+}
+
+/// A channel of `pool`, this publish's until dropped.
+async fn take(
+    pool: &Pool<ChannelManager>,
+) -> Result<managed::Object<ChannelManager>, PublishError> {
+    pool.get()
+        .await
+        .map_err(|e| PublishError::Pool(e.to_string()))
 }
 
 /// One message to publish, through the default or a named exchange, mandatory.
