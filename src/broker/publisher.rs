@@ -1,7 +1,7 @@
 //! Publishing with publisher confirms, in two lanes.
 //!
-//! - **Exact** ([`Publisher::publish`]): one publish in flight at a time, on a
-//!   channel of its own, so its outcome is its own. lapin hands a returned
+//! - **Exact** ([`Publisher::publish`]): one publish in flight at a time on each
+//!   of its 4 channels, so its outcome is its own. lapin hands a returned
 //!   (unroutable, mandatory) message to whichever of the channel's confirms
 //!   completes next (and a multiple ack completes several, in no set order), so
 //!   with several publishes in flight on one channel a return can be reported to
@@ -118,11 +118,16 @@ impl managed::Manager for ChannelManager {
 pub struct Publisher {
     /// Pipelined publishes share these channels.
     pool: Pool<ChannelManager>,
-    /// One channel; an exact publish holds it until its confirm.
+    /// An exact publish holds its channel until its confirm.
     exact: Pool<ChannelManager>,
     connection: Arc<Connection>,
     lost: CancellationToken,
 }
+
+/// Channels of the exact lane, each carrying one publish at a time: copies of
+/// failing jobs (a flood of poison, a database outage) go out this many at once,
+/// not one broker round trip after another.
+const EXACT_CHANNELS: usize = 4;
 
 /// Which lane a publish takes.
 #[derive(Clone, Copy)]
@@ -155,7 +160,7 @@ impl Publisher {
         };
         Self {
             pool: pool(channels.max(1)),
-            exact: pool(1),
+            exact: pool(EXACT_CHANNELS),
             connection,
             lost,
         }
@@ -164,7 +169,7 @@ impl Publisher {
     /// Publishes `body` through the default exchange to the queue `routing_key`
     /// (a queue name or a direct reply-to address), with the mandatory flag, and
     /// waits for the broker's confirm. The outcome is this message's own (the
-    /// exact lane: one such publish at a time per publisher).
+    /// exact lane: a channel carries one such publish at a time).
     pub async fn publish(
         &self,
         routing_key: &str,
