@@ -28,6 +28,7 @@
 use std::sync::Arc;
 
 use deadpool::managed::{self, Metrics, Pool, RecycleError, RecycleResult};
+use lapin::message::BasicReturnMessage;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::ShortString;
 use lapin::{BasicProperties, Channel, Connection};
@@ -188,11 +189,7 @@ impl Publisher {
         properties: BasicProperties,
     ) -> Result<PublishOutcome, PublishError> {
         let message = Message::new(exchange, routing_key, body, properties)?;
-        let confirmation = self.confirm(&message, Lane::Exact).await?;
-        if confirmation.is_nack() {
-            return Err(PublishError::Nacked);
-        }
-        Ok(match confirmation.take_message() {
+        Ok(match self.confirm(&message, Lane::Exact).await? {
             Some(returned) => PublishOutcome::Returned(returned.reply_text.to_string()),
             None => PublishOutcome::Confirmed,
         })
@@ -208,11 +205,7 @@ impl Publisher {
         properties: BasicProperties,
     ) -> Result<Pipelined, PublishError> {
         let message = Message::new("", routing_key, body, properties)?;
-        let confirmation = self.confirm(&message, Lane::Pipelined).await?;
-        if confirmation.is_nack() {
-            return Err(PublishError::Nacked);
-        }
-        Ok(match confirmation.take_message() {
+        Ok(match self.confirm(&message, Lane::Pipelined).await? {
             Some(returned) => Pipelined::Returned {
                 routing_key: returned.delivery.routing_key.to_string(),
                 reason: returned.reply_text.to_string(),
@@ -222,12 +215,13 @@ impl Publisher {
     }
 
     /// Publishes `m` in `lane`, or alone after its channel failed, and waits for
-    /// the broker's answer; fails at once when the connection is lost.
+    /// the broker's ack: the message it returned with it, if any. A nack is an
+    /// error, and so is losing the connection, at once.
     async fn confirm(
         &self,
         m: &Message<'_>,
         lane: Lane,
-    ) -> Result<lapin::Confirmation, PublishError> {
+    ) -> Result<Option<BasicReturnMessage>, PublishError> {
         let work = async {
             let sent = match lane {
                 Lane::Exact => self.publish_exact(m).await,
@@ -241,10 +235,14 @@ impl Publisher {
                 other => other,
             }
         };
-        tokio::select! {
+        let confirmation = tokio::select! {
             _ = self.lost.cancelled() => Err(PublishError::ConnectionLost),
             result = work => result,
+        }?;
+        if confirmation.is_nack() {
+            return Err(PublishError::Nacked);
         }
+        Ok(confirmation.take_message())
     }
 
     /// The exact lane: the channel stays this publish's until its confirm.

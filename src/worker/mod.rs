@@ -219,10 +219,9 @@ impl WorkerBuilder {
     }
 }
 
-/// The database, connected unless given, and migrated.
-/// The worker's pool and where its jobs' transactions come from. A pool handed
-/// in is used for both, as it is: txq cannot know how its sessions were set up,
-/// so it makes no second pool beside it.
+/// The worker's pool, connected unless given, and migrated; and where its jobs'
+/// transactions come from. A pool handed in is used for both, as it is: txq
+/// cannot know how its sessions were set up, so it makes no second pool beside it.
 async fn connect_db(config: &Config, given: Option<Db>) -> Result<(Db, JobPool), WorkerError> {
     let (db, jobs) = match given {
         Some(db) => (db.clone(), JobPool::Shared(db)),
