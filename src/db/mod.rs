@@ -129,11 +129,20 @@ pub(crate) enum JobPool {
     /// did not end closes its connection, which rolls it back ([`Tx`]). Anything
     /// else run here would open a transaction nobody ends, hence a pool of its own.
     Implicit(MySqlPool),
+    /// SQLite: a job's transaction holds the database's one write lock from its
+    /// `BEGIN IMMEDIATE` to its end, so jobs take turns here, in arrival order,
+    /// before they begin. Without this they would take turns in SQLite's busy
+    /// handler, which retries with sleeps of 1 ms growing to 100 ms: the lock
+    /// sits free while every waiter sleeps, and each wake-up costs a retry
+    /// (BENCHMARKS.md, round 6). Only job transactions pass the gate; the busy
+    /// timeout still orders them against txq's own short writes and other
+    /// processes.
+    Gated(Db, Arc<tokio::sync::Semaphore>),
 }
 
 impl JobPool {
     /// The pool for a worker that connected to `url` itself: on MySQL/MariaDB a
-    /// second pool with autocommit off, made like `db`'s; elsewhere `db`.
+    /// second pool with autocommit off, made like `db`'s; elsewhere `db`'s.
     pub(crate) async fn for_worker(
         db: &Db,
         url: &str,
@@ -141,8 +150,17 @@ impl JobPool {
     ) -> Result<Self, DbError> {
         Ok(match db {
             Db::MySql(_) => Self::Implicit(mysql_pool(url, options, true).await?),
-            _ => Self::Shared(db.clone()),
+            _ => Self::given(db.clone()),
         })
+    }
+
+    /// The pool for a worker handed `db`: txq cannot know how its sessions were
+    /// set up, so jobs begin with their statement on it; on SQLite behind the gate.
+    pub(crate) fn given(db: Db) -> Self {
+        match db {
+            Db::Sqlite(_) => Self::Gated(db, Arc::new(tokio::sync::Semaphore::new(1))),
+            _ => Self::Shared(db),
+        }
     }
 
     /// Begins a job's transaction: `statement` ([`JobBegins::statement`]) on the
@@ -152,6 +170,12 @@ impl JobPool {
     pub(crate) async fn begin(&self, statement: &Arc<str>) -> Result<Tx, sqlx::Error> {
         match self {
             Self::Shared(db) => db.begin_job(statement).await,
+            Self::Gated(db, gate) => {
+                // The gate is never closed, so this cannot fail; if it did, the
+                // busy handler would still order the job.
+                let turn = gate.clone().acquire_owned().await.ok();
+                Ok(db.begin_job(statement).await?.holding(turn))
+            }
             Self::Implicit(pool) => {
                 let mut conn = pool.acquire().await?;
                 if &**statement != "BEGIN" {

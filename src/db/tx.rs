@@ -16,7 +16,12 @@ use super::Backend;
 /// otherwise. Dropping a `Tx` rolls it back.
 #[derive(Debug)]
 pub struct Tx {
+    // Declared first, so dropped first: the transaction ends (or its rollback is
+    // queued) before the turn passes on.
     inner: Inner,
+    /// Its turn at the write lock ([`JobPool::Gated`](super::JobPool)), given back
+    /// when the transaction ends.
+    turn: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 #[derive(Debug)]
@@ -87,7 +92,14 @@ impl Tx {
     pub(super) fn implicit(conn: PoolConnection<MySql>) -> Self {
         Self {
             inner: Inner::MySqlImplicit(Implicit { conn, ended: false }),
+            turn: None,
         }
+    }
+
+    /// This transaction, holding `turn` until it ends.
+    pub(super) fn holding(mut self, turn: Option<tokio::sync::OwnedSemaphorePermit>) -> Self {
+        self.turn = turn;
+        self
     }
 }
 
@@ -122,6 +134,7 @@ impl From<Transaction<'static, MySql>> for Tx {
     fn from(tx: Transaction<'static, MySql>) -> Self {
         Self {
             inner: Inner::MySql(tx),
+            turn: None,
         }
     }
 }
@@ -130,6 +143,7 @@ impl From<Transaction<'static, Postgres>> for Tx {
     fn from(tx: Transaction<'static, Postgres>) -> Self {
         Self {
             inner: Inner::Postgres(tx),
+            turn: None,
         }
     }
 }
@@ -138,6 +152,7 @@ impl From<Transaction<'static, Sqlite>> for Tx {
     fn from(tx: Transaction<'static, Sqlite>) -> Self {
         Self {
             inner: Inner::Sqlite(tx),
+            turn: None,
         }
     }
 }

@@ -4,6 +4,9 @@
 //! transaction that did not end (a rollback, a timeout that dropped it) must
 //! never reach the next job on that connection: with one connection and one job
 //! at a time, the next job's COMMIT would otherwise commit it too.
+//!
+//! On SQLite, jobs take turns at the database's one write lock before they
+//! begin, instead of in SQLite's busy handler.
 
 use std::num::NonZeroU32;
 use std::time::Duration;
@@ -144,4 +147,92 @@ async fn a_job_dropped_at_its_timeout_leaves_nothing_for_the_next_commit() {
     assert_eq!(replies[0]["status"], "failed", "{replies:?}");
     assert_eq!(replies[1]["status"], "ok", "{replies:?}");
     assert_eq!(notes, vec!["kept".to_owned()]);
+}
+
+/// Inserts `note` into `t` and keeps the transaction, and with it SQLite's
+/// write lock, for a while: the work a handler does between its statements.
+struct Hold;
+
+impl Handler for Hold {
+    type Payload = String;
+    type Output = ();
+
+    async fn handle(&self, tx: &mut Tx, note: String, _: &JobMeta) -> Result<(), JobError> {
+        with_conn!(tx, c => {
+            txq::sqlx::query("INSERT INTO t (note) VALUES (?)")
+                .bind(&note)
+                .execute(&mut *c)
+                .await?;
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        Ok(())
+    }
+}
+
+/// Eight jobs at once on SQLite, each holding the write lock five times longer
+/// than the busy timeout: every one must still run once and commit, because jobs
+/// wait for their turn in the worker, not in SQLite's busy handler (where all
+/// but the first would fail with "database is locked").
+async fn turns(given: bool) {
+    let test_db = TestDb::new(Backend::Sqlite).await;
+    exec(&test_db.db, "CREATE TABLE t (note TEXT NOT NULL)").await;
+    let mut client = Client::new().await;
+    let requests = client.queue(&unique("requests")).await;
+    let replies = client.queue(&unique("replies")).await;
+    let busy_timeout = Duration::from_millis(20);
+    let mut cfg = config(&test_db.url, &requests, &replies, 8);
+    cfg.sqlite_busy_timeout = busy_timeout;
+    cfg.retry.in_process_attempts = NonZeroU32::MIN;
+    cfg.retry.max_attempts = NonZeroU32::MIN;
+    let mut builder = Worker::builder(cfg).handler("hold", Hold);
+    if given {
+        let options = txq::db::PoolOptions {
+            max_connections: 8,
+            sqlite_busy_timeout: busy_timeout,
+            ..Default::default()
+        };
+        let db = txq::Db::connect(&test_db.url, &options)
+            .await
+            .expect("the test's pool");
+        builder = builder.database(db);
+    }
+    let worker = RunningWorker::start(builder).await;
+    let notes: Vec<String> = (0..8).map(|i| format!("n{i}")).collect();
+    let out: Vec<_> = notes
+        .iter()
+        .map(|n| {
+            crate::support::Request::json("hold", json!(n))
+                .correlation(n)
+                .reply_to(&replies)
+        })
+        .collect();
+    client.publish_all(&requests, &out).await;
+    let got = client.replies(&replies, notes.len()).await;
+    worker.stop().await.expect("clean stop");
+    for reply in &got {
+        assert_eq!(reply.status(), "ok", "{got:?}");
+        assert_eq!(
+            reply.header("x-txq-attempts"),
+            Some(lapin::types::AMQPValue::LongLongInt(1)),
+            "{got:?}"
+        );
+    }
+    let txq::Db::Sqlite(pool) = &test_db.db else {
+        unreachable!("SQLite")
+    };
+    let stored: Vec<String> = txq::sqlx::query_scalar("SELECT note FROM t ORDER BY note")
+        .fetch_all(pool)
+        .await
+        .expect("notes");
+    assert_eq!(stored, notes);
+}
+
+#[tokio::test]
+async fn sqlite_jobs_take_turns_at_the_write_lock_in_the_worker() {
+    turns(false).await;
+}
+
+#[tokio::test]
+async fn sqlite_jobs_take_turns_on_a_pool_handed_in_too() {
+    turns(true).await;
 }
