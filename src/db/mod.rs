@@ -150,13 +150,14 @@ impl JobPool {
     ) -> Result<Self, DbError> {
         Ok(match db {
             Db::MySql(_) => Self::Implicit(mysql_pool(url, options, true).await?),
-            _ => Self::given(db.clone()),
+            _ => Self::shared(db.clone()),
         })
     }
 
-    /// The pool for a worker handed `db`: txq cannot know how its sessions were
-    /// set up, so jobs begin with their statement on it; on SQLite behind the gate.
-    pub(crate) fn given(db: Db) -> Self {
+    /// Jobs on `db` itself (a pool handed in, or a worker's own pool where no
+    /// second one is made): each begins with its statement; on SQLite, after its
+    /// turn at the gate.
+    pub(crate) fn shared(db: Db) -> Self {
         match db {
             Db::Sqlite(_) => Self::Gated(db, Arc::new(tokio::sync::Semaphore::new(1))),
             _ => Self::Shared(db),

@@ -224,7 +224,7 @@ impl WorkerBuilder {
 /// cannot know how its sessions were set up, so it makes no second pool beside it.
 async fn connect_db(config: &Config, given: Option<Db>) -> Result<(Db, JobPool), WorkerError> {
     let (db, jobs) = match given {
-        Some(db) => (db.clone(), JobPool::given(db)),
+        Some(db) => (db.clone(), JobPool::shared(db)),
         None => {
             let url = config.database_url.expose();
             let options = config.pool_options();
