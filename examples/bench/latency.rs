@@ -417,6 +417,11 @@ async fn one_run(args: &Args, variant: &str, load: f64, pace: Pace) -> anyhow::R
                     came[i].saturating_duration_since(due).as_micros() as u64
                 })
                 .collect();
+            if let Some(path) = &args.latency_trace {
+                trace(path, variant, load, t0, warmup, &latency, |i| {
+                    scheduled(i).unwrap_or(t0)
+                })?;
+            }
             (rate, achieved, last.saturating_duration_since(to), latency)
         }
         Pace::Backlog { backlog, .. } => {
@@ -453,6 +458,36 @@ async fn one_run(args: &Args, variant: &str, load: f64, pace: Pace) -> anyhow::R
         retries,
         steal_pct,
     })
+}
+
+/// Appends one CSV line a measured request (`latency[k]` is request
+/// `warmup + k`'s), in the order they were due.
+fn trace(
+    path: &std::path::Path,
+    variant: &str,
+    load: f64,
+    t0: Instant,
+    warmup: usize,
+    latency: &[u64],
+    due: impl Fn(usize) -> Instant,
+) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .saturating_sub(t0.elapsed())
+        .as_millis();
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    let mut out = std::io::BufWriter::new(file);
+    for (k, us) in latency.iter().enumerate() {
+        let at = due(warmup + k).saturating_duration_since(t0).as_secs_f64() * 1000.0;
+        writeln!(out, "{variant},{load},{started},{at:.3},{us}")?;
+    }
+    out.flush()?;
+    Ok(())
 }
 
 fn report(

@@ -99,6 +99,11 @@ struct Args {
     /// Seconds at the start of each latency run that are not counted
     #[arg(long, default_value_t = 2.0)]
     latency_warmup: f64,
+    /// Append every measured request of the latency runs here, as CSV
+    /// (variant, load, run start in Unix ms, when it was due in ms from the run's
+    /// start, its latency in µs): to see whether the tail comes in bursts
+    #[arg(long)]
+    latency_trace: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -528,14 +533,14 @@ fn spawn_worker(
     replies: &str,
 ) -> anyhow::Result<tokio::process::Child> {
     let mut cmd = match variant {
-        "txq" | "txq-batch" => tokio::process::Command::new(sibling("bank")?),
+        "txq" | "txq-batch" => wrapped(sibling("bank")?),
         "ops" => {
-            let mut c = tokio::process::Command::new(sibling("txq")?);
+            let mut c = wrapped(sibling("txq")?);
             c.args(["run", "--ops", "examples/bank/ops.toml"]);
             c
         }
         "bare" | "bare-inbox" | "bare-contract" | "broker" => {
-            let mut c = tokio::process::Command::new(sibling("bare")?);
+            let mut c = wrapped(sibling("bare")?);
             c.args([
                 "--amqp-url",
                 &args.amqp_url,
@@ -566,10 +571,29 @@ fn spawn_worker(
         .env("TXQ_REPLY_QUEUE", replies)
         .env("TXQ_CONCURRENCY", args.concurrency.to_string())
         .env("TXQ_INBOX__ENABLED", (!args.no_inbox).to_string())
-        .env("RUST_LOG", "warn")
+        .env(
+            "RUST_LOG",
+            std::env::var("BENCH_WORKER_LOG").unwrap_or_else(|_| "warn".to_owned()),
+        )
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true);
     Ok(cmd.spawn()?)
+}
+
+/// The worker's command; with `BENCH_WORKER_WRAP` (say `valgrind
+/// --tool=callgrind`), run under that program: for instruction counts, which
+/// a noisy host does not change.
+fn wrapped(program: PathBuf) -> tokio::process::Command {
+    let wrap = std::env::var("BENCH_WORKER_WRAP").unwrap_or_default();
+    let mut words = wrap.split_whitespace();
+    match words.next() {
+        Some(wrapper) => {
+            let mut c = tokio::process::Command::new(wrapper);
+            c.args(words).arg(program);
+            c
+        }
+        None => tokio::process::Command::new(program),
+    }
 }
 
 /// The same transaction on C connections, no broker: the database's limit.
