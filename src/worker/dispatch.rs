@@ -7,6 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::future::OptionFuture;
 use futures_util::{Stream, StreamExt as _};
 use lapin::message::Delivery;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
@@ -557,21 +558,25 @@ async fn process(
     span.record("span_id", trace.span_id.as_str());
     env.trace = Some(trace);
     let label = super::type_label(&ctx.shared, &env);
-    let work = async {
+    // Pinned where it is: a job's futures nest deep, and moved whole (into the
+    // select, the span) its tens of KiB would be copied (BENCHMARKS.md, round 7).
+    let mut work = std::pin::pin!(OptionFuture::from(Some(async {
         let (outcome, completion) =
             job::execute(&ctx, &env, &delivery.data, delivery.redelivered).await;
         // The connection went back to the pool before the publishes are awaited.
         finish::finish(&ctx, &env, label, &delivery, outcome, completion).await
-    };
+    })));
     let settled = async {
         tokio::select! {
-            // Dropping the job drops its transaction, which rolls it back; if its
-            // reply was already out, the redelivery gets the inbox's copy.
             _ = hard_stop.cancelled() => {
+                // Dropping the job drops its transaction, which rolls it back,
+                // before its delivery goes back; if its reply was already out,
+                // the redelivery gets the inbox's copy.
+                work.set(None.into());
                 let abandoned = super::outcome::Outcome::Abandoned;
                 finish::finish(&ctx, &env, label, &delivery, abandoned, None).await
             }
-            settled = work => settled,
+            Some(settled) = &mut work => settled,
         }
     }
     .instrument(span.clone())
