@@ -20,30 +20,17 @@ LARGE=${LARGE:-3000}
 command -v valgrind >/dev/null || { echo "valgrind is not installed (apt-get install valgrind)" >&2; exit 1; }
 OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
-for n in "$SMALL" "$LARGE"; do
-  BENCH_WORKER_WRAP="valgrind --tool=callgrind --callgrind-out-file=$OUT/cg.$n.%p" \
-    ./target/release/examples/bench --database-url "$DB" --variants "$VARIANTS" \
-    --workload "$WORKLOAD" --runs 1 --jobs "$n" >/dev/null
+echo "| variant | instructions a job | start-up and $SMALL jobs |"
+echo "|---|---|---|"
+# One variant an invocation, so each profile is named by its variant.
+for v in ${VARIANTS//,/ }; do
+  for n in "$SMALL" "$LARGE"; do
+    BENCH_WORKER_WRAP="valgrind --tool=callgrind --callgrind-out-file=$OUT/$v.$n" \
+      ./target/release/examples/bench --database-url "$DB" --variants "$v" \
+      --workload "$WORKLOAD" --runs 1 --jobs "$n" >/dev/null
+  done
+  small=$(awk '/^summary:/ { print $2 }' "$OUT/$v.$SMALL")
+  large=$(awk '/^summary:/ { print $2 }' "$OUT/$v.$LARGE")
+  awk -v v="$v" -v s="$small" -v l="$large" -v n="$((LARGE - SMALL))" \
+    'BEGIN { printf "| %s | %.1fk | %.0fM |\n", v, (l - s) / n / 1000, s / 1e6 }'
 done
-# Each profile names its command; the variant follows from it.
-for f in "$OUT"/cg.*; do
-  n=$(basename "$f" | cut -d. -f2)
-  awk -v n="$n" '
-    /^cmd:/ {
-      v = "?"
-      if ($0 ~ / run --ops/) v = "ops"
-      else if ($0 ~ /examples\/bank/) v = "txq"
-      else if ($0 ~ /--mode inbox --reply txq/) v = "bare-contract"
-      else if ($0 ~ /--mode inbox/) v = "bare-inbox"
-      else if ($0 ~ /--mode full/) v = "bare"
-      else if ($0 ~ /--mode broker/) v = "broker"
-    }
-    /^summary:/ { print v, n, $2 }' "$f"
-done | sort | awk -v small="$SMALL" -v large="$LARGE" '
-  { total[$1, $2] = $3; seen[$1] = 1 }
-  END {
-    printf "| variant | instructions a job | start-up and %d jobs |\n|---|---|---|\n", small
-    for (v in seen)
-      printf "| %s | %.1fk | %.0fM |\n", v,
-        (total[v, large] - total[v, small]) / (large - small) / 1000, total[v, small] / 1e6
-  }'
